@@ -1,0 +1,51 @@
+//! Cairn's consensus layer: openraft type config, sled-backed log and state-machine storage,
+//! the HTTP transport, and a `RaftNode` that forwards writes and read barriers to the leader.
+//!
+//! This crate is generic: commands are opaque bytes handed to an [`App`]; it knows nothing of
+//! agents, workloads or tasks.
+
+pub mod network;
+pub mod node;
+pub mod store;
+
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+
+/// An opaque, already-serialized application command, with a random id that makes retries
+/// idempotent: the state machine remembers recent ids and answers a repeat from memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: [u64; 2],
+    pub data: Vec<u8>,
+}
+
+/// An opaque, serialized result of applying a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// Cairn's openraft type configuration.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The replicated application: a deterministic state machine over opaque commands.
+///
+/// `apply` must be pure with respect to its inputs (no clock, no randomness, no IO) so that
+/// every replica reaches the same state.
+pub trait App: Send + Sync + 'static {
+    /// Apply one committed command at `index` and return the serialized outcome.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// Serialize the whole state for a snapshot.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replace the whole state with a snapshot produced by [`App::snapshot`].
+    fn restore(&mut self, data: &[u8]) -> Result<(), String>;
+}
