@@ -1,1 +1,10 @@
-//! placeholder
+//! The master's brain: the domain model, the replicated state machine (`Command` + `apply`),
+//! agent liveness, and the master's HTTP API. Knows nothing of HTML, cgroups or wasmtime.
+
+pub mod api;
+pub mod error;
+pub mod liveness;
+pub mod master;
+pub mod model;
+pub mod resources;
+pub mod state;

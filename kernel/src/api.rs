@@ -1,0 +1,562 @@
+//! The master's HTTP API v1 (axum): cluster, agents, variables, workloads and tasks, with
+//! bearer-token auth, body limits, JSON errors, blocking queries, linearizable reads by
+//! default (`?stale=true` for local reads), and Prometheus metrics.
+
+use crate::error::{ApiError, JsonBody};
+use crate::liveness::Liveness;
+use crate::model::{Agent, AgentRegistration, KvEntry, Task, Workload};
+use crate::resources::validate_resources;
+use crate::state::{Command, Machine, Outcome, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use cairn_raft::node::{MembershipOp, RaftNode};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything a handler needs.
+pub struct Api {
+    pub node: Arc<RaftNode<Machine>>,
+    pub liveness: Arc<Liveness>,
+    pub token: String,
+    pub metrics: Metrics,
+    pub client: reqwest::Client,
+    pub max_body: usize,
+}
+
+type Ctx = Extension<Arc<Api>>;
+
+/// Prometheus metrics of a master.
+pub struct Metrics {
+    pub registry: Registry,
+    term: IntGauge,
+    commit: IntGauge,
+    applied: IntGauge,
+    last_log: IntGauge,
+    lag: IntGauge,
+    leader: IntGauge,
+    agents: IntGaugeVec,
+    latency: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("cairn".into()), None).expect("registry");
+        let g = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("gauge");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
+        let term = g("raft_term", "Current Raft term");
+        let commit = g("raft_commit_index", "Last committed log index");
+        let applied = g("raft_applied_index", "Last applied log index");
+        let last_log = g("raft_last_log_index", "Last log index in the local log");
+        let lag = g("raft_apply_lag", "Committed but not yet applied entries");
+        let leader = g("raft_is_leader", "1 if this master is the leader");
+        let agents = IntGaugeVec::new(Opts::new("agents", "Agents by status"), &["status"]).expect("vec");
+        registry.register(Box::new(agents.clone())).expect("register");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "API request latency")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0]),
+            &["method", "route", "status"],
+        )
+        .expect("histogram");
+        registry.register(Box::new(latency.clone())).expect("register");
+        Self { registry, term, commit, applied, last_log, lag, leader, agents, latency }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every API route, for the router and the OpenAPI test.
+pub const ROUTES: &[&str] = &[
+    "/api/v1/cluster",
+    "/api/v1/cluster/members",
+    "/api/v1/cluster/members/{id}",
+    "/api/v1/agents",
+    "/api/v1/agents/{id}",
+    "/api/v1/agents/{id}/heartbeat",
+    "/api/v1/kv",
+    "/api/v1/kv/{key}",
+    "/api/v1/workloads",
+    "/api/v1/tasks",
+    "/api/v1/openapi.json",
+    "/metrics",
+    "/healthz",
+];
+
+/// The OpenAPI document served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Builds the whole master router: API, Raft RPCs, auth, limits, metrics.
+pub fn router(api: Arc<Api>) -> Router {
+    let v1 = Router::new()
+        .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/cluster/members", post(add_member))
+        .route("/api/v1/cluster/members/{id}", axum::routing::delete(remove_member))
+        .route("/api/v1/agents", get(list_agents).post(register_agent))
+        .route("/api/v1/agents/{id}", get(get_agent))
+        .route("/api/v1/agents/{id}/heartbeat", post(heartbeat))
+        .route("/api/v1/kv", get(list_kv))
+        .route("/api/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/api/v1/workloads", get(list_workloads))
+        .route("/api/v1/tasks", get(list_tasks))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(api.max_body));
+    let raft = api.node.router().layer(DefaultBodyLimit::max(512 * 1024 * 1024));
+    v1.merge(raft)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(auth))
+        .layer(middleware::from_fn(observe))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(Extension(api))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route {} {}; see /api/v1/openapi.json", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}; see /api/v1/openapi.json", req.method(), req.uri().path()),
+    )
+}
+
+async fn auth(ctx: Ctx, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    use subtle::ConstantTimeEq;
+    if given.is_empty() || !bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong token: send 'Authorization: Bearer <token>' (see --token / CAIRN_TOKEN)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn observe(ctx: Ctx, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    ctx.metrics
+        .latency
+        .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Query parameters every read accepts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    /// Serve from this master's local state without a leader round trip.
+    pub stale: Option<bool>,
+    /// Blocking query: wait until the table's index exceeds this.
+    pub index: Option<u64>,
+    /// How long a blocking query may wait (e.g. `30s`, max `10m`, default `5m`).
+    pub wait: Option<String>,
+}
+
+/// Parses query parameters into `T`, naming the bad one.
+fn query<T: for<'a> Deserialize<'a>>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}", e.body_text())).field("query")
+    })
+}
+
+impl Api {
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        let m = self.node.app.read().expect("state lock");
+        f(&m.state)
+    }
+
+    /// Commits a command and returns its outcome; `Rejected` becomes an API error.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        let bytes = bincode::serialize(&cmd).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string())
+        })?;
+        let out = self.node.write(bytes).await?;
+        let outcome: Outcome = bincode::deserialize(&out)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()))?;
+        match outcome {
+            Outcome::Rejected { code, field, message } => {
+                let status = match code.as_str() {
+                    "not_found" => StatusCode::NOT_FOUND,
+                    "cas_failed" | "conflict" | "invalid_transition" => StatusCode::CONFLICT,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                let mut e = ApiError::new(status, &code, message);
+                if !field.is_empty() {
+                    e = e.field(field);
+                }
+                Err(e)
+            }
+            o => Ok(o),
+        }
+    }
+
+    /// Applies `ReadParams`: waits for a blocking query, then (unless stale) a read barrier.
+    /// Returns the table index to report.
+    async fn prepare_read(&self, p: &ReadParams, table: fn(&State) -> u64) -> Result<u64, ApiError> {
+        if let Some(min) = p.index {
+            let wait = match &p.wait {
+                None => Duration::from_secs(300),
+                Some(w) => humantime::parse_duration(w)
+                    .map_err(|e| ApiError::bad_request("wait", format!("wait {w:?}: {e}; use e.g. 30s or 5m")))?,
+            };
+            if wait > Duration::from_secs(600) {
+                return Err(ApiError::bad_request("wait", "wait is at most 10m"));
+            }
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut rx = self.node.applied.clone();
+            while self.read(table) <= min {
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    break;
+                }
+            }
+        } else if p.wait.is_some() {
+            return Err(ApiError::bad_request("wait", "wait needs index (a blocking query): ?index=N&wait=30s"));
+        }
+        if !p.stale.unwrap_or(false) {
+            self.node.read_barrier().await?;
+        }
+        Ok(self.read(table))
+    }
+}
+
+fn with_index<T: Serialize>(index: u64, body: T) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-cairn-index", HeaderValue::from(index));
+    (headers, Json(body)).into_response()
+}
+
+/// A master as `GET /api/v1/cluster` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub voter: bool,
+    pub leader: bool,
+}
+
+/// The answer of `GET /api/v1/cluster`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    pub state: String,
+    pub leader_id: Option<u64>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub members: Vec<Member>,
+}
+
+fn cluster_status(api: &Api) -> ClusterStatus {
+    let m = api.node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| Member {
+            id: *id,
+            addr: n.addr.clone(),
+            voter: voters.contains(id),
+            leader: m.current_leader == Some(*id),
+        })
+        .collect();
+    let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+    ClusterStatus {
+        node_id: m.id,
+        state: format!("{:?}", m.state).to_lowercase(),
+        leader_id: m.current_leader,
+        leader_addr,
+        term: m.current_term,
+        commit_index: api.node.stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+        members,
+    }
+}
+
+async fn cluster(ctx: Ctx) -> Json<ClusterStatus> {
+    Json(cluster_status(&ctx))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    id: u64,
+    addr: String,
+}
+
+async fn add_member(ctx: Ctx, JsonBody(b): JsonBody<AddMember>) -> Result<Json<ClusterStatus>, ApiError> {
+    if b.id == 0 {
+        return Err(ApiError::bad_request("id", "master ids start at 1"));
+    }
+    if b.addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::bad_request("addr", format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr)));
+    }
+    ctx.node.change_membership(MembershipOp::Add { id: b.id, addr: b.addr }).await?;
+    Ok(Json(cluster_status(&ctx)))
+}
+
+async fn remove_member(ctx: Ctx, Path(id): Path<String>) -> Result<Json<ClusterStatus>, ApiError> {
+    let id: u64 = id.parse().map_err(|_| ApiError::bad_request("id", format!("master id {id:?} is not a number")))?;
+    let known = cluster_status(&ctx).members.iter().any(|m| m.id == id);
+    if !known {
+        return Err(ApiError::not_found(format!("no master {id} in the cluster")));
+    }
+    ctx.node.change_membership(MembershipOp::Remove { id }).await?;
+    Ok(Json(cluster_status(&ctx)))
+}
+
+async fn list_agents(
+    ctx: Ctx,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.agents).await?;
+    let agents: Vec<Agent> = ctx.read(|s| s.agents.values().cloned().collect());
+    Ok(with_index(index, agents))
+}
+
+async fn get_agent(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.agents).await?;
+    let agent = ctx
+        .read(|s| s.agents.get(&id).cloned())
+        .ok_or_else(|| ApiError::not_found(format!("no agent {id:?}; list them with GET /api/v1/agents")))?;
+    Ok(with_index(index, agent))
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn register_agent(ctx: Ctx, JsonBody(reg): JsonBody<AgentRegistration>) -> Result<Response, ApiError> {
+    if !valid_id(&reg.id) {
+        return Err(ApiError::bad_request("id", "agent ids are 1-128 letters, digits, '-', '_', '.'"));
+    }
+    if reg.addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::bad_request("addr", format!("addr {:?} is not HOST:PORT", reg.addr)));
+    }
+    if reg.hostname.is_empty() || reg.hostname.len() > 255 {
+        return Err(ApiError::bad_request("hostname", "hostname must be 1-255 characters"));
+    }
+    if reg.attributes.len() > 64 || reg.attributes.iter().any(|(k, v)| k.len() > 64 || v.len() > 256) {
+        return Err(ApiError::bad_request("attributes", "at most 64 attributes, names <= 64 and values <= 256 bytes"));
+    }
+    if reg.version.len() > 64 {
+        return Err(ApiError::bad_request("version", "at most 64 bytes"));
+    }
+    validate_resources(&reg.resources).map_err(|e| ApiError::bad_request(&e.field, e.message))?;
+    let id = reg.id.clone();
+    let out = ctx.propose(Command::RegisterAgent { reg, at: now_ms() }).await?;
+    if ctx.node.is_leader() {
+        ctx.liveness.beat(&id, Instant::now());
+    }
+    match out {
+        Outcome::Agent(a) => Ok((StatusCode::OK, Json(a)).into_response()),
+        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected", format!("{other:?}"))),
+    }
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub leader_id: u64,
+    pub masters: Vec<String>,
+}
+
+async fn heartbeat(ctx: Ctx, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !ctx.read(|s| s.agents.contains_key(&id)) {
+        return Err(ApiError::not_found(format!("unknown agent {id:?}: register first (POST /api/v1/agents)")));
+    }
+    let status = cluster_status(&ctx);
+    let masters: Vec<String> = status.members.iter().map(|m| m.addr.clone()).collect();
+    match (status.leader_id, status.leader_addr) {
+        (Some(l), _) if l == ctx.node.id => {
+            ctx.liveness.beat(&id, Instant::now());
+            Ok(Json(HeartbeatReply { leader_id: l, masters }).into_response())
+        }
+        (Some(_), Some(addr)) if !headers.contains_key("x-cairn-forwarded") => {
+            // Heartbeats are leader-local: hand it to the leader.
+            let r = ctx
+                .client
+                .post(format!("http://{addr}/api/v1/agents/{id}/heartbeat"))
+                .bearer_auth(&ctx.token)
+                .header("x-cairn-forwarded", "1")
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .map_err(|e| ApiError::unavailable("leader_unreachable", format!("forwarding to leader {addr}: {e}")))?;
+            let code = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let body = r.bytes().await.unwrap_or_default();
+            Ok((code, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        _ => Err(ApiError::unavailable("no_leader", "no leader is known; retry shortly")),
+    }
+}
+
+async fn list_kv(
+    ctx: Ctx,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.kv).await?;
+    let all: Vec<KvEntry> = ctx.read(|s| s.kv.values().cloned().collect());
+    Ok(with_index(index, all))
+}
+
+const MAX_KEY: usize = 256;
+const MAX_VALUE: usize = 64 * 1024;
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(ApiError::bad_request("key", format!("keys are 1-{MAX_KEY} bytes")));
+    }
+    if !key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')) {
+        return Err(ApiError::bad_request("key", "keys use letters, digits, '/', '-', '_', '.'"));
+    }
+    Ok(())
+}
+
+async fn get_kv(
+    ctx: Ctx,
+    Path(key): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_key(&key)?;
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.kv).await?;
+    let e = ctx.read(|s| s.kv.get(&key).cloned()).ok_or_else(|| ApiError::not_found(format!("no variable {key:?}")))?;
+    Ok(with_index(index, e))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutKv {
+    value: String,
+    /// Compare-and-set: the modify index the key must have (0: must not exist).
+    cas: Option<u64>,
+}
+
+async fn put_kv(ctx: Ctx, Path(key): Path<String>, JsonBody(b): JsonBody<PutKv>) -> Result<Response, ApiError> {
+    check_key(&key)?;
+    if b.value.len() > MAX_VALUE {
+        return Err(ApiError::bad_request("value", format!("values are at most {MAX_VALUE} bytes")));
+    }
+    match ctx.propose(Command::KvPut { key, value: b.value, cas: b.cas }).await? {
+        Outcome::Kv(e) => Ok(with_index(e.modify_index, e)),
+        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected", format!("{other:?}"))),
+    }
+}
+
+async fn delete_kv(ctx: Ctx, Path(key): Path<String>) -> Result<Response, ApiError> {
+    check_key(&key)?;
+    ctx.propose(Command::KvDelete { key }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_workloads(
+    ctx: Ctx,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.workloads).await?;
+    let all: Vec<Workload> = ctx.read(|s| s.workloads.values().cloned().collect());
+    Ok(with_index(index, all))
+}
+
+async fn list_tasks(
+    ctx: Ctx,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.tasks).await?;
+    let all: Vec<Task> = ctx.read(|s| s.tasks.values().cloned().collect());
+    Ok(with_index(index, all))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(ctx: Ctx) -> Response {
+    let s = cluster_status(&ctx);
+    let m = &ctx.metrics;
+    m.term.set(s.term as i64);
+    m.commit.set(s.commit_index as i64);
+    m.applied.set(s.applied_index as i64);
+    m.last_log.set(s.last_log_index as i64);
+    m.lag.set(s.commit_index.saturating_sub(s.applied_index) as i64);
+    m.leader.set((s.leader_id == Some(s.node_id)) as i64);
+    let (active, unreachable) = ctx.read(|st| {
+        let a = st.agents.values().filter(|a| a.status == crate::model::AgentStatus::Active).count();
+        (a, st.agents.len() - a)
+    });
+    m.agents.with_label_values(&["active"]).set(active as i64);
+    m.agents.with_label_values(&["unreachable"]).set(unreachable as i64);
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = doc["paths"].as_object().expect("paths");
+        for r in ROUTES {
+            assert!(paths.contains_key(*r), "openapi.json lacks {r}");
+        }
+        for p in paths.keys() {
+            assert!(ROUTES.contains(&p.as_str()), "openapi.json lists unknown route {p}");
+        }
+    }
+}

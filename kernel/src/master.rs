@@ -1,0 +1,115 @@
+//! Starting a master: open the Raft member, bootstrap a new cluster once, serve the API,
+//! and run the leader's agent-liveness monitor.
+
+use crate::api::{router, Api, Metrics};
+use crate::liveness::Liveness;
+use crate::model::AgentStatus;
+use crate::state::{Command, Machine};
+use cairn_raft::node::{NodeConfig, RaftNode};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How a master is started.
+#[derive(Clone, Debug)]
+pub struct MasterConfig {
+    pub node: NodeConfig,
+    pub listen: SocketAddr,
+    /// The initial masters (`id -> host:port`), identical on each; empty with `join`.
+    pub peers: BTreeMap<u64, String>,
+    /// Start without bootstrapping: wait to be added with `cairn cluster add-master`.
+    pub join: bool,
+    /// An agent silent this long is committed as unreachable.
+    pub agent_timeout: Duration,
+    pub max_body: usize,
+}
+
+/// A running master.
+pub struct Master {
+    pub api: Arc<Api>,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Master {
+    pub async fn start(cfg: MasterConfig) -> anyhow::Result<Master> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let node = RaftNode::start(cfg.node.clone(), Machine::default()).await?;
+        let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let api = Arc::new(Api {
+            node: node.clone(),
+            liveness: Arc::new(Liveness::default()),
+            token: cfg.node.token.clone(),
+            metrics: Metrics::new(),
+            client,
+            max_body: cfg.max_body,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let app = router(api.clone());
+        let mut srv_stop = stop_rx.clone();
+        let server = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = srv_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("api server: {e}");
+            }
+        });
+        if !cfg.join && !cfg.peers.is_empty() {
+            if !cfg.peers.contains_key(&cfg.node.id) {
+                anyhow::bail!("--peers must include this master's own --node-id {}", cfg.node.id);
+            }
+            if node.bootstrap(&cfg.peers).await? {
+                tracing::info!(peers = ?cfg.peers, "bootstrapped a new cluster");
+            }
+        }
+        tokio::spawn(liveness_loop(api.clone(), cfg.agent_timeout, stop_rx));
+        Ok(Master { api, addr, stop, server })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        self.api.node.shutdown().await;
+    }
+}
+
+/// While this master leads, commits agent status transitions decided by `Liveness`.
+async fn liveness_loop(api: Arc<Api>, timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let m = api.node.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            api.liveness.reset();
+            continue;
+        }
+        let agents: Vec<(String, AgentStatus)> = {
+            let g = api.node.app.read().expect("state lock");
+            g.state.agents.values().map(|a| (a.id.clone(), a.status)).collect()
+        };
+        let changes = api.liveness.tick(m.current_term, &agents, Instant::now(), timeout);
+        for (id, status) in changes {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            tracing::info!(agent = %id, ?status, "agent status change");
+            if let Err(e) = api.propose(Command::SetAgentStatus { id, status, at }).await {
+                tracing::warn!("committing agent status: {}", e.message);
+            }
+        }
+    }
+}

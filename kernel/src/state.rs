@@ -1,0 +1,376 @@
+//! The replicated state machine: one `Command` enum, one pure `apply` function, and the
+//! `Machine` adapter that lets `cairn-raft` drive it with opaque bytes.
+//!
+//! `apply` does no IO and reads no clock: times arrive inside commands (the proposer's clock).
+
+use crate::model::{
+    Agent, AgentRegistration, AgentStatus, KvEntry, Task, TaskState, Workload,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Raft index of the last change to each table, for blocking queries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Indexes {
+    pub agents: u64,
+    pub workloads: u64,
+    pub tasks: u64,
+    pub kv: u64,
+}
+
+/// The whole replicated cluster state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub agents: BTreeMap<String, Agent>,
+    pub workloads: BTreeMap<String, Workload>,
+    pub tasks: BTreeMap<String, Task>,
+    pub kv: BTreeMap<String, KvEntry>,
+    pub indexes: Indexes,
+    /// Index of the last applied command.
+    pub applied: u64,
+}
+
+/// Every change to cluster state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Add an agent, or refresh a known one (re-registration after restart); marks it active.
+    RegisterAgent { reg: AgentRegistration, at: u64 },
+    /// The leader's liveness monitor saw heartbeats stop or resume.
+    SetAgentStatus { id: String, status: AgentStatus, at: u64 },
+    PutWorkload { workload: Workload },
+    RemoveWorkload { id: String },
+    /// A placement: a new task in `staging`.
+    AddTask { task: Task },
+    UpdateTaskState { id: String, state: TaskState, reason: Option<String>, at: u64 },
+    /// Set a cluster variable; with `cas`, only if its modify index equals `cas` (0: absent).
+    KvPut { key: String, value: String, cas: Option<u64> },
+    KvDelete { key: String },
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done { index: u64 },
+    Agent(Agent),
+    Kv(KvEntry),
+    /// The command was valid to log but not applicable to the current state.
+    Rejected { code: String, field: String, message: String },
+}
+
+fn rejected(code: &str, field: &str, message: impl Into<String>) -> Outcome {
+    Outcome::Rejected { code: code.into(), field: field.into(), message: message.into() }
+}
+
+/// Applies one committed command at `index`. The only writer of `State`.
+pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
+    state.applied = index;
+    match cmd {
+        Command::RegisterAgent { reg, at } => {
+            let agent = match state.agents.get(&reg.id) {
+                Some(old) => Agent {
+                    hostname: reg.hostname,
+                    addr: reg.addr,
+                    resources: reg.resources,
+                    attributes: reg.attributes,
+                    version: reg.version,
+                    status: AgentStatus::Active,
+                    status_changed_at: if old.status == AgentStatus::Active { old.status_changed_at } else { at },
+                    ..old.clone()
+                },
+                None => Agent {
+                    id: reg.id,
+                    hostname: reg.hostname,
+                    addr: reg.addr,
+                    resources: reg.resources,
+                    attributes: reg.attributes,
+                    status: AgentStatus::Active,
+                    registered_at: at,
+                    status_changed_at: at,
+                    version: reg.version,
+                },
+            };
+            state.agents.insert(agent.id.clone(), agent.clone());
+            state.indexes.agents = index;
+            Outcome::Agent(agent)
+        }
+        Command::SetAgentStatus { id, status, at } => match state.agents.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no agent {id:?}")),
+            Some(a) => {
+                if a.status != status {
+                    a.status = status;
+                    a.status_changed_at = at;
+                    state.indexes.agents = index;
+                }
+                Outcome::Agent(a.clone())
+            }
+        },
+        Command::PutWorkload { mut workload } => {
+            workload.version = index;
+            state.workloads.insert(workload.id.clone(), workload);
+            state.indexes.workloads = index;
+            Outcome::Done { index }
+        }
+        Command::RemoveWorkload { id } => {
+            if state.workloads.remove(&id).is_none() {
+                return rejected("not_found", "id", format!("no workload {id:?}"));
+            }
+            state.indexes.workloads = index;
+            Outcome::Done { index }
+        }
+        Command::AddTask { task } => {
+            if state.tasks.contains_key(&task.id) {
+                return rejected("conflict", "task.id", format!("task {:?} exists", task.id));
+            }
+            if !state.workloads.contains_key(&task.workload) {
+                return rejected("not_found", "task.workload", format!("no workload {:?}", task.workload));
+            }
+            if !state.agents.contains_key(&task.agent) {
+                return rejected("not_found", "task.agent", format!("no agent {:?}", task.agent));
+            }
+            state.tasks.insert(task.id.clone(), task);
+            state.indexes.tasks = index;
+            Outcome::Done { index }
+        }
+        Command::UpdateTaskState { id, state: to, reason, at } => match state.tasks.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no task {id:?}")),
+            Some(t) if t.state == to => Outcome::Done { index },
+            Some(t) if !t.state.can_transition(to) => rejected(
+                "invalid_transition",
+                "state",
+                format!("task {id:?} cannot go from {:?} to {:?}", t.state, to),
+            ),
+            Some(t) => {
+                t.state = to;
+                t.reason = reason;
+                t.updated_at = at;
+                state.indexes.tasks = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::KvPut { key, value, cas } => {
+            let current = state.kv.get(&key).map(|e| e.modify_index).unwrap_or(0);
+            if let Some(expected) = cas {
+                if expected != current {
+                    return rejected(
+                        "cas_failed",
+                        "cas",
+                        format!("key {key:?} is at modify index {current}, not {expected}"),
+                    );
+                }
+            }
+            let create_index = state.kv.get(&key).map(|e| e.create_index).unwrap_or(index);
+            let e = KvEntry { key: key.clone(), value, create_index, modify_index: index };
+            state.kv.insert(key, e.clone());
+            state.indexes.kv = index;
+            Outcome::Kv(e)
+        }
+        Command::KvDelete { key } => {
+            if state.kv.remove(&key).is_some() {
+                state.indexes.kv = index;
+            }
+            Outcome::Done { index }
+        }
+    }
+}
+
+/// Adapts `State` + `apply` to `cairn_raft::App` (bincode in, bincode out).
+#[derive(Default)]
+pub struct Machine {
+    pub state: State,
+}
+
+impl cairn_raft::App for Machine {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let outcome = match bincode::deserialize::<Command>(command) {
+            Ok(cmd) => apply(&mut self.state, index, cmd),
+            Err(e) => {
+                self.state.applied = index;
+                rejected("bad_command", "", format!("undecodable command: {e}"))
+            }
+        };
+        bincode::serialize(&outcome).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        bincode::serialize(&self.state).unwrap_or_default()
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), String> {
+        self.state = bincode::deserialize(data).map_err(|e| format!("bad state snapshot: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn reg(id: &str) -> AgentRegistration {
+        AgentRegistration {
+            id: id.into(),
+            hostname: "h".into(),
+            addr: "127.0.0.1:5051".into(),
+            resources: AgentResources::default(),
+            attributes: BTreeMap::new(),
+            version: "0".into(),
+        }
+    }
+
+    fn workload(id: &str) -> Workload {
+        Workload {
+            id: id.into(),
+            kind: WorkloadKind::Service,
+            runtime: RuntimeSpec::Native { cmd: "/bin/true".into(), args: vec![] },
+            resources: TaskResources { cpus: 0.1, mem: 32, disk: 0 },
+            instances: 1,
+            env: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    /// Applies commands in order from index 1 and renders each outcome on one line.
+    fn run(cmds: Vec<Command>) -> (State, String) {
+        let mut s = State::default();
+        let mut out = String::new();
+        for (i, c) in cmds.into_iter().enumerate() {
+            let o = apply(&mut s, i as u64 + 1, c);
+            let line = match o {
+                Outcome::Done { index } => format!("done {index}"),
+                Outcome::Agent(a) => format!("agent {} {:?} changed_at={}", a.id, a.status, a.status_changed_at),
+                Outcome::Kv(e) => format!("kv {}={} c={} m={}", e.key, e.value, e.create_index, e.modify_index),
+                Outcome::Rejected { code, field, message } => format!("rejected {code} [{field}] {message}"),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        (s, out)
+    }
+
+    #[test]
+    fn agent_lifecycle() {
+        let (s, out) = run(vec![
+            Command::RegisterAgent { reg: reg("a1"), at: 10 },
+            Command::SetAgentStatus { id: "a1".into(), status: AgentStatus::Unreachable, at: 20 },
+            Command::SetAgentStatus { id: "a1".into(), status: AgentStatus::Unreachable, at: 25 },
+            Command::RegisterAgent { reg: reg("a1"), at: 30 },
+            Command::SetAgentStatus { id: "nope".into(), status: AgentStatus::Active, at: 40 },
+        ]);
+        assert_eq!(
+            out,
+            "agent a1 Active changed_at=10\n\
+             agent a1 Unreachable changed_at=20\n\
+             agent a1 Unreachable changed_at=20\n\
+             agent a1 Active changed_at=30\n\
+             rejected not_found [id] no agent \"nope\"\n"
+        );
+        assert_eq!(s.agents["a1"].registered_at, 10);
+        // The no-op status change did not bump the table index.
+        assert_eq!(s.indexes.agents, 4);
+        assert_eq!(s.applied, 5);
+    }
+
+    #[test]
+    fn kv_and_cas() {
+        let put = |k: &str, v: &str, cas| Command::KvPut { key: k.into(), value: v.into(), cas };
+        let (s, out) = run(vec![
+            put("x", "1", None),
+            put("x", "2", Some(1)),
+            put("x", "3", Some(1)),
+            put("y", "1", Some(0)),
+            put("y", "2", Some(0)),
+            Command::KvDelete { key: "x".into() },
+        ]);
+        assert_eq!(
+            out,
+            "kv x=1 c=1 m=1\n\
+             kv x=2 c=1 m=2\n\
+             rejected cas_failed [cas] key \"x\" is at modify index 2, not 1\n\
+             kv y=1 c=4 m=4\n\
+             rejected cas_failed [cas] key \"y\" is at modify index 4, not 0\n\
+             done 6\n"
+        );
+        assert!(!s.kv.contains_key("x"));
+        assert_eq!(s.indexes.kv, 6);
+    }
+
+    #[test]
+    fn workloads_and_tasks() {
+        let task = |id: &str, w: &str, a: &str| Task {
+            id: id.into(),
+            workload: w.into(),
+            agent: a.into(),
+            state: TaskState::Staging,
+            reason: None,
+            updated_at: 0,
+        };
+        let upd = |id: &str, st| Command::UpdateTaskState { id: id.into(), state: st, reason: None, at: 9 };
+        let (s, out) = run(vec![
+            Command::RegisterAgent { reg: reg("a1"), at: 1 },
+            Command::PutWorkload { workload: workload("web") },
+            Command::AddTask { task: task("t1", "web", "a1") },
+            Command::AddTask { task: task("t1", "web", "a1") },
+            Command::AddTask { task: task("t2", "nope", "a1") },
+            Command::AddTask { task: task("t3", "web", "nope") },
+            upd("t1", TaskState::Running),
+            upd("t1", TaskState::Finished),
+            upd("t1", TaskState::Running),
+            Command::RemoveWorkload { id: "web".into() },
+            Command::RemoveWorkload { id: "web".into() },
+        ]);
+        assert_eq!(
+            out,
+            "agent a1 Active changed_at=1\n\
+             done 2\n\
+             done 3\n\
+             rejected conflict [task.id] task \"t1\" exists\n\
+             rejected not_found [task.workload] no workload \"nope\"\n\
+             rejected not_found [task.agent] no agent \"nope\"\n\
+             done 7\n\
+             done 8\n\
+             rejected invalid_transition [state] task \"t1\" cannot go from Finished to Running\n\
+             done 10\n\
+             rejected not_found [id] no workload \"web\"\n"
+        );
+        assert_eq!(s.tasks["t1"].state, TaskState::Finished);
+    }
+
+    #[test]
+    fn task_transition_table() {
+        use TaskState::*;
+        // Row: from-state; columns in TaskState::ALL order; 1 = allowed.
+        let table: [(TaskState, &str); 9] = [
+            (Staging, "011011111"),
+            (Starting, "001111111"),
+            (Running, "000111111"),
+            (Finished, "000000000"),
+            (Failed, "000000000"),
+            (Killing, "000110111"),
+            (Killed, "000000000"),
+            (Lost, "000000000"),
+            (Unreachable, "001111110"),
+        ];
+        for (from, row) in table {
+            let got: String = TaskState::ALL
+                .iter()
+                .map(|to| if from.can_transition(*to) { '1' } else { '0' })
+                .collect();
+            assert_eq!(got, row, "transitions from {from:?}");
+        }
+    }
+
+    #[test]
+    fn machine_snapshot_roundtrip_and_bad_bytes() {
+        use cairn_raft::App;
+        let mut m = Machine::default();
+        let cmd = bincode::serialize(&Command::KvPut { key: "k".into(), value: "v".into(), cas: None }).unwrap();
+        m.apply(1, &cmd);
+        let bad: Outcome = bincode::deserialize(&m.apply(2, b"\xff\xff")).unwrap();
+        assert!(matches!(bad, Outcome::Rejected { ref code, .. } if code == "bad_command"));
+        let snap = m.snapshot();
+        let mut m2 = Machine::default();
+        m2.restore(&snap).unwrap();
+        assert_eq!(m2.state, m.state);
+        assert!(m2.restore(b"junk").is_err());
+    }
+}
