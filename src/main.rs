@@ -1,1 +1,471 @@
-fn main() {}
+//! The `cairn` binary: role dispatch (`master`, `agent`, `dev`) and client commands
+//! (`cluster`, `agent list`, `kv`, `bench`). Thin: the work lives in the library crates.
+
+mod bench;
+mod client;
+
+use anyhow::Context;
+use cairn_kernel::master::{Master, MasterConfig};
+use cairn_kernel::resources::{parse_attributes, parse_resources};
+use cairn_raft::node::NodeConfig;
+use cairn_runtime::agent::{Agent, AgentConfig};
+use clap::{Args, Parser, Subcommand};
+use client::Client;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "A datacenter operating system in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a master: a voter in the Raft group that holds cluster state, serving the API.
+    Master(MasterArgs),
+    /// Run an agent (`cairn agent --masters ...`), or list agents (`cairn agent list`).
+    Agent(AgentCmdArgs),
+    /// Run a one-node cluster (a master and an agent) in this process, for development.
+    Dev(DevArgs),
+    /// Inspect and change the master group.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Read and write cluster variables.
+    Kv {
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
+    /// Load generators for BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Master API address.
+    #[arg(long, env = "CAIRN_MASTER", default_value = "http://127.0.0.1:5050", global = true)]
+    master: String,
+    /// Cluster token.
+    #[arg(long, env = "CAIRN_TOKEN", default_value = "", global = true, hide_env_values = true)]
+    token: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RaftTuning {
+    /// Leader heartbeat interval (ms).
+    #[arg(long, default_value_t = 50)]
+    heartbeat_ms: u64,
+    /// Minimum election timeout (ms); the maximum is twice this.
+    #[arg(long, default_value_t = 250)]
+    election_timeout_ms: u64,
+    /// Take a snapshot every this many log entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_logs: u64,
+    /// Entries kept in the log behind a snapshot, for slow followers.
+    #[arg(long, default_value_t = 1_000)]
+    keep_logs: u64,
+    /// How long a write may wait for a leader and a quorum before failing with 503.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Agents silent this long are marked unreachable.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    agent_timeout: Duration,
+    /// Largest accepted API request body.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[derive(Args)]
+struct MasterArgs {
+    /// This master's id in the Raft group (1, 2, 3, ...).
+    #[arg(long)]
+    node_id: u64,
+    /// Address to serve the API and Raft RPCs on.
+    #[arg(long, default_value = "127.0.0.1:5050")]
+    listen: SocketAddr,
+    /// Address other masters and clients use to reach this one (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The initial masters, `ID@HOST:PORT,...`, the same on every master.
+    #[arg(long, default_value = "")]
+    peers: String,
+    /// Join an existing cluster instead of bootstrapping (then run `cairn cluster add-master`).
+    #[arg(long)]
+    join: bool,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Cluster secret shared by masters, agents and clients.
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    tuning: RaftTuning,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentCmdArgs {
+    #[command(subcommand)]
+    cmd: Option<AgentSub>,
+    #[command(flatten)]
+    run: AgentArgs,
+}
+
+#[derive(Subcommand)]
+enum AgentSub {
+    /// List the agents the masters know.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Master addresses, `HOST:PORT,...`.
+    #[arg(long, default_value = "127.0.0.1:5050")]
+    masters: String,
+    #[arg(long, default_value = "127.0.0.1:5051")]
+    listen: SocketAddr,
+    /// Address masters use to reach this agent (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "CAIRN_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
+    /// Resources in the Mesos syntax, e.g. "cpus:2;mem:2048;disk:10000;ports:[31000-32000]"
+    /// (detected from the host when not given).
+    #[arg(long)]
+    resources: Option<String>,
+    /// Attributes, e.g. "rack:r1;zone:a".
+    #[arg(long, default_value = "")]
+    attributes: String,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Where to keep state (default: a new temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:5050")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:5051")]
+    agent_listen: SocketAddr,
+    /// Cluster token (default: generated and printed).
+    #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term and indexes.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a master (started with `cairn master --join`): learner first, then voter.
+    AddMaster {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a master from the voters.
+    RemoveMaster {
+        #[arg(long)]
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    Get {
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = p
+            .split_once('@')
+            .with_context(|| format!("--peers: {p:?} is not ID@HOST:PORT, e.g. 1@127.0.0.1:5050"))?;
+        let id: u64 = id.parse().with_context(|| format!("--peers: {id:?} is not a number"))?;
+        if id == 0 {
+            anyhow::bail!("--peers: master ids start at 1");
+        }
+        addr.parse::<SocketAddr>()
+            .with_context(|| format!("--peers: {addr:?} is not HOST:PORT"))?;
+        if out.insert(id, addr.to_string()).is_some() {
+            anyhow::bail!("--peers: id {id} appears twice");
+        }
+    }
+    Ok(out)
+}
+
+fn node_config(id: u64, addr: String, data_dir: PathBuf, token: String, t: &RaftTuning) -> NodeConfig {
+    NodeConfig {
+        id,
+        addr,
+        data_dir,
+        token,
+        heartbeat_ms: t.heartbeat_ms,
+        election_timeout_ms: t.election_timeout_ms,
+        snapshot_logs: t.snapshot_logs,
+        keep_logs: t.keep_logs,
+        request_timeout: t.request_timeout,
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
+    if a.token.len() < 8 {
+        anyhow::bail!("--token must be at least 8 characters (the cluster secret)");
+    }
+    if a.tuning.heartbeat_ms == 0 || a.tuning.election_timeout_ms <= a.tuning.heartbeat_ms {
+        anyhow::bail!("--election-timeout-ms must be larger than --heartbeat-ms (> 0)");
+    }
+    let peers = parse_peers(&a.peers)?;
+    if peers.is_empty() && !a.join {
+        anyhow::bail!("give --peers ID@HOST:PORT,... (this master included), or --join to be added later");
+    }
+    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
+    let node = node_config(a.node_id, advertise, a.data_dir.clone(), a.token.clone(), &a.tuning);
+    let master = Master::start(MasterConfig {
+        node,
+        listen: a.listen,
+        peers,
+        join: a.join,
+        agent_timeout: a.tuning.agent_timeout,
+        max_body: a.tuning.max_body_bytes,
+    })
+    .await?;
+    tracing::info!(addr = %master.addr, id = a.node_id, "master listening");
+    wait_for_signal().await;
+    master.shutdown().await;
+    Ok(())
+}
+
+async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let data_dir = a.data_dir.context("--data-dir is required to run an agent")?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let resources = match &a.resources {
+        Some(r) => parse_resources(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))?,
+        None => cairn_runtime::detect::detect(&data_dir),
+    };
+    let attributes = parse_attributes(&a.attributes).map_err(|e| anyhow::anyhow!("--attributes: {e}"))?;
+    let masters: Vec<String> =
+        a.masters.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let agent = Agent::start(AgentConfig {
+        masters,
+        listen: a.listen,
+        advertise: a.advertise,
+        data_dir,
+        token: a.token,
+        resources,
+        attributes,
+        heartbeat_interval: a.heartbeat_interval,
+        hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into()),
+    })
+    .await?;
+    tracing::info!(addr = %agent.addr, "agent listening");
+    wait_for_signal().await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
+    let (data_dir, _tmp) = match a.data_dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::Builder::new().prefix("cairn-dev-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let token = a.token.unwrap_or_else(|| {
+        use rand::Rng;
+        let bytes: [u8; 16] = rand::thread_rng().gen();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    });
+    let tuning = RaftTuning {
+        heartbeat_ms: 50,
+        election_timeout_ms: 250,
+        snapshot_logs: 10_000,
+        keep_logs: 1_000,
+        request_timeout: Duration::from_secs(10),
+        agent_timeout: Duration::from_secs(10),
+        max_body_bytes: 1024 * 1024,
+    };
+    let node = node_config(1, a.listen.to_string(), data_dir.join("master"), token.clone(), &tuning);
+    let master = Master::start(MasterConfig {
+        node,
+        listen: a.listen,
+        peers: BTreeMap::from([(1, a.listen.to_string())]),
+        join: false,
+        agent_timeout: tuning.agent_timeout,
+        max_body: tuning.max_body_bytes,
+    })
+    .await?;
+    let agent_dir = data_dir.join("agent");
+    let agent = Agent::start(AgentConfig {
+        masters: vec![master.addr.to_string()],
+        listen: a.agent_listen,
+        advertise: None,
+        data_dir: agent_dir.clone(),
+        token: token.clone(),
+        resources: cairn_runtime::detect::detect(&data_dir),
+        attributes: BTreeMap::new(),
+        heartbeat_interval: Duration::from_secs(1),
+        hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into()),
+    })
+    .await?;
+    println!("cairn dev is running (one master, one agent)");
+    println!("  API:        http://{}/api/v1/cluster", master.addr);
+    println!("  token:      {token}");
+    println!("  data dir:   {}", data_dir.display());
+    println!("  try:        CAIRN_TOKEN={token} cairn cluster status");
+    println!("Press Ctrl-C to stop.");
+    wait_for_signal().await;
+    agent.shutdown().await;
+    master.shutdown().await;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Master(a) => {
+                init_tracing("info,openraft=warn,sled=warn");
+                run_master(a).await
+            }
+            Cmd::Agent(AgentCmdArgs { cmd: Some(AgentSub::List { client }), .. }) => {
+                init_tracing("warn");
+                client::agent_list(&Client::new(&client.master, &client.token)?, client.json).await
+            }
+            Cmd::Agent(AgentCmdArgs { cmd: None, run }) => {
+                init_tracing("info,openraft=warn,sled=warn");
+                run_agent(run).await
+            }
+            Cmd::Dev(a) => {
+                init_tracing("warn");
+                run_dev(a).await
+            }
+            Cmd::Cluster { cmd } => {
+                init_tracing("warn");
+                match cmd {
+                    ClusterCmd::Status { client } => {
+                        client::cluster_status(&Client::new(&client.master, &client.token)?, client.json).await
+                    }
+                    ClusterCmd::AddMaster { id, addr, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.post("/api/v1/cluster/members", &serde_json::json!({"id": id, "addr": addr})).await?;
+                        client::cluster_status(&c, client.json).await
+                    }
+                    ClusterCmd::RemoveMaster { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.delete(&format!("/api/v1/cluster/members/{id}")).await?;
+                        client::cluster_status(&c, client.json).await
+                    }
+                }
+            }
+            Cmd::Kv { cmd } => {
+                init_tracing("warn");
+                match cmd {
+                    KvCmd::Get { key, client } => {
+                        let v = Client::new(&client.master, &client.token)?.get(&format!("/api/v1/kv/{key}")).await?;
+                        if client.json {
+                            println!("{v:#}");
+                        } else {
+                            println!("{}", v["value"].as_str().unwrap_or_default());
+                        }
+                        Ok(())
+                    }
+                    KvCmd::Put { key, value, client } => {
+                        let v = Client::new(&client.master, &client.token)?
+                            .put(&format!("/api/v1/kv/{key}"), &serde_json::json!({"value": value}))
+                            .await?;
+                        println!("{}", if client.json { format!("{v:#}") } else { format!("ok (index {})", v["modify_index"]) });
+                        Ok(())
+                    }
+                    KvCmd::List { client } => {
+                        let v = Client::new(&client.master, &client.token)?.get("/api/v1/kv").await?;
+                        println!("{v:#}");
+                        Ok(())
+                    }
+                }
+            }
+            Cmd::Bench { cmd } => {
+                init_tracing("warn");
+                bench::run(cmd).await
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers() {
+        let p = parse_peers("1@127.0.0.1:5050, 2@127.0.0.1:5060").unwrap();
+        assert_eq!(p[&2], "127.0.0.1:5060");
+        assert_eq!(
+            parse_peers("1@x").unwrap_err().to_string(),
+            "--peers: \"x\" is not HOST:PORT"
+        );
+        assert!(parse_peers("0@127.0.0.1:1").is_err());
+        assert!(parse_peers("1@127.0.0.1:1,1@127.0.0.1:2").is_err());
+        assert!(parse_peers("127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

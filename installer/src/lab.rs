@@ -1,0 +1,241 @@
+//! A local cluster of real `cairn master` / `cairn agent` processes on loopback: start, kill -9,
+//! restart, find the leader. Ports are picked free by the OS.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Returns a TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// One master process.
+pub struct MasterProc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+    args: Vec<String>,
+}
+
+/// A set of masters started from one binary.
+pub struct Lab {
+    pub bin: PathBuf,
+    pub token: String,
+    pub masters: Vec<MasterProc>,
+    pub agents: Vec<AgentProc>,
+    pub dir: PathBuf,
+    pub extra: Vec<String>,
+    http: reqwest::Client,
+}
+
+/// One agent process.
+pub struct AgentProc {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+    args: Vec<String>,
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+}
+
+impl Lab {
+    /// Starts `n` masters (ids 1..=n) that bootstrap one cluster. `extra` goes to every master.
+    pub fn start(bin: &Path, dir: &Path, n: u64, token: &str, extra: &[&str]) -> std::io::Result<Lab> {
+        let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+        let mut lab = Lab {
+            bin: bin.to_path_buf(),
+            token: token.to_string(),
+            masters: Vec::new(),
+            agents: Vec::new(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client"),
+        };
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let mut args = vec!["--peers".to_string(), peers.clone()];
+            args.extend(lab.extra.clone());
+            lab.add_master_proc(id, addr, args)?;
+        }
+        Ok(lab)
+    }
+
+    fn add_master_proc(&mut self, id: u64, addr: &str, more: Vec<String>) -> std::io::Result<()> {
+        let data_dir = self.dir.join(format!("master-{id}"));
+        let mut args = vec![
+            "master".to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--token".into(),
+            self.token.clone(),
+        ];
+        args.extend(more);
+        let child = spawn(&self.bin, &args, &self.dir.join(format!("master-{id}.log")))?;
+        self.masters.push(MasterProc { id, addr: addr.to_string(), data_dir, child: Some(child), args });
+        Ok(())
+    }
+
+    /// Starts a new master with `--join` (not yet a member); returns its address.
+    pub fn start_joining_master(&mut self, id: u64) -> std::io::Result<String> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut more = vec!["--join".to_string()];
+        more.extend(self.extra.clone());
+        self.add_master_proc(id, &addr, more)?;
+        Ok(addr)
+    }
+
+    /// Starts an agent process pointed at every master.
+    pub fn start_agent(&mut self, extra: &[&str]) -> std::io::Result<usize> {
+        let n = self.agents.len();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data_dir = self.dir.join(format!("agent-{n}"));
+        let masters = self.masters.iter().map(|m| m.addr.clone()).collect::<Vec<_>>().join(",");
+        let mut args = vec![
+            "agent".to_string(),
+            "--masters".into(),
+            masters,
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--token".into(),
+            self.token.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = spawn(&self.bin, &args, &self.dir.join(format!("agent-{n}.log")))?;
+        self.agents.push(AgentProc { addr, data_dir, child: Some(child), args });
+        Ok(n)
+    }
+
+    pub fn master(&self, id: u64) -> &MasterProc {
+        self.masters.iter().find(|m| m.id == id).expect("no such master")
+    }
+
+    fn master_mut(&mut self, id: u64) -> &mut MasterProc {
+        self.masters.iter_mut().find(|m| m.id == id).expect("no such master")
+    }
+
+    /// kill -9 of a master.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.master_mut(id).child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Graceful stop (SIGTERM) of a master.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(mut c) = self.master_mut(id).child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts a killed or stopped master with its data dir and arguments.
+    pub fn restart(&mut self, id: u64) -> std::io::Result<()> {
+        let bin = self.bin.clone();
+        let log = self.dir.join(format!("master-{id}.log"));
+        let m = self.master_mut(id);
+        if m.child.is_none() {
+            m.child = Some(spawn(&bin, &m.args, &log)?);
+        }
+        Ok(())
+    }
+
+    pub fn kill_agent(&mut self, n: usize) {
+        if let Some(mut c) = self.agents[n].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart_agent(&mut self, n: usize) -> std::io::Result<()> {
+        let log = self.dir.join(format!("agent-{n}.log"));
+        let a = &mut self.agents[n];
+        if a.child.is_none() {
+            a.child = Some(spawn(&self.bin, &a.args, &log)?);
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.master(id).child.is_some()
+    }
+
+    /// GET a path on one master with the token; `None` if it does not answer 2xx.
+    pub async fn get(&self, addr: &str, path: &str) -> Option<serde_json::Value> {
+        let r = self.http.get(format!("http://{addr}{path}")).bearer_auth(&self.token).send().await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// The leader id as the running masters report it, if they agree on one.
+    pub async fn leader(&self) -> Option<u64> {
+        let mut seen = None;
+        for m in self.masters.iter().filter(|m| m.child.is_some()) {
+            let v = self.get(&m.addr, "/api/v1/cluster").await?;
+            let l = v["leader_id"].as_u64()?;
+            if seen.is_some() && seen != Some(l) {
+                return None;
+            }
+            seen = Some(l);
+        }
+        seen.filter(|l| self.masters.iter().any(|m| m.id == *l && m.child.is_some()))
+    }
+
+    /// Waits until the running masters agree on a running leader.
+    pub async fn wait_leader(&self, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(l) = self.leader().await {
+                return Some(l);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Addresses of running masters.
+    pub fn running_addrs(&self) -> Vec<String> {
+        self.masters.iter().filter(|m| m.child.is_some()).map(|m| m.addr.clone()).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for m in &mut self.masters {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The agent process: a stable id in its data dir, registration with the masters, a heartbeat
+//! loop that follows leader changes and master failures on its own, and the agent's own API.
+
+use cairn_kernel::api::HeartbeatReply;
+use cairn_kernel::model::{AgentRegistration, AgentResources};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How an agent is started.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Master addresses (`host:port`) to try, in order.
+    pub masters: Vec<String>,
+    pub listen: SocketAddr,
+    /// The address masters reach this agent on; defaults to the bound listen address.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub resources: AgentResources,
+    pub attributes: BTreeMap<String, String>,
+    pub heartbeat_interval: Duration,
+    pub hostname: String,
+}
+
+/// What the agent knows about its link to the masters; served at `GET /api/v1/agent`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct AgentInfo {
+    pub id: String,
+    pub addr: String,
+    pub masters: Vec<String>,
+    pub registered: bool,
+    pub leader_id: Option<u64>,
+    pub heartbeats_ok: u64,
+    pub heartbeats_failed: u64,
+    pub registrations: u64,
+}
+
+/// A running agent.
+pub struct Agent {
+    pub info: Arc<Mutex<AgentInfo>>,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Reads the agent id from `data_dir/agent-id`, creating it on first start.
+pub fn load_or_create_id(data_dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("agent-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let tmp = data_dir.join("agent-id.tmp");
+            std::fs::write(&tmp, &id)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(id)
+        }
+    }
+}
+
+impl Agent {
+    pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        if cfg.masters.is_empty() {
+            anyhow::bail!("--masters is empty: give at least one master address, e.g. 127.0.0.1:5050");
+        }
+        let id = load_or_create_id(&cfg.data_dir)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let info = Arc::new(Mutex::new(AgentInfo {
+            id: id.clone(),
+            addr: advertise.clone(),
+            masters: cfg.masters.clone(),
+            ..Default::default()
+        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let app = api_router(info.clone(), cfg.token.clone());
+        let mut srv_stop = stop_rx.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = srv_stop.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        let reg = AgentRegistration {
+            id,
+            hostname: cfg.hostname.clone(),
+            addr: advertise,
+            resources: cfg.resources.clone(),
+            attributes: cfg.attributes.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
+        Ok(Agent { info, addr, stop, tasks: vec![server, hb] })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+enum Beat {
+    Ok(HeartbeatReply),
+    /// The masters do not know this agent (e.g. a fresh cluster): register again.
+    Unknown,
+    /// This master could not take it; try another.
+    Failed(String),
+}
+
+async fn heartbeat_loop(
+    cfg: AgentConfig,
+    reg: AgentRegistration,
+    info: Arc<Mutex<AgentInfo>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .expect("http client");
+    let mut masters = cfg.masters.clone();
+    let mut cur = 0usize;
+    let mut registered = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let master = masters[cur % masters.len()].clone();
+        if !registered {
+            let r = client
+                .post(format!("http://{master}/api/v1/agents"))
+                .bearer_auth(&cfg.token)
+                .json(&reg)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => {
+                    registered = true;
+                    let mut i = info.lock().expect("info lock");
+                    i.registered = true;
+                    i.registrations += 1;
+                    tracing::info!(%master, id = %reg.id, "registered with the masters");
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = resp.text().await.unwrap_or_default();
+                    tracing::warn!(%master, %status, %body, "registration refused");
+                    cur += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(%master, "registration failed: {e}");
+                    cur += 1;
+                }
+            }
+        }
+        if registered {
+            let beat = match client
+                .post(format!("http://{master}/api/v1/agents/{}/heartbeat", reg.id))
+                .bearer_auth(&cfg.token)
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status().is_success() => match resp.json::<HeartbeatReply>().await {
+                    Ok(r) => Beat::Ok(r),
+                    Err(e) => Beat::Failed(e.to_string()),
+                },
+                Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => Beat::Unknown,
+                Ok(resp) => Beat::Failed(format!("HTTP {}", resp.status())),
+                Err(e) => Beat::Failed(e.to_string()),
+            };
+            let mut i = info.lock().expect("info lock");
+            match beat {
+                Beat::Ok(r) => {
+                    i.heartbeats_ok += 1;
+                    i.leader_id = Some(r.leader_id);
+                    if !r.masters.is_empty() {
+                        // Learn the current membership, keeping the configured masters too.
+                        let mut all = r.masters.clone();
+                        for m in &cfg.masters {
+                            if !all.contains(m) {
+                                all.push(m.clone());
+                            }
+                        }
+                        if let Some(pos) = all.iter().position(|m| *m == master) {
+                            cur = pos;
+                        }
+                        masters = all;
+                        i.masters = masters.clone();
+                    }
+                }
+                Beat::Unknown => {
+                    registered = false;
+                    i.registered = false;
+                    continue;
+                }
+                Beat::Failed(e) => {
+                    i.heartbeats_failed += 1;
+                    tracing::debug!(%master, "heartbeat failed: {e}");
+                    cur += 1;
+                }
+            }
+        }
+        let wait = if registered { cfg.heartbeat_interval } else { Duration::from_millis(250) };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn api_router(info: Arc<Mutex<AgentInfo>>, token: String) -> axum::Router {
+    use axum::routing::get;
+    use axum::Json;
+    axum::Router::new()
+        .route(
+            "/api/v1/agent",
+            get(move |headers: axum::http::HeaderMap| {
+                let info = info.clone();
+                let token = token.clone();
+                async move {
+                    let ok = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.strip_prefix("Bearer ") == Some(token.as_str()));
+                    if !ok {
+                        return Err((
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            Json(serde_json::json!({"code": "unauthorized", "message": "missing or wrong token"})),
+                        ));
+                    }
+                    let i = info.lock().expect("info lock").clone();
+                    Ok(Json(i))
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_is_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let a = load_or_create_id(d.path()).unwrap();
+        let b = load_or_create_id(d.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 36);
+    }
+}

@@ -1,0 +1,345 @@
+//! `cairn bench`: the load generators behind BENCHMARKS.md. Each runs the same load shape
+//! against Cairn and, side by side, against a 3-member etcd cluster (Debian's etcd-server).
+
+use anyhow::Context;
+use base64::Engine;
+use cairn_installer::lab::{free_port, Lab};
+use clap::{Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Target {
+    Cairn,
+    Etcd,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Commits/s and latency of replicated writes on a fresh local 3-node cluster.
+    Kv {
+        #[arg(long, value_enum)]
+        target: Target,
+        /// Concurrent clients (comma-separated list runs each in turn).
+        #[arg(long, default_value = "1,64")]
+        clients: String,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 128)]
+        value_size: usize,
+        /// Where the cluster keeps its data (default: a temporary dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Leader failover: kill -9 the leader, time until the next write is committed.
+    Failover {
+        #[arg(long, value_enum)]
+        target: Target,
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// A 3-member etcd cluster of `etcd` processes on loopback.
+struct EtcdLab {
+    members: Vec<(String, u16, u16, Vec<String>, Option<Child>)>,
+    dir: PathBuf,
+}
+
+impl EtcdLab {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("e{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, (c, p)) in ports.iter().enumerate() {
+            let name = format!("e{i}");
+            // Same timing as Cairn's defaults: 50 ms heartbeat, 250 ms election timeout.
+            let args = vec![
+                "--name".to_string(),
+                name.clone(),
+                "--data-dir".into(),
+                dir.join(&name).display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{c}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{c}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{p}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{p}"),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "250".into(),
+            ];
+            members.push((name, *c, *p, args, None));
+        }
+        let mut lab = EtcdLab { members, dir: dir.to_path_buf() };
+        for i in 0..3 {
+            lab.restart(i)?;
+        }
+        Ok(lab)
+    }
+
+    fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("e{i}.log")))?;
+        let m = &mut self.members[i];
+        let child = Command::new("etcd")
+            .args(&m.3)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting etcd (apt-get install etcd-server)")?;
+        m.4 = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].4.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].1)
+    }
+
+    async fn leader(&self, http: &reqwest::Client) -> Option<usize> {
+        for i in 0..3 {
+            if self.members[i].4.is_none() {
+                continue;
+            }
+            let Ok(r) = http.post(format!("{}/v3/maintenance/status", self.endpoint(i))).body("{}").send().await
+            else {
+                continue;
+            };
+            let Ok(v) = r.json::<serde_json::Value>().await else { continue };
+            let me = v["header"]["member_id"].as_str().map(str::to_string);
+            let leader = v["leader"].as_str().map(str::to_string);
+            if me.is_some() && me == leader {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for EtcdLab {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+/// Sends one write to `endpoint`; Ok(()) only when the write is acknowledged as committed.
+async fn put(http: &reqwest::Client, target: Target, endpoint: &str, token: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let resp = match target {
+        Target::Cairn => {
+            http.put(format!("{endpoint}/api/v1/kv/{key}"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "value": value }))
+                .send()
+                .await?
+        }
+        Target::Etcd => {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            http.post(format!("{endpoint}/v3/kv/put"))
+                .json(&serde_json::json!({ "key": b64.encode(key), "value": b64.encode(value) }))
+                .send()
+                .await?
+        }
+    };
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() || (target == Target::Etcd && body.contains("\"error\"")) {
+        anyhow::bail!("{status}: {body}");
+    }
+    Ok(())
+}
+
+/// Either cluster, started fresh in `dir`; returns the client endpoints.
+enum Cluster {
+    Cairn(Lab),
+    Etcd(EtcdLab),
+}
+
+const TOKEN: &str = "bench-token-0123456789";
+
+async fn start_cluster(target: Target, dir: &Path) -> anyhow::Result<(Cluster, Vec<String>)> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    match target {
+        Target::Cairn => {
+            let bin = std::env::current_exe()?;
+            let lab = Lab::start(&bin, dir, 3, TOKEN, &[])?;
+            let eps: Vec<String> = lab.masters.iter().map(|m| format!("http://{}", m.addr)).collect();
+            while put(&http, target, &eps[0], TOKEN, "warmup", "x").await.is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "cairn cluster did not come up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((Cluster::Cairn(lab), eps))
+        }
+        Target::Etcd => {
+            let lab = EtcdLab::start(dir)?;
+            let eps: Vec<String> = (0..3).map(|i| lab.endpoint(i)).collect();
+            while put(&http, target, &eps[0], "", "warmup", "x").await.is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "etcd cluster did not come up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((Cluster::Etcd(lab), eps))
+        }
+    }
+}
+
+fn workdir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("cairn-bench-").tempdir_in("/var/tmp")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    })
+}
+
+async fn kv(target: Target, clients: &str, duration: Duration, value_size: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (dir, _tmp) = workdir(dir)?;
+    let (_cluster, eps) = start_cluster(target, &dir).await?;
+    let value = "v".repeat(value_size);
+    for n in clients.split(',').map(|c| c.trim().parse::<usize>()) {
+        let n = n.context("--clients is a comma-separated list of numbers")?;
+        let deadline = Instant::now() + duration;
+        let mut handles = Vec::new();
+        for c in 0..n {
+            let ep = eps[c % eps.len()].clone();
+            let value = value.clone();
+            handles.push(tokio::spawn(async move {
+                let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("client");
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let mut errors = 0u64;
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let key = format!("bench-{c}-{}", i % 1000);
+                    let t = Instant::now();
+                    match put(&http, target, &ep, TOKEN, &key, &value).await {
+                        Ok(()) => h.record(t.elapsed().as_micros() as u64).expect("record"),
+                        Err(_) => errors += 1,
+                    }
+                    i += 1;
+                }
+                (h, errors)
+            }));
+        }
+        let mut all = Histogram::<u64>::new(3)?;
+        let mut errors = 0;
+        for h in handles {
+            let (h, e) = h.await?;
+            all.add(h)?;
+            errors += e;
+        }
+        let secs = duration.as_secs_f64();
+        println!(
+            "| {:?} | {} | {:.0} | {:.2} | {:.2} | {} |",
+            target,
+            n,
+            all.len() as f64 / secs,
+            all.value_at_quantile(0.5) as f64 / 1000.0,
+            all.value_at_quantile(0.99) as f64 / 1000.0,
+            errors
+        );
+    }
+    Ok(())
+}
+
+async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (dir, _tmp) = workdir(dir)?;
+    let (mut cluster, eps) = start_cluster(target, &dir).await?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).tcp_nodelay(true).build()?;
+    let mut times = Vec::new();
+    let bar = indicatif::ProgressBar::new(kills as u64);
+    for k in 0..kills {
+        // Find a settled leader.
+        let leader = loop {
+            let l = match &cluster {
+                Cluster::Cairn(lab) => lab.leader().await.map(|id| (id - 1) as usize),
+                Cluster::Etcd(lab) => lab.leader(&http).await,
+            };
+            if let Some(l) = l {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let t0 = Instant::now();
+        match &mut cluster {
+            Cluster::Cairn(lab) => lab.kill(leader as u64 + 1),
+            Cluster::Etcd(lab) => lab.kill(leader),
+        }
+        let survivors: Vec<&String> = eps.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, e)| e).collect();
+        let mut n = 0usize;
+        loop {
+            let ep = survivors[n % survivors.len()];
+            n += 1;
+            if put(&http, target, ep, TOKEN, &format!("failover-{k}"), "x").await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        times.push(t0.elapsed());
+        match &mut cluster {
+            Cluster::Cairn(lab) => lab.restart(leader as u64 + 1)?,
+            Cluster::Etcd(lab) => lab.restart(leader)?,
+        }
+        // Let the restarted member catch up before the next kill.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    times.sort();
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "| {:?} | {} | {:.0} | {:.0} | {:.0} | {} |",
+        target,
+        kills,
+        ms(&times[times.len() / 2]),
+        ms(&times[0]),
+        ms(times.last().expect("one kill")),
+        times.iter().map(|t| format!("{:.0}", ms(t))).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Kv { target, clients, duration, value_size, dir } => {
+            println!("| target | clients | commits/s | p50 ms | p99 ms | errors |");
+            println!("|---|---|---|---|---|---|");
+            kv(target, &clients, duration, value_size, dir).await
+        }
+        BenchCmd::Failover { target, kills, dir } => {
+            println!("| target | kills | median ms | min ms | max ms | all (ms) |");
+            println!("|---|---|---|---|---|---|");
+            failover(target, kills, dir).await
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! A small HTTP client for the master API, and the table printers of the CLI.
+
+use anyhow::Context;
+use comfy_table::Table;
+use serde_json::Value;
+
+/// Talks to one master with the cluster token.
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(master: &str, token: &str) -> anyhow::Result<Self> {
+        let base = if master.starts_with("http://") || master.starts_with("https://") {
+            master.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", master.trim_end_matches('/'))
+        };
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
+        Ok(Self { base, token: token.to_string(), http })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the master at {} (set --master or CAIRN_MASTER)", self.base))?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if status.is_success() {
+            if body.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&body).context("the master answered with invalid JSON");
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let code = v["code"].as_str().unwrap_or("error");
+        let msg = v["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        match v["field"].as_str() {
+            Some(f) => anyhow::bail!("{status} {code} (field {f}): {msg}"),
+            None => anyhow::bail!("{status} {code}: {msg}"),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body)).await
+    }
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn cluster_status(c: &Client, json: bool) -> anyhow::Result<()> {
+    let v = c.get("/api/v1/cluster").await?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!(
+        "leader {}  term {}  commit {}  applied {}  (answered by master {}, {})",
+        s(&v["leader_id"]),
+        s(&v["term"]),
+        s(&v["commit_index"]),
+        s(&v["applied_index"]),
+        s(&v["node_id"]),
+        s(&v["state"])
+    );
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_header(["ID", "ADDRESS", "ROLE", "LEADER"]);
+    for m in v["members"].as_array().into_iter().flatten() {
+        let role = if m["voter"].as_bool() == Some(true) { "voter" } else { "learner" };
+        let leader = if m["leader"].as_bool() == Some(true) { "*" } else { "" };
+        t.add_row([s(&m["id"]), s(&m["addr"]), role.to_string(), leader.to_string()]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn agent_list(c: &Client, json: bool) -> anyhow::Result<()> {
+    let v = c.get("/api/v1/agents").await?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(["ID", "HOSTNAME", "ADDRESS", "STATUS", "CPUS", "MEM", "ATTRIBUTES"]);
+    for a in v.as_array().into_iter().flatten() {
+        let attrs = a["attributes"]
+            .as_object()
+            .map(|o| o.iter().map(|(k, v)| format!("{k}:{}", s(v))).collect::<Vec<_>>().join(";"))
+            .unwrap_or_default();
+        t.add_row([
+            s(&a["id"]),
+            s(&a["hostname"]),
+            s(&a["addr"]),
+            s(&a["status"]),
+            s(&a["resources"]["unreserved"]["cpus"]),
+            s(&a["resources"]["unreserved"]["mem"]),
+            attrs,
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
