@@ -1,0 +1,113 @@
+//! Shared helpers for the end-to-end tests: a local lab of real `cairn` processes, a KV
+//! client that classifies outcomes, and polling with deadlines.
+#![allow(dead_code)]
+
+pub mod linearizability;
+
+use cairn_installer::lab::Lab;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub fn bin() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_cairn"))
+}
+
+/// Starts `n` masters in a fresh temp dir. Keep the TempDir alive for the test.
+pub fn lab(n: u64, extra: &[&str]) -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir_in("/var/tmp").expect("tempdir");
+    let lab = Lab::start(bin(), dir.path(), n, TOKEN, extra).expect("start lab");
+    (dir, lab)
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(20)).tcp_nodelay(true).build().unwrap()
+}
+
+/// What became of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    /// Acknowledged as committed.
+    Ok,
+    /// Certainly not applied (never delivered, or rejected with a 4xx).
+    NotApplied,
+    /// May or may not be applied (timeout, 5xx, connection lost after sending).
+    Unknown,
+}
+
+pub async fn put(http: &reqwest::Client, addr: &str, key: &str, value: &str) -> WriteResult {
+    let r = http
+        .put(format!("http://{addr}/api/v1/kv/{key}"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "value": value }))
+        .send()
+        .await;
+    match r {
+        Ok(resp) if resp.status().is_success() => WriteResult::Ok,
+        Ok(resp) if resp.status().is_client_error() => WriteResult::NotApplied,
+        Ok(_) => WriteResult::Unknown,
+        Err(e) if e.is_connect() => WriteResult::NotApplied,
+        Err(_) => WriteResult::Unknown,
+    }
+}
+
+/// A read: `Some(Some(v))` value, `Some(None)` absent, `None` failed.
+pub async fn get(http: &reqwest::Client, addr: &str, key: &str, stale: bool) -> Option<Option<String>> {
+    let q = if stale { "?stale=true" } else { "" };
+    let resp = http
+        .get(format!("http://{addr}/api/v1/kv/{key}{q}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .ok()?;
+    match resp.status().as_u16() {
+        200 => {
+            let v: serde_json::Value = resp.json().await.ok()?;
+            Some(Some(v["value"].as_str()?.to_string()))
+        }
+        404 => Some(None),
+        _ => None,
+    }
+}
+
+/// `GET /api/v1/cluster` of one master.
+pub async fn cluster(lab: &Lab, addr: &str) -> Option<serde_json::Value> {
+    lab.get(addr, "/api/v1/cluster").await
+}
+
+/// Writes `key=value` through any running master until acknowledged.
+pub async fn put_until_ok(lab: &Lab, key: &str, value: &str) {
+    let http = http();
+    eventually(Duration::from_secs(30), &format!("write {key}"), || {
+        let addrs = lab.running_addrs();
+        let http = http.clone();
+        async move {
+            for a in addrs {
+                if put(&http, &a, key, value).await == WriteResult::Ok {
+                    return Some(());
+                }
+            }
+            None
+        }
+    })
+    .await
+}
