@@ -44,9 +44,16 @@ pub enum BenchCmd {
     },
 }
 
+/// One etcd member: client port, arguments, and the process while it runs.
+struct EtcdMember {
+    client_port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
 /// A 3-member etcd cluster of `etcd` processes on loopback.
 struct EtcdLab {
-    members: Vec<(String, u16, u16, Vec<String>, Option<Child>)>,
+    members: Vec<EtcdMember>,
     dir: PathBuf,
 }
 
@@ -85,9 +92,16 @@ impl EtcdLab {
                 "--election-timeout".into(),
                 "250".into(),
             ];
-            members.push((name, *c, *p, args, None));
+            members.push(EtcdMember {
+                client_port: *c,
+                args,
+                child: None,
+            });
         }
-        let mut lab = EtcdLab { members, dir: dir.to_path_buf() };
+        let mut lab = EtcdLab {
+            members,
+            dir: dir.to_path_buf(),
+        };
         for i in 0..3 {
             lab.restart(i)?;
         }
@@ -101,37 +115,43 @@ impl EtcdLab {
             .open(self.dir.join(format!("e{i}.log")))?;
         let m = &mut self.members[i];
         let child = Command::new("etcd")
-            .args(&m.3)
+            .args(&m.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .context("starting etcd (apt-get install etcd-server)")?;
-        m.4 = Some(child);
+        m.child = Some(child);
         Ok(())
     }
 
     fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].4.take() {
+        if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
     fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].1)
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
     }
 
     async fn leader(&self, http: &reqwest::Client) -> Option<usize> {
         for i in 0..3 {
-            if self.members[i].4.is_none() {
+            if self.members[i].child.is_none() {
                 continue;
             }
-            let Ok(r) = http.post(format!("{}/v3/maintenance/status", self.endpoint(i))).body("{}").send().await
+            let Ok(r) = http
+                .post(format!("{}/v3/maintenance/status", self.endpoint(i)))
+                .body("{}")
+                .send()
+                .await
             else {
                 continue;
             };
-            let Ok(v) = r.json::<serde_json::Value>().await else { continue };
+            let Ok(v) = r.json::<serde_json::Value>().await else {
+                continue;
+            };
             let me = v["header"]["member_id"].as_str().map(str::to_string);
             let leader = v["leader"].as_str().map(str::to_string);
             if me.is_some() && me == leader {
@@ -151,7 +171,14 @@ impl Drop for EtcdLab {
 }
 
 /// Sends one write to `endpoint`; Ok(()) only when the write is acknowledged as committed.
-async fn put(http: &reqwest::Client, target: Target, endpoint: &str, token: &str, key: &str, value: &str) -> anyhow::Result<()> {
+async fn put(
+    http: &reqwest::Client,
+    target: Target,
+    endpoint: &str,
+    token: &str,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<()> {
     let resp = match target {
         Target::Cairn => {
             http.put(format!("{endpoint}/api/v1/kv/{key}"))
@@ -191,8 +218,15 @@ async fn start_cluster(target: Target, dir: &Path) -> anyhow::Result<(Cluster, V
         Target::Cairn => {
             let bin = std::env::current_exe()?;
             let lab = Lab::start(&bin, dir, 3, TOKEN, &[])?;
-            let eps: Vec<String> = lab.masters.iter().map(|m| format!("http://{}", m.addr)).collect();
-            while put(&http, target, &eps[0], TOKEN, "warmup", "x").await.is_err() {
+            let eps: Vec<String> = lab
+                .masters
+                .iter()
+                .map(|m| format!("http://{}", m.addr))
+                .collect();
+            while put(&http, target, &eps[0], TOKEN, "warmup", "x")
+                .await
+                .is_err()
+            {
                 anyhow::ensure!(Instant::now() < deadline, "cairn cluster did not come up");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -201,7 +235,10 @@ async fn start_cluster(target: Target, dir: &Path) -> anyhow::Result<(Cluster, V
         Target::Etcd => {
             let lab = EtcdLab::start(dir)?;
             let eps: Vec<String> = (0..3).map(|i| lab.endpoint(i)).collect();
-            while put(&http, target, &eps[0], "", "warmup", "x").await.is_err() {
+            while put(&http, target, &eps[0], "", "warmup", "x")
+                .await
+                .is_err()
+            {
                 anyhow::ensure!(Instant::now() < deadline, "etcd cluster did not come up");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -217,13 +254,21 @@ fn workdir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::Te
             (d, None)
         }
         None => {
-            let t = tempfile::Builder::new().prefix("cairn-bench-").tempdir_in("/var/tmp")?;
+            let t = tempfile::Builder::new()
+                .prefix("cairn-bench-")
+                .tempdir_in("/var/tmp")?;
             (t.path().to_path_buf(), Some(t))
         }
     })
 }
 
-async fn kv(target: Target, clients: &str, duration: Duration, value_size: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn kv(
+    target: Target,
+    clients: &str,
+    duration: Duration,
+    value_size: usize,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
     let (_cluster, eps) = start_cluster(target, &dir).await?;
     let value = "v".repeat(value_size);
@@ -235,7 +280,10 @@ async fn kv(target: Target, clients: &str, duration: Duration, value_size: usize
             let ep = eps[c % eps.len()].clone();
             let value = value.clone();
             handles.push(tokio::spawn(async move {
-                let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("client");
+                let http = reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .build()
+                    .expect("client");
                 let mut h = Histogram::<u64>::new(3).expect("histogram");
                 let mut errors = 0u64;
                 let mut i = 0u64;
@@ -275,7 +323,10 @@ async fn kv(target: Target, clients: &str, duration: Duration, value_size: usize
 async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
     let (mut cluster, eps) = start_cluster(target, &dir).await?;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).tcp_nodelay(true).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .build()?;
     let mut times = Vec::new();
     let bar = indicatif::ProgressBar::new(kills as u64);
     for k in 0..kills {
@@ -295,12 +346,20 @@ async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow:
             Cluster::Cairn(lab) => lab.kill(leader as u64 + 1),
             Cluster::Etcd(lab) => lab.kill(leader),
         }
-        let survivors: Vec<&String> = eps.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, e)| e).collect();
+        let survivors: Vec<&String> = eps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leader)
+            .map(|(_, e)| e)
+            .collect();
         let mut n = 0usize;
         loop {
             let ep = survivors[n % survivors.len()];
             n += 1;
-            if put(&http, target, ep, TOKEN, &format!("failover-{k}"), "x").await.is_ok() {
+            if put(&http, target, ep, TOKEN, &format!("failover-{k}"), "x")
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -324,14 +383,24 @@ async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow:
         ms(&times[times.len() / 2]),
         ms(&times[0]),
         ms(times.last().expect("one kill")),
-        times.iter().map(|t| format!("{:.0}", ms(t))).collect::<Vec<_>>().join(" ")
+        times
+            .iter()
+            .map(|t| format!("{:.0}", ms(t)))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     Ok(())
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
-        BenchCmd::Kv { target, clients, duration, value_size, dir } => {
+        BenchCmd::Kv {
+            target,
+            clients,
+            duration,
+            value_size,
+            dir,
+        } => {
             println!("| target | clients | commits/s | p50 ms | p99 ms | errors |");
             println!("|---|---|---|---|---|---|");
             kv(target, &clients, duration, value_size, dir).await

@@ -18,16 +18,23 @@ impl Client {
         } else {
             format!("http://{}", master.trim_end_matches('/'))
         };
-        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
-        Ok(Self { base, token: token.to_string(), http })
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            base,
+            token: token.to_string(),
+            http,
+        })
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the master at {} (set --master or CAIRN_MASTER)", self.base))?;
+        let resp = req.bearer_auth(&self.token).send().await.with_context(|| {
+            format!(
+                "cannot reach the master at {} (set --master or CAIRN_MASTER)",
+                self.base
+            )
+        })?;
         let status = resp.status();
         let body = resp.bytes().await?;
         if status.is_success() {
@@ -38,7 +45,10 @@ impl Client {
         }
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let code = v["code"].as_str().unwrap_or("error");
-        let msg = v["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let msg = v["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         match v["field"].as_str() {
             Some(f) => anyhow::bail!("{status} {code} (field {f}): {msg}"),
             None => anyhow::bail!("{status} {code}: {msg}"),
@@ -46,16 +56,20 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
     pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.http.put(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
     }
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 }
 
@@ -83,11 +97,25 @@ pub async fn cluster_status(c: &Client, json: bool) -> anyhow::Result<()> {
         s(&v["state"])
     );
     let mut t = Table::new();
-    t.load_preset(comfy_table::presets::NOTHING).set_header(["ID", "ADDRESS", "ROLE", "LEADER"]);
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(["ID", "ADDRESS", "ROLE", "LEADER"]);
     for m in v["members"].as_array().into_iter().flatten() {
-        let role = if m["voter"].as_bool() == Some(true) { "voter" } else { "learner" };
-        let leader = if m["leader"].as_bool() == Some(true) { "*" } else { "" };
-        t.add_row([s(&m["id"]), s(&m["addr"]), role.to_string(), leader.to_string()]);
+        let role = if m["voter"].as_bool() == Some(true) {
+            "voter"
+        } else {
+            "learner"
+        };
+        let leader = if m["leader"].as_bool() == Some(true) {
+            "*"
+        } else {
+            ""
+        };
+        t.add_row([
+            s(&m["id"]),
+            s(&m["addr"]),
+            role.to_string(),
+            leader.to_string(),
+        ]);
     }
     println!("{t}");
     Ok(())
@@ -100,12 +128,24 @@ pub async fn agent_list(c: &Client, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_preset(comfy_table::presets::NOTHING)
-        .set_header(["ID", "HOSTNAME", "ADDRESS", "STATUS", "CPUS", "MEM", "ATTRIBUTES"]);
+    t.load_preset(comfy_table::presets::NOTHING).set_header([
+        "ID",
+        "HOSTNAME",
+        "ADDRESS",
+        "STATUS",
+        "CPUS",
+        "MEM",
+        "ATTRIBUTES",
+    ]);
     for a in v.as_array().into_iter().flatten() {
         let attrs = a["attributes"]
             .as_object()
-            .map(|o| o.iter().map(|(k, v)| format!("{k}:{}", s(v))).collect::<Vec<_>>().join(";"))
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| format!("{k}:{}", s(v)))
+                    .collect::<Vec<_>>()
+                    .join(";")
+            })
             .unwrap_or_default();
         t.add_row([
             s(&a["id"]),

@@ -17,7 +17,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "cairn", version, about = "A datacenter operating system in one binary")]
+#[command(
+    name = "cairn",
+    version,
+    about = "A datacenter operating system in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -51,10 +55,21 @@ enum Cmd {
 #[derive(Args, Clone)]
 struct ClientArgs {
     /// Master API address.
-    #[arg(long, env = "CAIRN_MASTER", default_value = "http://127.0.0.1:5050", global = true)]
+    #[arg(
+        long,
+        env = "CAIRN_MASTER",
+        default_value = "http://127.0.0.1:5050",
+        global = true
+    )]
     master: String,
     /// Cluster token.
-    #[arg(long, env = "CAIRN_TOKEN", default_value = "", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CAIRN_TOKEN",
+        default_value = "",
+        global = true,
+        hide_env_values = true
+    )]
     token: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -216,16 +231,21 @@ enum KvCmd {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     let mut out = BTreeMap::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = p
-            .split_once('@')
-            .with_context(|| format!("--peers: {p:?} is not ID@HOST:PORT, e.g. 1@127.0.0.1:5050"))?;
-        let id: u64 = id.parse().with_context(|| format!("--peers: {id:?} is not a number"))?;
+        let (id, addr) = p.split_once('@').with_context(|| {
+            format!("--peers: {p:?} is not ID@HOST:PORT, e.g. 1@127.0.0.1:5050")
+        })?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--peers: {id:?} is not a number"))?;
         if id == 0 {
             anyhow::bail!("--peers: master ids start at 1");
         }
@@ -238,7 +258,13 @@ fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(out)
 }
 
-fn node_config(id: u64, addr: String, data_dir: PathBuf, token: String, t: &RaftTuning) -> NodeConfig {
+fn node_config(
+    id: u64,
+    addr: String,
+    data_dir: PathBuf,
+    token: String,
+    t: &RaftTuning,
+) -> NodeConfig {
     NodeConfig {
         id,
         addr,
@@ -253,7 +279,8 @@ fn node_config(id: u64, addr: String, data_dir: PathBuf, token: String, t: &Raft
 }
 
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -269,10 +296,18 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
     }
     let peers = parse_peers(&a.peers)?;
     if peers.is_empty() && !a.join {
-        anyhow::bail!("give --peers ID@HOST:PORT,... (this master included), or --join to be added later");
+        anyhow::bail!(
+            "give --peers ID@HOST:PORT,... (this master included), or --join to be added later"
+        );
     }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
-    let node = node_config(a.node_id, advertise, a.data_dir.clone(), a.token.clone(), &a.tuning);
+    let node = node_config(
+        a.node_id,
+        advertise,
+        a.data_dir.clone(),
+        a.token.clone(),
+        &a.tuning,
+    );
     let master = Master::start(MasterConfig {
         node,
         listen: a.listen,
@@ -289,15 +324,23 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
-    let data_dir = a.data_dir.context("--data-dir is required to run an agent")?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = a
+        .data_dir
+        .context("--data-dir is required to run an agent")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let resources = match &a.resources {
         Some(r) => parse_resources(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))?,
         None => cairn_runtime::detect::detect(&data_dir),
     };
-    let attributes = parse_attributes(&a.attributes).map_err(|e| anyhow::anyhow!("--attributes: {e}"))?;
-    let masters: Vec<String> =
-        a.masters.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let attributes =
+        parse_attributes(&a.attributes).map_err(|e| anyhow::anyhow!("--attributes: {e}"))?;
+    let masters: Vec<String> = a
+        .masters
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     let agent = Agent::start(AgentConfig {
         masters,
         listen: a.listen,
@@ -307,7 +350,9 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         resources,
         attributes,
         heartbeat_interval: a.heartbeat_interval,
-        hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into()),
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into()),
     })
     .await?;
     tracing::info!(addr = %agent.addr, "agent listening");
@@ -338,7 +383,13 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         agent_timeout: Duration::from_secs(10),
         max_body_bytes: 1024 * 1024,
     };
-    let node = node_config(1, a.listen.to_string(), data_dir.join("master"), token.clone(), &tuning);
+    let node = node_config(
+        1,
+        a.listen.to_string(),
+        data_dir.join("master"),
+        token.clone(),
+        &tuning,
+    );
     let master = Master::start(MasterConfig {
         node,
         listen: a.listen,
@@ -358,7 +409,9 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         resources: cairn_runtime::detect::detect(&data_dir),
         attributes: BTreeMap::new(),
         heartbeat_interval: Duration::from_secs(1),
-        hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into()),
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into()),
     })
     .await?;
     println!("cairn dev is running (one master, one agent)");
@@ -382,7 +435,10 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("info,openraft=warn,sled=warn");
                 run_master(a).await
             }
-            Cmd::Agent(AgentCmdArgs { cmd: Some(AgentSub::List { client }), .. }) => {
+            Cmd::Agent(AgentCmdArgs {
+                cmd: Some(AgentSub::List { client }),
+                ..
+            }) => {
                 init_tracing("warn");
                 client::agent_list(&Client::new(&client.master, &client.token)?, client.json).await
             }
@@ -398,11 +454,19 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 match cmd {
                     ClusterCmd::Status { client } => {
-                        client::cluster_status(&Client::new(&client.master, &client.token)?, client.json).await
+                        client::cluster_status(
+                            &Client::new(&client.master, &client.token)?,
+                            client.json,
+                        )
+                        .await
                     }
                     ClusterCmd::AddMaster { id, addr, client } => {
                         let c = Client::new(&client.master, &client.token)?;
-                        c.post("/api/v1/cluster/members", &serde_json::json!({"id": id, "addr": addr})).await?;
+                        c.post(
+                            "/api/v1/cluster/members",
+                            &serde_json::json!({"id": id, "addr": addr}),
+                        )
+                        .await?;
                         client::cluster_status(&c, client.json).await
                     }
                     ClusterCmd::RemoveMaster { id, client } => {
@@ -416,7 +480,9 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 match cmd {
                     KvCmd::Get { key, client } => {
-                        let v = Client::new(&client.master, &client.token)?.get(&format!("/api/v1/kv/{key}")).await?;
+                        let v = Client::new(&client.master, &client.token)?
+                            .get(&format!("/api/v1/kv/{key}"))
+                            .await?;
                         if client.json {
                             println!("{v:#}");
                         } else {
@@ -426,13 +492,25 @@ fn main() -> anyhow::Result<()> {
                     }
                     KvCmd::Put { key, value, client } => {
                         let v = Client::new(&client.master, &client.token)?
-                            .put(&format!("/api/v1/kv/{key}"), &serde_json::json!({"value": value}))
+                            .put(
+                                &format!("/api/v1/kv/{key}"),
+                                &serde_json::json!({"value": value}),
+                            )
                             .await?;
-                        println!("{}", if client.json { format!("{v:#}") } else { format!("ok (index {})", v["modify_index"]) });
+                        println!(
+                            "{}",
+                            if client.json {
+                                format!("{v:#}")
+                            } else {
+                                format!("ok (index {})", v["modify_index"])
+                            }
+                        );
                         Ok(())
                     }
                     KvCmd::List { client } => {
-                        let v = Client::new(&client.master, &client.token)?.get("/api/v1/kv").await?;
+                        let v = Client::new(&client.master, &client.token)?
+                            .get("/api/v1/kv")
+                            .await?;
                         println!("{v:#}");
                         Ok(())
                     }

@@ -13,14 +13,32 @@ const FAST: &[&str] = &["--request-timeout", "3s"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_elects_new_leader_and_old_leader_catches_up_from_snapshot() {
-    let (_d, mut lab) = lab(3, &["--snapshot-logs", "40", "--keep-logs", "5", "--request-timeout", "3s"]);
-    let old = lab.wait_leader(Duration::from_secs(20)).await.expect("first leader");
+    let (_d, mut lab) = lab(
+        3,
+        &[
+            "--snapshot-logs",
+            "40",
+            "--keep-logs",
+            "5",
+            "--request-timeout",
+            "3s",
+        ],
+    );
+    let old = lab
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .expect("first leader");
     for i in 0..10 {
         put_until_ok(&lab, &format!("k{i}"), "before").await;
     }
-    let old_last = cluster(&lab, &lab.master(old).addr.clone()).await.unwrap()["last_log_index"].as_u64().unwrap();
+    let old_last = cluster(&lab, &lab.master(old).addr.clone()).await.unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
     lab.kill(old);
-    let new = lab.wait_leader(Duration::from_secs(10)).await.expect("a new leader after kill -9");
+    let new = lab
+        .wait_leader(Duration::from_secs(10))
+        .await
+        .expect("a new leader after kill -9");
     assert_ne!(new, old);
     // Enough writes that the leader snapshots and purges past everything the old leader has.
     for i in 0..120 {
@@ -30,14 +48,18 @@ async fn leader_kill_elects_new_leader_and_old_leader_catches_up_from_snapshot()
     // master's log no longer reaches back to where the old leader stopped.
     let third = (1..=3).find(|i| *i != old && *i != new).unwrap();
     let third_addr = lab.master(third).addr.clone();
-    let purged = eventually(Duration::from_secs(10), "third master purges its log", || {
-        let lab = &lab;
-        let a = third_addr.clone();
-        async move {
-            let p = cluster(lab, &a).await?["purged_index"].as_u64()?;
-            (p > old_last).then_some(p)
-        }
-    })
+    let purged = eventually(
+        Duration::from_secs(10),
+        "third master purges its log",
+        || {
+            let lab = &lab;
+            let a = third_addr.clone();
+            async move {
+                let p = cluster(lab, &a).await?["purged_index"].as_u64()?;
+                (p > old_last).then_some(p)
+            }
+        },
+    )
     .await;
     // Kill the new leader and bring the old one back: the third master must lead (its log is
     // newer) and can only bring the old leader up to date with a snapshot.
@@ -48,25 +70,39 @@ async fn leader_kill_elects_new_leader_and_old_leader_catches_up_from_snapshot()
     eventually(Duration::from_secs(30), "old leader catches up", || {
         let http = http.clone();
         let a = old_addr.clone();
-        async move { (get(&http, &a, "k19", true).await == Some(Some("after-119".into()))).then_some(()) }
+        async move {
+            (get(&http, &a, "k19", true).await == Some(Some("after-119".into()))).then_some(())
+        }
     })
     .await;
-    assert_eq!(lab.leader().await, Some(third), "the master with the newest log leads");
+    assert_eq!(
+        lab.leader().await,
+        Some(third),
+        "the master with the newest log leads"
+    );
     assert!(purged > old_last);
     let st = cluster(&lab, &old_addr).await.unwrap();
-    assert!(st["snapshot_index"].as_u64().unwrap() > old_last, "old leader holds a snapshot past its own log: {st}");
+    assert!(
+        st["snapshot_index"].as_u64().unwrap() > old_last,
+        "old leader holds a snapshot past its own log: {st}"
+    );
     lab.restart(new).unwrap();
     // And every key reads the same linearizably through it.
     for i in 0..20 {
         let want = format!("after-{}", 100 + i);
-        assert_eq!(get(&http, &old_addr, &format!("k{i}"), false).await, Some(Some(want)));
+        assert_eq!(
+            get(&http, &old_addr, &format!("k{i}"), false).await,
+            Some(Some(want))
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn minority_accepts_no_write_and_majority_resumes_without_loss() {
     let (_d, mut lab) = lab(3, FAST);
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader");
     let http = http();
     for i in 0..10 {
         put_until_ok(&lab, &format!("m{i}"), "acked").await;
@@ -84,10 +120,16 @@ async fn minority_accepts_no_write_and_majority_resumes_without_loss() {
     }
     assert_eq!(attempts, 5);
     // A linearizable read on the minority cannot be served either.
-    assert_eq!(get(&http, &lone_addr, "m0", false).await, None, "minority served a linearizable read");
+    assert_eq!(
+        get(&http, &lone_addr, "m0", false).await,
+        None,
+        "minority served a linearizable read"
+    );
     lab.restart(1).unwrap();
     lab.restart(2).unwrap();
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader after heal");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader after heal");
     put_until_ok(&lab, "after-heal", "yes").await;
     for i in 0..10 {
         let addr = lab.running_addrs()[0].clone();
@@ -105,7 +147,9 @@ async fn minority_accepts_no_write_and_majority_resumes_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_is_linearizable_while_leaders_are_killed() {
     let (_d, lab) = lab(3, FAST);
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader");
     let lab = Arc::new(tokio::sync::Mutex::new(lab));
     let addrs: Vec<String> = lab.lock().await.running_addrs();
     let start = Instant::now();
@@ -116,20 +160,31 @@ async fn history_is_linearizable_while_leaders_are_killed() {
     for c in 0..6 {
         let (history, stop, addrs) = (history.clone(), stop.clone(), addrs.clone());
         clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(8)).build().unwrap();
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(8))
+                .build()
+                .unwrap();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let key = keys[((c as u64 + n) % 3) as usize];
                 let addr = &addrs[((c as u64 * 7 + n) % 3) as usize];
                 let call = start.elapsed().as_nanos() as u64;
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let v = format!("c{c}-{n}");
                     let r = put(&http, addr, key, &v).await;
                     let ret = start.elapsed().as_nanos() as u64;
                     let op = match r {
-                        WriteResult::Ok => Some(Op { call, ret: Some(ret), kind: Kind::Write(v) }),
-                        WriteResult::Unknown => Some(Op { call, ret: None, kind: Kind::Write(v) }),
+                        WriteResult::Ok => Some(Op {
+                            call,
+                            ret: Some(ret),
+                            kind: Kind::Write(v),
+                        }),
+                        WriteResult::Unknown => Some(Op {
+                            call,
+                            ret: None,
+                            kind: Kind::Write(v),
+                        }),
                         WriteResult::NotApplied => None,
                     };
                     if let Some(op) = op {
@@ -137,7 +192,14 @@ async fn history_is_linearizable_while_leaders_are_killed() {
                     }
                 } else if let Some(r) = get(&http, addr, key, false).await {
                     let ret = start.elapsed().as_nanos() as u64;
-                    history.lock().unwrap().push((key.to_string(), Op { call, ret: Some(ret), kind: Kind::Read(r) }));
+                    history.lock().unwrap().push((
+                        key.to_string(),
+                        Op {
+                            call,
+                            ret: Some(ret),
+                            kind: Kind::Read(r),
+                        },
+                    ));
                 }
             }
         }));
@@ -145,7 +207,10 @@ async fn history_is_linearizable_while_leaders_are_killed() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut l = lab.lock().await;
-        let leader = l.wait_leader(Duration::from_secs(20)).await.expect("leader");
+        let leader = l
+            .wait_leader(Duration::from_secs(20))
+            .await
+            .expect("leader");
         l.kill(leader);
         drop(l);
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -159,27 +224,59 @@ async fn history_is_linearizable_while_leaders_are_killed() {
     let history = history.lock().unwrap().clone();
     let mut total_ok = 0;
     for key in keys {
-        let ops: Vec<Op> = history.iter().filter(|(k, _)| k == key).map(|(_, o)| o.clone()).collect();
+        let ops: Vec<Op> = history
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, o)| o.clone())
+            .collect();
         total_ok += ops.iter().filter(|o| o.ret.is_some()).count();
-        linearizability::check(&ops).unwrap_or_else(|e| panic!("key {key}: {e}\nhistory: {ops:#?}"));
+        linearizability::check(&ops)
+            .unwrap_or_else(|e| panic!("key {key}: {e}\nhistory: {ops:#?}"));
     }
-    assert!(total_ok > 100, "too few completed operations ({total_ok}) for a meaningful check");
+    assert!(
+        total_ok > 100,
+        "too few completed operations ({total_ok}) for a meaningful check"
+    );
 }
 
 #[test]
 fn checker_rejects_a_stale_read() {
     // w(a) completes, then w(b) completes, then a read returns a: not linearizable.
-    let w = |c, r, v: &str| Op { call: c, ret: Some(r), kind: Kind::Write(v.into()) };
-    let rd = |c, r, v: Option<&str>| Op { call: c, ret: Some(r), kind: Kind::Read(v.map(Into::into)) };
+    let w = |c, r, v: &str| Op {
+        call: c,
+        ret: Some(r),
+        kind: Kind::Write(v.into()),
+    };
+    let rd = |c, r, v: Option<&str>| Op {
+        call: c,
+        ret: Some(r),
+        kind: Kind::Read(v.map(Into::into)),
+    };
     assert!(linearizability::check(&[w(0, 1, "a"), w(2, 3, "b"), rd(4, 5, Some("a"))]).is_err());
     assert!(linearizability::check(&[w(0, 1, "a"), w(2, 3, "b"), rd(4, 5, Some("b"))]).is_ok());
     // A concurrent read may see either.
     assert!(linearizability::check(&[w(0, 1, "a"), w(2, 6, "b"), rd(3, 5, Some("a"))]).is_ok());
     // A write with unknown outcome may or may not have happened...
-    let pending = Op { call: 2, ret: None, kind: Kind::Write("b".into()) };
-    assert!(linearizability::check(&[w(0, 1, "a"), pending.clone(), rd(4, 5, Some("b")), rd(6, 7, Some("b"))]).is_ok());
+    let pending = Op {
+        call: 2,
+        ret: None,
+        kind: Kind::Write("b".into()),
+    };
+    assert!(linearizability::check(&[
+        w(0, 1, "a"),
+        pending.clone(),
+        rd(4, 5, Some("b")),
+        rd(6, 7, Some("b"))
+    ])
+    .is_ok());
     // ...but once seen it cannot be un-seen.
-    assert!(linearizability::check(&[w(0, 1, "a"), pending, rd(4, 5, Some("b")), rd(6, 7, Some("a"))]).is_err());
+    assert!(linearizability::check(&[
+        w(0, 1, "a"),
+        pending,
+        rd(4, 5, Some("b")),
+        rd(6, 7, Some("a"))
+    ])
+    .is_err());
     // Reading a value nobody wrote.
     assert!(linearizability::check(&[rd(0, 1, Some("ghost"))]).is_err());
 }
@@ -187,14 +284,19 @@ fn checker_rejects_a_stale_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_loop_fifty_kills_loses_no_acknowledged_write() {
     let (_d, mut lab) = lab(3, FAST);
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader");
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let others: Vec<String> = vec![lab.master(2).addr.clone(), lab.master(3).addr.clone()];
     let writer = {
         let (acked, stop) = (acked.clone(), stop.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(8)).build().unwrap();
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(8))
+                .build()
+                .unwrap();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let k = format!("crash{i}");
@@ -212,14 +314,18 @@ async fn crash_loop_fifty_kills_loses_no_acknowledged_write() {
         lab.kill(1);
         lab.restart(1).unwrap();
         // It reopens its store every time and serves again.
-        eventually(Duration::from_secs(20), &format!("master 1 back after kill {round}"), || {
-            let http = http.clone();
-            let a = victim_addr.clone();
-            async move {
-                let r = http.get(format!("http://{a}/healthz")).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
+        eventually(
+            Duration::from_secs(20),
+            &format!("master 1 back after kill {round}"),
+            || {
+                let http = http.clone();
+                let a = victim_addr.clone();
+                async move {
+                    let r = http.get(format!("http://{a}/healthz")).send().await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            },
+        )
         .await;
         // Writes keep being acknowledged between kills.
         eventually(Duration::from_secs(20), "progress between kills", || {
@@ -232,13 +338,20 @@ async fn crash_loop_fifty_kills_loses_no_acknowledged_write() {
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 50);
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader at the end");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader at the end");
     // Every acknowledged write is present, read linearizably through the crashed master.
     let all = eventually(Duration::from_secs(20), "list through master 1", || {
         let http = http.clone();
         let a = victim_addr.clone();
         async move {
-            let r = http.get(format!("http://{a}/api/v1/kv")).bearer_auth(TOKEN).send().await.ok()?;
+            let r = http
+                .get(format!("http://{a}/api/v1/kv"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?;
             if !r.status().is_success() {
                 return None;
             }
@@ -246,23 +359,35 @@ async fn crash_loop_fifty_kills_loses_no_acknowledged_write() {
         }
     })
     .await;
-    let present: std::collections::HashSet<String> =
-        all.iter().map(|e| e["key"].as_str().unwrap().to_string()).collect();
+    let present: std::collections::HashSet<String> = all
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .collect();
     let lost: Vec<&String> = acked.iter().filter(|k| !present.contains(*k)).collect();
-    assert!(lost.is_empty(), "{} acknowledged writes lost: {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn membership_grows_to_five_and_shrinks_back_while_writing() {
     let (_d, mut lab) = lab(3, FAST);
-    lab.wait_leader(Duration::from_secs(20)).await.expect("leader");
+    lab.wait_leader(Duration::from_secs(20))
+        .await
+        .expect("leader");
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let first = lab.master(1).addr.clone();
     let writer = {
         let (acked, stop, first) = (acked.clone(), stop.clone(), first.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(8)).build().unwrap();
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(8))
+                .build()
+                .unwrap();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let k = format!("mem{i}");
@@ -294,7 +419,12 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "add master {id}: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            200,
+            "add master {id}: {}",
+            r.text().await.unwrap()
+        );
     }
     let st = cluster(&lab, &first).await.unwrap();
     assert_eq!(voters(&st), vec![1, 2, 3, 4, 5]);
@@ -316,7 +446,12 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "remove master {id}: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            200,
+            "remove master {id}: {}",
+            r.text().await.unwrap()
+        );
     }
     let st = cluster(&lab, &first).await.unwrap();
     assert_eq!(voters(&st), vec![1, 2, 3]);
@@ -327,8 +462,16 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "writes continued during the changes ({} acked)", acked.len());
+    assert!(
+        acked.len() > 10,
+        "writes continued during the changes ({} acked)",
+        acked.len()
+    );
     for k in &acked {
-        assert_eq!(get(&http, &first, k, false).await, Some(Some("v".into())), "acked {k} lost");
+        assert_eq!(
+            get(&http, &first, k, false).await,
+            Some(Some("v".into())),
+            "acked {k} lost"
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 /// Returns a TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// One master process.
@@ -40,7 +43,10 @@ pub struct AgentProc {
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let err = out.try_clone()?;
     Command::new(bin)
         .args(args)
@@ -52,9 +58,22 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
 
 impl Lab {
     /// Starts `n` masters (ids 1..=n) that bootstrap one cluster. `extra` goes to every master.
-    pub fn start(bin: &Path, dir: &Path, n: u64, token: &str, extra: &[&str]) -> std::io::Result<Lab> {
-        let addrs: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let peers = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        token: &str,
+        extra: &[&str],
+    ) -> std::io::Result<Lab> {
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}@{a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut lab = Lab {
             bin: bin.to_path_buf(),
             token: token.to_string(),
@@ -62,7 +81,10 @@ impl Lab {
             agents: Vec::new(),
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("client"),
         };
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
@@ -88,7 +110,13 @@ impl Lab {
         ];
         args.extend(more);
         let child = spawn(&self.bin, &args, &self.dir.join(format!("master-{id}.log")))?;
-        self.masters.push(MasterProc { id, addr: addr.to_string(), data_dir, child: Some(child), args });
+        self.masters.push(MasterProc {
+            id,
+            addr: addr.to_string(),
+            data_dir,
+            child: Some(child),
+            args,
+        });
         Ok(())
     }
 
@@ -106,7 +134,12 @@ impl Lab {
         let n = self.agents.len();
         let addr = format!("127.0.0.1:{}", free_port());
         let data_dir = self.dir.join(format!("agent-{n}"));
-        let masters = self.masters.iter().map(|m| m.addr.clone()).collect::<Vec<_>>().join(",");
+        let masters = self
+            .masters
+            .iter()
+            .map(|m| m.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let mut args = vec![
             "agent".to_string(),
             "--masters".into(),
@@ -120,16 +153,27 @@ impl Lab {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = spawn(&self.bin, &args, &self.dir.join(format!("agent-{n}.log")))?;
-        self.agents.push(AgentProc { addr, data_dir, child: Some(child), args });
+        self.agents.push(AgentProc {
+            addr,
+            data_dir,
+            child: Some(child),
+            args,
+        });
         Ok(n)
     }
 
     pub fn master(&self, id: u64) -> &MasterProc {
-        self.masters.iter().find(|m| m.id == id).expect("no such master")
+        self.masters
+            .iter()
+            .find(|m| m.id == id)
+            .expect("no such master")
     }
 
     fn master_mut(&mut self, id: u64) -> &mut MasterProc {
-        self.masters.iter_mut().find(|m| m.id == id).expect("no such master")
+        self.masters
+            .iter_mut()
+            .find(|m| m.id == id)
+            .expect("no such master")
     }
 
     /// kill -9 of a master.
@@ -184,7 +228,13 @@ impl Lab {
 
     /// GET a path on one master with the token; `None` if it does not answer 2xx.
     pub async fn get(&self, addr: &str, path: &str) -> Option<serde_json::Value> {
-        let r = self.http.get(format!("http://{addr}{path}")).bearer_auth(&self.token).send().await.ok()?;
+        let r = self
+            .http
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
         if !r.status().is_success() {
             return None;
         }
@@ -219,7 +269,11 @@ impl Lab {
 
     /// Addresses of running masters.
     pub fn running_addrs(&self) -> Vec<String> {
-        self.masters.iter().filter(|m| m.child.is_some()).map(|m| m.addr.clone()).collect()
+        self.masters
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.addr.clone())
+            .collect()
     }
 }
 

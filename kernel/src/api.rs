@@ -58,16 +58,34 @@ impl Metrics {
         let last_log = g("raft_last_log_index", "Last log index in the local log");
         let lag = g("raft_apply_lag", "Committed but not yet applied entries");
         let leader = g("raft_is_leader", "1 if this master is the leader");
-        let agents = IntGaugeVec::new(Opts::new("agents", "Agents by status"), &["status"]).expect("vec");
-        registry.register(Box::new(agents.clone())).expect("register");
+        let agents =
+            IntGaugeVec::new(Opts::new("agents", "Agents by status"), &["status"]).expect("vec");
+        registry
+            .register(Box::new(agents.clone()))
+            .expect("register");
         let latency = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "API request latency")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0]),
+            HistogramOpts::new("http_request_duration_seconds", "API request latency").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                ],
+            ),
             &["method", "route", "status"],
         )
         .expect("histogram");
-        registry.register(Box::new(latency.clone())).expect("register");
-        Self { registry, term, commit, applied, last_log, lag, leader, agents, latency }
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("register");
+        Self {
+            registry,
+            term,
+            commit,
+            applied,
+            last_log,
+            lag,
+            leader,
+            agents,
+            latency,
+        }
     }
 }
 
@@ -102,18 +120,27 @@ pub fn router(api: Arc<Api>) -> Router {
     let v1 = Router::new()
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/cluster/members", post(add_member))
-        .route("/api/v1/cluster/members/{id}", axum::routing::delete(remove_member))
+        .route(
+            "/api/v1/cluster/members/{id}",
+            axum::routing::delete(remove_member),
+        )
         .route("/api/v1/agents", get(list_agents).post(register_agent))
         .route("/api/v1/agents/{id}", get(get_agent))
         .route("/api/v1/agents/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/kv", get(list_kv))
-        .route("/api/v1/kv/{*key}", get(get_kv).put(put_kv).delete(delete_kv))
+        .route(
+            "/api/v1/kv/{*key}",
+            get(get_kv).put(put_kv).delete(delete_kv),
+        )
         .route("/api/v1/workloads", get(list_workloads))
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(api.max_body));
-    let raft = api.node.router().layer(DefaultBodyLimit::max(512 * 1024 * 1024));
+    let raft = api
+        .node
+        .router()
+        .layer(DefaultBodyLimit::max(512 * 1024 * 1024));
     v1.merge(raft)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -124,14 +151,22 @@ pub fn router(api: Arc<Api>) -> Router {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("no route {} {}; see /api/v1/openapi.json", req.method(), req.uri().path()))
+    ApiError::not_found(format!(
+        "no route {} {}; see /api/v1/openapi.json",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} is not allowed on {}; see /api/v1/openapi.json", req.method(), req.uri().path()),
+        format!(
+            "{} is not allowed on {}; see /api/v1/openapi.json",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }
 
@@ -183,9 +218,11 @@ pub struct ReadParams {
 }
 
 /// Parses query parameters into `T`, naming the bad one.
-fn query<T: for<'a> Deserialize<'a>>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+fn query<T: for<'a> Deserialize<'a>>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
     q.map(|Query(t)| t).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}", e.body_text())).field("query")
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()).field("query")
     })
 }
 
@@ -201,10 +238,15 @@ impl Api {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string())
         })?;
         let out = self.node.write(bytes).await?;
-        let outcome: Outcome = bincode::deserialize(&out)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()))?;
+        let outcome: Outcome = bincode::deserialize(&out).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string())
+        })?;
         match outcome {
-            Outcome::Rejected { code, field, message } => {
+            Outcome::Rejected {
+                code,
+                field,
+                message,
+            } => {
                 let status = match code.as_str() {
                     "not_found" => StatusCode::NOT_FOUND,
                     "cas_failed" | "conflict" | "invalid_transition" => StatusCode::CONFLICT,
@@ -222,12 +264,17 @@ impl Api {
 
     /// Applies `ReadParams`: waits for a blocking query, then (unless stale) a read barrier.
     /// Returns the table index to report.
-    async fn prepare_read(&self, p: &ReadParams, table: fn(&State) -> u64) -> Result<u64, ApiError> {
+    async fn prepare_read(
+        &self,
+        p: &ReadParams,
+        table: fn(&State) -> u64,
+    ) -> Result<u64, ApiError> {
         if let Some(min) = p.index {
             let wait = match &p.wait {
                 None => Duration::from_secs(300),
-                Some(w) => humantime::parse_duration(w)
-                    .map_err(|e| ApiError::bad_request("wait", format!("wait {w:?}: {e}; use e.g. 30s or 5m")))?,
+                Some(w) => humantime::parse_duration(w).map_err(|e| {
+                    ApiError::bad_request("wait", format!("wait {w:?}: {e}; use e.g. 30s or 5m"))
+                })?,
             };
             if wait > Duration::from_secs(600) {
                 return Err(ApiError::bad_request("wait", "wait is at most 10m"));
@@ -235,12 +282,18 @@ impl Api {
             let deadline = tokio::time::Instant::now() + wait;
             let mut rx = self.node.applied.clone();
             while self.read(table) <= min {
-                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
         } else if p.wait.is_some() {
-            return Err(ApiError::bad_request("wait", "wait needs index (a blocking query): ?index=N&wait=30s"));
+            return Err(ApiError::bad_request(
+                "wait",
+                "wait needs index (a blocking query): ?index=N&wait=30s",
+            ));
         }
         if !p.stale.unwrap_or(false) {
             self.node.read_barrier().await?;
@@ -293,14 +346,20 @@ fn cluster_status(api: &Api) -> ClusterStatus {
             leader: m.current_leader == Some(*id),
         })
         .collect();
-    let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+    let leader_addr = m
+        .current_leader
+        .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
     ClusterStatus {
         node_id: m.id,
         state: format!("{:?}", m.state).to_lowercase(),
         leader_id: m.current_leader,
         leader_addr,
         term: m.current_term,
-        commit_index: api.node.stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+        commit_index: api
+            .node
+            .stats
+            .committed
+            .load(std::sync::atomic::Ordering::Relaxed),
         applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
         last_log_index: m.last_log_index.unwrap_or(0),
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
@@ -320,24 +379,41 @@ struct AddMember {
     addr: String,
 }
 
-async fn add_member(ctx: Ctx, JsonBody(b): JsonBody<AddMember>) -> Result<Json<ClusterStatus>, ApiError> {
+async fn add_member(
+    ctx: Ctx,
+    JsonBody(b): JsonBody<AddMember>,
+) -> Result<Json<ClusterStatus>, ApiError> {
     if b.id == 0 {
         return Err(ApiError::bad_request("id", "master ids start at 1"));
     }
     if b.addr.parse::<std::net::SocketAddr>().is_err() {
-        return Err(ApiError::bad_request("addr", format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr)));
+        return Err(ApiError::bad_request(
+            "addr",
+            format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr),
+        ));
     }
-    ctx.node.change_membership(MembershipOp::Add { id: b.id, addr: b.addr }).await?;
+    ctx.node
+        .change_membership(MembershipOp::Add {
+            id: b.id,
+            addr: b.addr,
+        })
+        .await?;
     Ok(Json(cluster_status(&ctx)))
 }
 
 async fn remove_member(ctx: Ctx, Path(id): Path<String>) -> Result<Json<ClusterStatus>, ApiError> {
-    let id: u64 = id.parse().map_err(|_| ApiError::bad_request("id", format!("master id {id:?} is not a number")))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("id", format!("master id {id:?} is not a number")))?;
     let known = cluster_status(&ctx).members.iter().any(|m| m.id == id);
     if !known {
-        return Err(ApiError::not_found(format!("no master {id} in the cluster")));
+        return Err(ApiError::not_found(format!(
+            "no master {id} in the cluster"
+        )));
     }
-    ctx.node.change_membership(MembershipOp::Remove { id }).await?;
+    ctx.node
+        .change_membership(MembershipOp::Remove { id })
+        .await?;
     Ok(Json(cluster_status(&ctx)))
 }
 
@@ -358,14 +434,19 @@ async fn get_agent(
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
     let index = ctx.prepare_read(&p, |s| s.indexes.agents).await?;
-    let agent = ctx
-        .read(|s| s.agents.get(&id).cloned())
-        .ok_or_else(|| ApiError::not_found(format!("no agent {id:?}; list them with GET /api/v1/agents")))?;
+    let agent = ctx.read(|s| s.agents.get(&id).cloned()).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no agent {id:?}; list them with GET /api/v1/agents"
+        ))
+    })?;
     Ok(with_index(index, agent))
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn now_ms() -> u64 {
@@ -375,31 +456,57 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn register_agent(ctx: Ctx, JsonBody(reg): JsonBody<AgentRegistration>) -> Result<Response, ApiError> {
+async fn register_agent(
+    ctx: Ctx,
+    JsonBody(reg): JsonBody<AgentRegistration>,
+) -> Result<Response, ApiError> {
     if !valid_id(&reg.id) {
-        return Err(ApiError::bad_request("id", "agent ids are 1-128 letters, digits, '-', '_', '.'"));
+        return Err(ApiError::bad_request(
+            "id",
+            "agent ids are 1-128 letters, digits, '-', '_', '.'",
+        ));
     }
     if reg.addr.parse::<std::net::SocketAddr>().is_err() {
-        return Err(ApiError::bad_request("addr", format!("addr {:?} is not HOST:PORT", reg.addr)));
+        return Err(ApiError::bad_request(
+            "addr",
+            format!("addr {:?} is not HOST:PORT", reg.addr),
+        ));
     }
     if reg.hostname.is_empty() || reg.hostname.len() > 255 {
-        return Err(ApiError::bad_request("hostname", "hostname must be 1-255 characters"));
+        return Err(ApiError::bad_request(
+            "hostname",
+            "hostname must be 1-255 characters",
+        ));
     }
-    if reg.attributes.len() > 64 || reg.attributes.iter().any(|(k, v)| k.len() > 64 || v.len() > 256) {
-        return Err(ApiError::bad_request("attributes", "at most 64 attributes, names <= 64 and values <= 256 bytes"));
+    if reg.attributes.len() > 64
+        || reg
+            .attributes
+            .iter()
+            .any(|(k, v)| k.len() > 64 || v.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "attributes",
+            "at most 64 attributes, names <= 64 and values <= 256 bytes",
+        ));
     }
     if reg.version.len() > 64 {
         return Err(ApiError::bad_request("version", "at most 64 bytes"));
     }
     validate_resources(&reg.resources).map_err(|e| ApiError::bad_request(&e.field, e.message))?;
     let id = reg.id.clone();
-    let out = ctx.propose(Command::RegisterAgent { reg, at: now_ms() }).await?;
+    let out = ctx
+        .propose(Command::RegisterAgent { reg, at: now_ms() })
+        .await?;
     if ctx.node.is_leader() {
         ctx.liveness.beat(&id, Instant::now());
     }
     match out {
         Outcome::Agent(a) => Ok((StatusCode::OK, Json(a)).into_response()),
-        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected", format!("{other:?}"))),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected",
+            format!("{other:?}"),
+        )),
     }
 }
 
@@ -410,16 +517,26 @@ pub struct HeartbeatReply {
     pub masters: Vec<String>,
 }
 
-async fn heartbeat(ctx: Ctx, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn heartbeat(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if !ctx.read(|s| s.agents.contains_key(&id)) {
-        return Err(ApiError::not_found(format!("unknown agent {id:?}: register first (POST /api/v1/agents)")));
+        return Err(ApiError::not_found(format!(
+            "unknown agent {id:?}: register first (POST /api/v1/agents)"
+        )));
     }
     let status = cluster_status(&ctx);
     let masters: Vec<String> = status.members.iter().map(|m| m.addr.clone()).collect();
     match (status.leader_id, status.leader_addr) {
         (Some(l), _) if l == ctx.node.id => {
             ctx.liveness.beat(&id, Instant::now());
-            Ok(Json(HeartbeatReply { leader_id: l, masters }).into_response())
+            Ok(Json(HeartbeatReply {
+                leader_id: l,
+                masters,
+            })
+            .into_response())
         }
         (Some(_), Some(addr)) if !headers.contains_key("x-cairn-forwarded") => {
             // Heartbeats are leader-local: hand it to the leader.
@@ -431,12 +548,20 @@ async fn heartbeat(ctx: Ctx, Path(id): Path<String>, headers: HeaderMap) -> Resu
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
-                .map_err(|e| ApiError::unavailable("leader_unreachable", format!("forwarding to leader {addr}: {e}")))?;
+                .map_err(|e| {
+                    ApiError::unavailable(
+                        "leader_unreachable",
+                        format!("forwarding to leader {addr}: {e}"),
+                    )
+                })?;
             let code = StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let body = r.bytes().await.unwrap_or_default();
             Ok((code, [(header::CONTENT_TYPE, "application/json")], body).into_response())
         }
-        _ => Err(ApiError::unavailable("no_leader", "no leader is known; retry shortly")),
+        _ => Err(ApiError::unavailable(
+            "no_leader",
+            "no leader is known; retry shortly",
+        )),
     }
 }
 
@@ -455,10 +580,19 @@ const MAX_VALUE: usize = 64 * 1024;
 
 fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > MAX_KEY {
-        return Err(ApiError::bad_request("key", format!("keys are 1-{MAX_KEY} bytes")));
+        return Err(ApiError::bad_request(
+            "key",
+            format!("keys are 1-{MAX_KEY} bytes"),
+        ));
     }
-    if !key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')) {
-        return Err(ApiError::bad_request("key", "keys use letters, digits, '/', '-', '_', '.'"));
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+    {
+        return Err(ApiError::bad_request(
+            "key",
+            "keys use letters, digits, '/', '-', '_', '.'",
+        ));
     }
     Ok(())
 }
@@ -471,7 +605,9 @@ async fn get_kv(
     check_key(&key)?;
     let p = query(q)?;
     let index = ctx.prepare_read(&p, |s| s.indexes.kv).await?;
-    let e = ctx.read(|s| s.kv.get(&key).cloned()).ok_or_else(|| ApiError::not_found(format!("no variable {key:?}")))?;
+    let e = ctx
+        .read(|s| s.kv.get(&key).cloned())
+        .ok_or_else(|| ApiError::not_found(format!("no variable {key:?}")))?;
     Ok(with_index(index, e))
 }
 
@@ -483,14 +619,32 @@ struct PutKv {
     cas: Option<u64>,
 }
 
-async fn put_kv(ctx: Ctx, Path(key): Path<String>, JsonBody(b): JsonBody<PutKv>) -> Result<Response, ApiError> {
+async fn put_kv(
+    ctx: Ctx,
+    Path(key): Path<String>,
+    JsonBody(b): JsonBody<PutKv>,
+) -> Result<Response, ApiError> {
     check_key(&key)?;
     if b.value.len() > MAX_VALUE {
-        return Err(ApiError::bad_request("value", format!("values are at most {MAX_VALUE} bytes")));
+        return Err(ApiError::bad_request(
+            "value",
+            format!("values are at most {MAX_VALUE} bytes"),
+        ));
     }
-    match ctx.propose(Command::KvPut { key, value: b.value, cas: b.cas }).await? {
+    match ctx
+        .propose(Command::KvPut {
+            key,
+            value: b.value,
+            cas: b.cas,
+        })
+        .await?
+    {
         Outcome::Kv(e) => Ok(with_index(e.modify_index, e)),
-        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected", format!("{other:?}"))),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected",
+            format!("{other:?}"),
+        )),
     }
 }
 
@@ -531,14 +685,21 @@ async fn metrics(ctx: Ctx) -> Response {
     m.commit.set(s.commit_index as i64);
     m.applied.set(s.applied_index as i64);
     m.last_log.set(s.last_log_index as i64);
-    m.lag.set(s.commit_index.saturating_sub(s.applied_index) as i64);
+    m.lag
+        .set(s.commit_index.saturating_sub(s.applied_index) as i64);
     m.leader.set((s.leader_id == Some(s.node_id)) as i64);
     let (active, unreachable) = ctx.read(|st| {
-        let a = st.agents.values().filter(|a| a.status == crate::model::AgentStatus::Active).count();
+        let a = st
+            .agents
+            .values()
+            .filter(|a| a.status == crate::model::AgentStatus::Active)
+            .count();
         (a, st.agents.len() - a)
     });
     m.agents.with_label_values(&["active"]).set(active as i64);
-    m.agents.with_label_values(&["unreachable"]).set(unreachable as i64);
+    m.agents
+        .with_label_values(&["unreachable"])
+        .set(unreachable as i64);
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response()
@@ -556,7 +717,10 @@ mod tests {
             assert!(paths.contains_key(*r), "openapi.json lacks {r}");
         }
         for p in paths.keys() {
-            assert!(ROUTES.contains(&p.as_str()), "openapi.json lists unknown route {p}");
+            assert!(
+                ROUTES.contains(&p.as_str()),
+                "openapi.json lists unknown route {p}"
+            );
         }
     }
 }

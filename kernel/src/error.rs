@@ -22,7 +22,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, code: code.into(), message: message.into(), field: None }
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            field: None,
+        }
     }
     pub fn field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());
@@ -51,8 +56,14 @@ impl From<cairn_raft::node::NodeError> for ApiError {
         match &e {
             NoLeader(_) => ApiError::unavailable("no_leader", e.to_string()),
             Timeout(_) => ApiError::unavailable("timeout", e.to_string()),
-            Membership(_) => ApiError::new(StatusCode::CONFLICT, "membership_failed", e.to_string()),
-            Fatal(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "raft_stopped", e.to_string()),
+            Membership(_) => {
+                ApiError::new(StatusCode::CONFLICT, "membership_failed", e.to_string())
+            }
+            Fatal(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "raft_stopped",
+                e.to_string(),
+            ),
         }
     }
 }
@@ -64,14 +75,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| match e {
-            BytesRejection::FailedToBufferBody(_) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "request body is larger than the limit (--max-body-bytes) or was cut off",
-            ),
-            other => ApiError::new(StatusCode::BAD_REQUEST, "bad_body", other.to_string()),
-        })?;
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| match e {
+                BytesRejection::FailedToBufferBody(_) => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request body is larger than the limit (--max-body-bytes) or was cut off",
+                ),
+                other => ApiError::new(StatusCode::BAD_REQUEST, "bad_body", other.to_string()),
+            })?;
         decode_json(&bytes).map(JsonBody)
     }
 }
@@ -82,10 +95,30 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let code = if inner.is_syntax() || inner.is_eof() { "malformed_json" } else { "invalid_field" };
-        let mut err = ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {inner}"));
-        if path != "." {
-            err = err.field(path);
+        let code = if inner.is_syntax() || inner.is_eof() {
+            "malformed_json"
+        } else {
+            "invalid_field"
+        };
+        let msg = inner.to_string();
+        let mut err = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("request body: {msg}"),
+        );
+        // A missing field is reported at its parent's path; name the field itself.
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_string());
+        let field = match (path.as_str(), missing) {
+            (".", Some(m)) => Some(m),
+            (p, Some(m)) => Some(format!("{p}.{m}")),
+            (".", None) => None,
+            (p, None) => Some(p.to_string()),
+        };
+        if let Some(f) = field {
+            err = err.field(f);
         }
         err
     })
@@ -129,5 +162,7 @@ mod tests {
         );
         assert!(check(r#"{"value":"#).starts_with("malformed_json"));
         assert!(check(r#"{"value":"x","bogus":1}"#).starts_with("invalid_field bogus"));
+        assert!(check(r#"{}"#).starts_with("invalid_field value "));
+        assert!(check(r#"{"value":"x","inner":{}}"#).starts_with("invalid_field inner.n "));
     }
 }

@@ -16,7 +16,9 @@ pub fn decide(
 ) -> Vec<(String, AgentStatus)> {
     let mut out = Vec::new();
     for (id, status) in agents {
-        let fresh = last_seen.get(id).is_some_and(|t| now.saturating_duration_since(*t) <= timeout);
+        let fresh = last_seen
+            .get(id)
+            .is_some_and(|t| now.saturating_duration_since(*t) <= timeout);
         match (status, fresh) {
             (AgentStatus::Active, false) => out.push((id.clone(), AgentStatus::Unreachable)),
             (AgentStatus::Unreachable, true) => out.push((id.clone(), AgentStatus::Active)),
@@ -42,7 +44,11 @@ struct Inner {
 impl Liveness {
     /// Records a heartbeat from `agent`.
     pub fn beat(&self, agent: &str, now: Instant) {
-        self.inner.lock().expect("liveness lock").last_seen.insert(agent.to_string(), now);
+        self.inner
+            .lock()
+            .expect("liveness lock")
+            .last_seen
+            .insert(agent.to_string(), now);
     }
 
     /// Called on every monitor tick while leading. On a new term every known agent gets a
@@ -117,7 +123,9 @@ mod tests {
         let agents = vec![("a".to_string(), AgentStatus::Active)];
         // A new leader that never heard "a" does not mark it unreachable at once...
         assert!(l.tick(5, &agents, t0, timeout).is_empty());
-        assert!(l.tick(5, &agents, t0 + Duration::from_secs(2), timeout).is_empty());
+        assert!(l
+            .tick(5, &agents, t0 + Duration::from_secs(2), timeout)
+            .is_empty());
         // ...but does once a full timeout passes without a heartbeat.
         assert_eq!(
             l.tick(5, &agents, t0 + Duration::from_secs(4), timeout),

@@ -66,14 +66,22 @@ impl Master {
         });
         if !cfg.join && !cfg.peers.is_empty() {
             if !cfg.peers.contains_key(&cfg.node.id) {
-                anyhow::bail!("--peers must include this master's own --node-id {}", cfg.node.id);
+                anyhow::bail!(
+                    "--peers must include this master's own --node-id {}",
+                    cfg.node.id
+                );
             }
             if node.bootstrap(&cfg.peers).await? {
                 tracing::info!(peers = ?cfg.peers, "bootstrapped a new cluster");
             }
         }
         tokio::spawn(liveness_loop(api.clone(), cfg.agent_timeout, stop_rx));
-        Ok(Master { api, addr, stop, server })
+        Ok(Master {
+            api,
+            addr,
+            stop,
+            server,
+        })
     }
 
     pub async fn shutdown(self) {
@@ -98,16 +106,25 @@ async fn liveness_loop(api: Arc<Api>, timeout: Duration, mut stop: watch::Receiv
         }
         let agents: Vec<(String, AgentStatus)> = {
             let g = api.node.app.read().expect("state lock");
-            g.state.agents.values().map(|a| (a.id.clone(), a.status)).collect()
+            g.state
+                .agents
+                .values()
+                .map(|a| (a.id.clone(), a.status))
+                .collect()
         };
-        let changes = api.liveness.tick(m.current_term, &agents, Instant::now(), timeout);
+        let changes = api
+            .liveness
+            .tick(m.current_term, &agents, Instant::now(), timeout);
         for (id, status) in changes {
             let at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             tracing::info!(agent = %id, ?status, "agent status change");
-            if let Err(e) = api.propose(Command::SetAgentStatus { id, status, at }).await {
+            if let Err(e) = api
+                .propose(Command::SetAgentStatus { id, status, at })
+                .await
+            {
                 tracing::warn!("committing agent status: {}", e.message);
             }
         }

@@ -137,7 +137,10 @@ impl TaskState {
 
     /// A terminal state never changes again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Finished | TaskState::Failed | TaskState::Killed | TaskState::Lost)
+        matches!(
+            self,
+            TaskState::Finished | TaskState::Failed | TaskState::Killed | TaskState::Lost
+        )
     }
 
     /// The one transition function of the task lifecycle.

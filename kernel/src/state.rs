@@ -3,9 +3,7 @@
 //!
 //! `apply` does no IO and reads no clock: times arrive inside commands (the proposer's clock).
 
-use crate::model::{
-    Agent, AgentRegistration, AgentStatus, KvEntry, Task, TaskState, Workload,
-};
+use crate::model::{Agent, AgentRegistration, AgentStatus, KvEntry, Task, TaskState, Workload};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -34,31 +32,65 @@ pub struct State {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Add an agent, or refresh a known one (re-registration after restart); marks it active.
-    RegisterAgent { reg: AgentRegistration, at: u64 },
+    RegisterAgent {
+        reg: AgentRegistration,
+        at: u64,
+    },
     /// The leader's liveness monitor saw heartbeats stop or resume.
-    SetAgentStatus { id: String, status: AgentStatus, at: u64 },
-    PutWorkload { workload: Workload },
-    RemoveWorkload { id: String },
+    SetAgentStatus {
+        id: String,
+        status: AgentStatus,
+        at: u64,
+    },
+    PutWorkload {
+        workload: Workload,
+    },
+    RemoveWorkload {
+        id: String,
+    },
     /// A placement: a new task in `staging`.
-    AddTask { task: Task },
-    UpdateTaskState { id: String, state: TaskState, reason: Option<String>, at: u64 },
+    AddTask {
+        task: Task,
+    },
+    UpdateTaskState {
+        id: String,
+        state: TaskState,
+        reason: Option<String>,
+        at: u64,
+    },
     /// Set a cluster variable; with `cas`, only if its modify index equals `cas` (0: absent).
-    KvPut { key: String, value: String, cas: Option<u64> },
-    KvDelete { key: String },
+    KvPut {
+        key: String,
+        value: String,
+        cas: Option<u64>,
+    },
+    KvDelete {
+        key: String,
+    },
 }
 
 /// What applying a command produced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
-    Done { index: u64 },
+    Done {
+        index: u64,
+    },
     Agent(Agent),
     Kv(KvEntry),
     /// The command was valid to log but not applicable to the current state.
-    Rejected { code: String, field: String, message: String },
+    Rejected {
+        code: String,
+        field: String,
+        message: String,
+    },
 }
 
 fn rejected(code: &str, field: &str, message: impl Into<String>) -> Outcome {
-    Outcome::Rejected { code: code.into(), field: field.into(), message: message.into() }
+    Outcome::Rejected {
+        code: code.into(),
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// Applies one committed command at `index`. The only writer of `State`.
@@ -74,7 +106,11 @@ pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
                     attributes: reg.attributes,
                     version: reg.version,
                     status: AgentStatus::Active,
-                    status_changed_at: if old.status == AgentStatus::Active { old.status_changed_at } else { at },
+                    status_changed_at: if old.status == AgentStatus::Active {
+                        old.status_changed_at
+                    } else {
+                        at
+                    },
                     ..old.clone()
                 },
                 None => Agent {
@@ -122,16 +158,29 @@ pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 return rejected("conflict", "task.id", format!("task {:?} exists", task.id));
             }
             if !state.workloads.contains_key(&task.workload) {
-                return rejected("not_found", "task.workload", format!("no workload {:?}", task.workload));
+                return rejected(
+                    "not_found",
+                    "task.workload",
+                    format!("no workload {:?}", task.workload),
+                );
             }
             if !state.agents.contains_key(&task.agent) {
-                return rejected("not_found", "task.agent", format!("no agent {:?}", task.agent));
+                return rejected(
+                    "not_found",
+                    "task.agent",
+                    format!("no agent {:?}", task.agent),
+                );
             }
             state.tasks.insert(task.id.clone(), task);
             state.indexes.tasks = index;
             Outcome::Done { index }
         }
-        Command::UpdateTaskState { id, state: to, reason, at } => match state.tasks.get_mut(&id) {
+        Command::UpdateTaskState {
+            id,
+            state: to,
+            reason,
+            at,
+        } => match state.tasks.get_mut(&id) {
             None => rejected("not_found", "id", format!("no task {id:?}")),
             Some(t) if t.state == to => Outcome::Done { index },
             Some(t) if !t.state.can_transition(to) => rejected(
@@ -159,7 +208,12 @@ pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 }
             }
             let create_index = state.kv.get(&key).map(|e| e.create_index).unwrap_or(index);
-            let e = KvEntry { key: key.clone(), value, create_index, modify_index: index };
+            let e = KvEntry {
+                key: key.clone(),
+                value,
+                create_index,
+                modify_index: index,
+            };
             state.kv.insert(key, e.clone());
             state.indexes.kv = index;
             Outcome::Kv(e)
@@ -221,8 +275,15 @@ mod tests {
         Workload {
             id: id.into(),
             kind: WorkloadKind::Service,
-            runtime: RuntimeSpec::Native { cmd: "/bin/true".into(), args: vec![] },
-            resources: TaskResources { cpus: 0.1, mem: 32, disk: 0 },
+            runtime: RuntimeSpec::Native {
+                cmd: "/bin/true".into(),
+                args: vec![],
+            },
+            resources: TaskResources {
+                cpus: 0.1,
+                mem: 32,
+                disk: 0,
+            },
             instances: 1,
             env: BTreeMap::new(),
             version: 0,
@@ -237,9 +298,19 @@ mod tests {
             let o = apply(&mut s, i as u64 + 1, c);
             let line = match o {
                 Outcome::Done { index } => format!("done {index}"),
-                Outcome::Agent(a) => format!("agent {} {:?} changed_at={}", a.id, a.status, a.status_changed_at),
-                Outcome::Kv(e) => format!("kv {}={} c={} m={}", e.key, e.value, e.create_index, e.modify_index),
-                Outcome::Rejected { code, field, message } => format!("rejected {code} [{field}] {message}"),
+                Outcome::Agent(a) => format!(
+                    "agent {} {:?} changed_at={}",
+                    a.id, a.status, a.status_changed_at
+                ),
+                Outcome::Kv(e) => format!(
+                    "kv {}={} c={} m={}",
+                    e.key, e.value, e.create_index, e.modify_index
+                ),
+                Outcome::Rejected {
+                    code,
+                    field,
+                    message,
+                } => format!("rejected {code} [{field}] {message}"),
             };
             out.push_str(&line);
             out.push('\n');
@@ -250,11 +321,29 @@ mod tests {
     #[test]
     fn agent_lifecycle() {
         let (s, out) = run(vec![
-            Command::RegisterAgent { reg: reg("a1"), at: 10 },
-            Command::SetAgentStatus { id: "a1".into(), status: AgentStatus::Unreachable, at: 20 },
-            Command::SetAgentStatus { id: "a1".into(), status: AgentStatus::Unreachable, at: 25 },
-            Command::RegisterAgent { reg: reg("a1"), at: 30 },
-            Command::SetAgentStatus { id: "nope".into(), status: AgentStatus::Active, at: 40 },
+            Command::RegisterAgent {
+                reg: reg("a1"),
+                at: 10,
+            },
+            Command::SetAgentStatus {
+                id: "a1".into(),
+                status: AgentStatus::Unreachable,
+                at: 20,
+            },
+            Command::SetAgentStatus {
+                id: "a1".into(),
+                status: AgentStatus::Unreachable,
+                at: 25,
+            },
+            Command::RegisterAgent {
+                reg: reg("a1"),
+                at: 30,
+            },
+            Command::SetAgentStatus {
+                id: "nope".into(),
+                status: AgentStatus::Active,
+                at: 40,
+            },
         ]);
         assert_eq!(
             out,
@@ -272,7 +361,11 @@ mod tests {
 
     #[test]
     fn kv_and_cas() {
-        let put = |k: &str, v: &str, cas| Command::KvPut { key: k.into(), value: v.into(), cas };
+        let put = |k: &str, v: &str, cas| Command::KvPut {
+            key: k.into(),
+            value: v.into(),
+            cas,
+        };
         let (s, out) = run(vec![
             put("x", "1", None),
             put("x", "2", Some(1)),
@@ -304,14 +397,32 @@ mod tests {
             reason: None,
             updated_at: 0,
         };
-        let upd = |id: &str, st| Command::UpdateTaskState { id: id.into(), state: st, reason: None, at: 9 };
+        let upd = |id: &str, st| Command::UpdateTaskState {
+            id: id.into(),
+            state: st,
+            reason: None,
+            at: 9,
+        };
         let (s, out) = run(vec![
-            Command::RegisterAgent { reg: reg("a1"), at: 1 },
-            Command::PutWorkload { workload: workload("web") },
-            Command::AddTask { task: task("t1", "web", "a1") },
-            Command::AddTask { task: task("t1", "web", "a1") },
-            Command::AddTask { task: task("t2", "nope", "a1") },
-            Command::AddTask { task: task("t3", "web", "nope") },
+            Command::RegisterAgent {
+                reg: reg("a1"),
+                at: 1,
+            },
+            Command::PutWorkload {
+                workload: workload("web"),
+            },
+            Command::AddTask {
+                task: task("t1", "web", "a1"),
+            },
+            Command::AddTask {
+                task: task("t1", "web", "a1"),
+            },
+            Command::AddTask {
+                task: task("t2", "nope", "a1"),
+            },
+            Command::AddTask {
+                task: task("t3", "web", "nope"),
+            },
             upd("t1", TaskState::Running),
             upd("t1", TaskState::Finished),
             upd("t1", TaskState::Running),
@@ -363,7 +474,12 @@ mod tests {
     fn machine_snapshot_roundtrip_and_bad_bytes() {
         use cairn_raft::App;
         let mut m = Machine::default();
-        let cmd = bincode::serialize(&Command::KvPut { key: "k".into(), value: "v".into(), cas: None }).unwrap();
+        let cmd = bincode::serialize(&Command::KvPut {
+            key: "k".into(),
+            value: "v".into(),
+            cas: None,
+        })
+        .unwrap();
         m.apply(1, &cmd);
         let bad: Outcome = bincode::deserialize(&m.apply(2, b"\xff\xff")).unwrap();
         assert!(matches!(bad, Outcome::Rejected { ref code, .. } if code == "bad_command"));

@@ -8,7 +8,9 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -91,10 +93,19 @@ impl HttpConn {
             let err = std::io::Error::other(format!("peer answered HTTP {}", resp.status()));
             return Err(RPCError::Network(NetworkError::new(&err)));
         }
-        let bytes = resp.bytes().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let res: Result<Resp, RaftError<NodeId, E>> =
             bincode::deserialize(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+        res.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
     }
 }
 
@@ -128,7 +139,8 @@ impl RaftNetwork<TypeConfig> for HttpConn {
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {
-    bincode::deserialize(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("bad raft rpc body: {e}")))
+    bincode::deserialize(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad raft rpc body: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> axum::response::Response {

@@ -43,7 +43,9 @@ pub struct NodeConfig {
 pub enum NodeError {
     #[error("no leader was elected within {0:?}; a quorum of masters may be down")]
     NoLeader(Duration),
-    #[error("the write was not confirmed within {0:?} (no quorum?); it may still be applied later")]
+    #[error(
+        "the write was not confirmed within {0:?} (no quorum?); it may still be applied later"
+    )]
     Timeout(Duration),
     #[error("membership change failed: {0}")]
     Membership(String),
@@ -129,8 +131,10 @@ impl<A: App> RaftNode<A> {
         if self.raft.is_initialized().await? {
             return Ok(false);
         }
-        let members: BTreeMap<NodeId, BasicNode> =
-            peers.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+        let members: BTreeMap<NodeId, BasicNode> = peers
+            .iter()
+            .map(|(id, a)| (*id, BasicNode::new(a)))
+            .collect();
         match self.raft.initialize(members).await {
             Ok(()) => Ok(true),
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(false),
@@ -159,7 +163,10 @@ impl<A: App> RaftNode<A> {
     /// Commits `command` through Raft, on this node if it leads, else on the leader.
     /// Retries (with the same request id, so at most once) until `request_timeout`.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
-        let req = Request { id: [rand_u64(), rand_u64()], data: command };
+        let req = Request {
+            id: [rand_u64(), rand_u64()],
+            data: command,
+        };
         let deadline = Instant::now() + self.request_timeout;
         let mut saw_leader = false;
         loop {
@@ -183,8 +190,9 @@ impl<A: App> RaftNode<A> {
                 }
                 Some((_, addr)) => {
                     saw_leader = true;
-                    if let Some(Forwarded::Ok(r)) =
-                        self.forward::<_, Vec<u8>>(&addr, "propose", &req, left).await
+                    if let Some(Forwarded::Ok(r)) = self
+                        .forward::<_, Vec<u8>>(&addr, "propose", &req, left)
+                        .await
                     {
                         return Ok(r);
                     }
@@ -212,10 +220,12 @@ impl<A: App> RaftNode<A> {
                         Err(_) => return Err(NodeError::Timeout(self.request_timeout)),
                     }
                 }
-                Some((_, addr)) => match self.forward::<_, u64>(&addr, "read_index", &(), left).await {
-                    Some(Forwarded::Ok(i)) => Some(i),
-                    _ => None,
-                },
+                Some((_, addr)) => {
+                    match self.forward::<_, u64>(&addr, "read_index", &(), left).await {
+                        Some(Forwarded::Ok(i)) => Some(i),
+                        _ => None,
+                    }
+                }
                 None => None,
             };
             if let Some(index) = index {
@@ -240,11 +250,13 @@ impl<A: App> RaftNode<A> {
             }
             match self.leader() {
                 Some((id, _)) if id == self.id => return self.change_membership_local(&op).await,
-                Some((_, addr)) => match self.forward::<_, ()>(&addr, "membership", &op, left).await {
-                    Some(Forwarded::Ok(())) => return Ok(()),
-                    Some(Forwarded::Err(e)) => return Err(NodeError::Membership(e)),
-                    _ => {}
-                },
+                Some((_, addr)) => {
+                    match self.forward::<_, ()>(&addr, "membership", &op, left).await {
+                        Some(Forwarded::Ok(())) => return Ok(()),
+                        Some(Forwarded::Err(e)) => return Err(NodeError::Membership(e)),
+                        _ => {}
+                    }
+                }
                 None => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -252,16 +264,27 @@ impl<A: App> RaftNode<A> {
     }
 
     async fn change_membership_local(&self, op: &MembershipOp) -> Result<(), NodeError> {
-        let err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| NodeError::Membership(e.to_string());
+        let err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| {
+            NodeError::Membership(e.to_string())
+        };
         match op {
             MembershipOp::Add { id, addr } => {
-                self.raft.add_learner(*id, BasicNode::new(addr), true).await.map_err(err)?;
+                self.raft
+                    .add_learner(*id, BasicNode::new(addr), true)
+                    .await
+                    .map_err(err)?;
                 let ids: BTreeSet<NodeId> = [*id].into();
-                self.raft.change_membership(ChangeMembers::AddVoterIds(ids), false).await.map_err(err)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(ids), false)
+                    .await
+                    .map_err(err)?;
             }
             MembershipOp::Remove { id } => {
                 let ids: BTreeSet<NodeId> = [*id].into();
-                self.raft.change_membership(ChangeMembers::RemoveVoters(ids), false).await.map_err(err)?;
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(ids), false)
+                    .await
+                    .map_err(err)?;
             }
         }
         Ok(())
@@ -309,7 +332,12 @@ fn rand_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.finish()
 }
 
@@ -320,13 +348,18 @@ fn reply<T: Serialize>(v: Forwarded<T>) -> axum::response::Response {
     }
 }
 
-async fn propose<A: App>(State(node): State<Arc<RaftNode<A>>>, body: Bytes) -> axum::response::Response {
+async fn propose<A: App>(
+    State(node): State<Arc<RaftNode<A>>>,
+    body: Bytes,
+) -> axum::response::Response {
     let Ok(req) = bincode::deserialize::<Request>(&body) else {
         return (StatusCode::BAD_REQUEST, "bad propose body").into_response();
     };
     match node.raft.client_write(req).await {
         Ok(r) => reply(Forwarded::Ok(r.data.0)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => reply(Forwarded::<Vec<u8>>::NotLeader),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            reply(Forwarded::<Vec<u8>>::NotLeader)
+        }
         Err(e) => reply(Forwarded::<Vec<u8>>::Err(e.to_string())),
     }
 }
@@ -338,7 +371,10 @@ async fn read_index<A: App>(State(node): State<Arc<RaftNode<A>>>) -> axum::respo
     }
 }
 
-async fn membership<A: App>(State(node): State<Arc<RaftNode<A>>>, body: Bytes) -> axum::response::Response {
+async fn membership<A: App>(
+    State(node): State<Arc<RaftNode<A>>>,
+    body: Bytes,
+) -> axum::response::Response {
     let Ok(op) = bincode::deserialize::<MembershipOp>(&body) else {
         return (StatusCode::BAD_REQUEST, "bad membership body").into_response();
     };

@@ -23,13 +23,19 @@ use tokio::sync::watch;
 type SErr = StorageError<NodeId>;
 
 fn io_read(e: impl std::error::Error + 'static) -> SErr {
-    StorageError::IO { source: StorageIOError::read(AnyError::new(&e)) }
+    StorageError::IO {
+        source: StorageIOError::read(AnyError::new(&e)),
+    }
 }
 fn io_write(e: impl std::error::Error + 'static) -> SErr {
-    StorageError::IO { source: StorageIOError::write(AnyError::new(&e)) }
+    StorageError::IO {
+        source: StorageIOError::write(AnyError::new(&e)),
+    }
 }
 fn io_write_logs(e: impl std::error::Error + 'static) -> SErr {
-    StorageError::IO { source: StorageIOError::write_logs(AnyError::new(&e)) }
+    StorageError::IO {
+        source: StorageIOError::write_logs(AnyError::new(&e)),
+    }
 }
 
 const KEY_VOTE: &[u8] = b"vote";
@@ -64,7 +70,12 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(db: &sled::Db, stats: Arc<StoreStats>) -> Result<Self, sled::Error> {
-        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("meta")?, stats })
+        Ok(Self {
+            db: db.clone(),
+            log: db.open_tree("log")?,
+            meta: db.open_tree("meta")?,
+            stats,
+        })
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, SErr> {
@@ -102,7 +113,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => Bound::Unbounded,
         };
         let mut out = Vec::new();
-        for kv in self.log.range::<[u8; 8], _>((Bound::Included(index_key(start)), end)) {
+        for kv in self
+            .log
+            .range::<[u8; 8], _>((Bound::Included(index_key(start)), end))
+        {
             let (_, v) = kv.map_err(io_read)?;
             out.push(bincode::deserialize(&v).map_err(io_read)?);
         }
@@ -122,7 +136,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -142,14 +159,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // log flush persists it. Losing it only means re-applying fewer entries at start.
         let bytes = bincode::serialize(&committed).map_err(io_write)?;
         self.meta.insert(KEY_COMMITTED, bytes).map_err(io_write)?;
-        self.stats.committed.store(committed.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
+        self.stats
+            .committed
+            .store(committed.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
         let c: Option<Option<LogId<NodeId>>> = self.get_meta(KEY_COMMITTED)?;
         let c = c.flatten();
-        self.stats.committed.store(c.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
+        self.stats
+            .committed
+            .store(c.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
         Ok(c)
     }
 
@@ -248,7 +269,10 @@ impl Dedup {
         }
     }
     fn to_vec(&self) -> Vec<([u64; 2], Vec<u8>)> {
-        self.order.iter().filter_map(|id| self.map.get(id).map(|r| (*id, r.clone()))).collect()
+        self.order
+            .iter()
+            .filter_map(|id| self.map.get(id).map(|r| (*id, r.clone())))
+            .collect()
     }
     fn from_vec(v: Vec<([u64; 2], Vec<u8>)>) -> Self {
         let mut d = Dedup::default();
@@ -268,7 +292,8 @@ struct SmMeta {
 }
 
 fn restore_payload<A: App>(app: &mut A, data: &[u8]) -> Result<Dedup, String> {
-    let p: SnapshotPayload = bincode::deserialize(data).map_err(|e| format!("bad snapshot: {e}"))?;
+    let p: SnapshotPayload =
+        bincode::deserialize(data).map_err(|e| format!("bad snapshot: {e}"))?;
     app.restore(&p.app)?;
     Ok(Dedup::from_vec(p.dedup))
 }
@@ -333,7 +358,9 @@ impl<A: App> StateMachineStore<A> {
 
     async fn persist(&self, s: &StoredSnapshot) -> Result<(), SErr> {
         let bytes = bincode::serialize(s).map_err(io_write)?;
-        self.snap_tree.insert(KEY_SNAPSHOT, bytes).map_err(io_write)?;
+        self.snap_tree
+            .insert(KEY_SNAPSHOT, bytes)
+            .map_err(io_write)?;
         self.db.flush_async().await.map_err(io_write)?;
         Ok(())
     }
@@ -345,7 +372,10 @@ impl<A: App> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<A> {
         let (data, meta) = {
             let app = self.app.read().expect("state lock");
             let meta = self.meta.read().expect("meta lock").clone();
-            let payload = SnapshotPayload { app: app.snapshot(), dedup: meta.dedup.to_vec() };
+            let payload = SnapshotPayload {
+                app: app.snapshot(),
+                dedup: meta.dedup.to_vec(),
+            };
             (bincode::serialize(&payload).map_err(io_write)?, meta)
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
@@ -358,9 +388,15 @@ impl<A: App> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<A> {
             last_membership: meta.membership.clone(),
             snapshot_id,
         };
-        let stored = StoredSnapshot { meta: smeta.clone(), data };
+        let stored = StoredSnapshot {
+            meta: smeta.clone(),
+            data,
+        };
         self.persist(&stored).await?;
-        Ok(Snapshot { meta: smeta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta: smeta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
@@ -369,7 +405,13 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), SErr> {
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        SErr,
+    > {
         let m = self.meta.read().expect("meta lock");
         Ok((m.last_applied, m.membership.clone()))
     }
@@ -429,22 +471,28 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
         let data = snapshot.into_inner();
         {
             let mut app = self.app.write().expect("state lock");
-            let dedup =
-                restore_payload(&mut *app, &data).map_err(|e| io_write(std::io::Error::other(e)))?;
+            let dedup = restore_payload(&mut *app, &data)
+                .map_err(|e| io_write(std::io::Error::other(e)))?;
             let mut m = self.meta.write().expect("meta lock");
             m.dedup = dedup;
             m.last_applied = meta.last_log_id;
             m.membership = meta.last_membership.clone();
         }
-        self.persist(&StoredSnapshot { meta: meta.clone(), data }).await?;
-        self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        self.persist(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
+        self.applied_tx
+            .send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        Ok(self
-            .current()?
-            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(self.current()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
@@ -500,7 +548,10 @@ mod tests {
                 StateMachineStore::open(&db, Arc::new(RwLock::new(Counter::default()))).unwrap();
             let e = |i| Entry::<TypeConfig> {
                 log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-                payload: EntryPayload::Normal(Request { id: [i, 0], data: vec![1] }),
+                payload: EntryPayload::Normal(Request {
+                    id: [i, 0],
+                    data: vec![1],
+                }),
             };
             let r = sm.apply(vec![e(1), e(2), e(3), e(3)]).await.unwrap();
             // The repeated request id is answered from the dedup table, not applied again.

@@ -68,7 +68,9 @@ pub fn load_or_create_id(data_dir: &Path) -> anyhow::Result<String> {
 impl Agent {
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Agent> {
         if cfg.masters.is_empty() {
-            anyhow::bail!("--masters is empty: give at least one master address, e.g. 127.0.0.1:5050");
+            anyhow::bail!(
+                "--masters is empty: give at least one master address, e.g. 127.0.0.1:5050"
+            );
         }
         let id = load_or_create_id(&cfg.data_dir)?;
         let listener = TcpListener::bind(cfg.listen)
@@ -101,7 +103,12 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
-        Ok(Agent { info, addr, stop, tasks: vec![server, hb] })
+        Ok(Agent {
+            info,
+            addr,
+            stop,
+            tasks: vec![server, hb],
+        })
     }
 
     pub async fn shutdown(self) {
@@ -168,12 +175,16 @@ async fn heartbeat_loop(
         }
         if registered {
             let beat = match client
-                .post(format!("http://{master}/api/v1/agents/{}/heartbeat", reg.id))
+                .post(format!(
+                    "http://{master}/api/v1/agents/{}/heartbeat",
+                    reg.id
+                ))
                 .bearer_auth(&cfg.token)
                 .send()
                 .await
             {
-                Ok(resp) if resp.status().is_success() => match resp.json::<HeartbeatReply>().await {
+                Ok(resp) if resp.status().is_success() => match resp.json::<HeartbeatReply>().await
+                {
                     Ok(r) => Beat::Ok(r),
                     Err(e) => Beat::Failed(e.to_string()),
                 },
@@ -213,7 +224,11 @@ async fn heartbeat_loop(
                 }
             }
         }
-        let wait = if registered { cfg.heartbeat_interval } else { Duration::from_millis(250) };
+        let wait = if registered {
+            cfg.heartbeat_interval
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,

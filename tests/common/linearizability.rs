@@ -32,12 +32,22 @@ pub fn check(ops: &[Op]) -> Result<(), String> {
     if search(ops, &mut remaining, None, &mut seen) {
         Ok(())
     } else {
-        Err(format!("no linearization exists for {n} operations (explored {} states)", seen.len()))
+        Err(format!(
+            "no linearization exists for {n} operations (explored {} states)",
+            seen.len()
+        ))
     }
 }
 
-fn search(ops: &[Op], remaining: &mut Vec<u64>, state: Option<String>, seen: &mut HashSet<(Vec<u64>, Option<String>)>) -> bool {
-    let live: Vec<usize> = (0..ops.len()).filter(|i| remaining[i / 64] & (1 << (i % 64)) != 0).collect();
+fn search(
+    ops: &[Op],
+    remaining: &mut Vec<u64>,
+    state: Option<String>,
+    seen: &mut HashSet<(Vec<u64>, Option<String>)>,
+) -> bool {
+    let live: Vec<usize> = (0..ops.len())
+        .filter(|i| remaining[i / 64] & (1 << (i % 64)) != 0)
+        .collect();
     // Done when only operations with unknown outcome remain: they may never have happened.
     if live.iter().all(|&i| ops[i].ret.is_none()) {
         return true;
@@ -46,7 +56,11 @@ fn search(ops: &[Op], remaining: &mut Vec<u64>, state: Option<String>, seen: &mu
         return false;
     }
     // The next linearized op must have been called before every remaining op returned.
-    let min_ret = live.iter().filter_map(|&i| ops[i].ret).min().unwrap_or(u64::MAX);
+    let min_ret = live
+        .iter()
+        .filter_map(|&i| ops[i].ret)
+        .min()
+        .unwrap_or(u64::MAX);
     for &i in &live {
         let op = &ops[i];
         if op.call > min_ret {

@@ -16,7 +16,10 @@ pub fn bin() -> &'static std::path::Path {
 
 /// Starts `n` masters in a fresh temp dir. Keep the TempDir alive for the test.
 pub fn lab(n: u64, extra: &[&str]) -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir_in("/var/tmp").expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-test-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
     let lab = Lab::start(bin(), dir.path(), n, TOKEN, extra).expect("start lab");
     (dir, lab)
 }
@@ -40,7 +43,11 @@ where
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(20)).tcp_nodelay(true).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
 }
 
 /// What became of a write.
@@ -71,7 +78,12 @@ pub async fn put(http: &reqwest::Client, addr: &str, key: &str, value: &str) -> 
 }
 
 /// A read: `Some(Some(v))` value, `Some(None)` absent, `None` failed.
-pub async fn get(http: &reqwest::Client, addr: &str, key: &str, stale: bool) -> Option<Option<String>> {
+pub async fn get(
+    http: &reqwest::Client,
+    addr: &str,
+    key: &str,
+    stale: bool,
+) -> Option<Option<String>> {
     let q = if stale { "?stale=true" } else { "" };
     let resp = http
         .get(format!("http://{addr}/api/v1/kv/{key}{q}"))
