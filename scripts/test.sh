@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs every test dependency on a fresh Debian 12 machine with a Rust toolchain, then runs
+# formatting, lints and all tests (unit and end-to-end) on one shared debug build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+export CARGO_TERM_COLOR=never
+
+# Debian packages the tests use. (The end-to-end tests start real `cairn` processes; the
+# benchmarks additionally use etcd-server, see BENCHMARKS.md.)
+APT_PACKAGES=(iproute2 procps)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q </dev/null
+  $SUDO apt-get install -y -q "${missing[@]}" </dev/null
+fi
+
+# Toolchain components used below.
+if command -v rustup >/dev/null; then
+  rustup component add clippy rustfmt </dev/null >/dev/null 2>&1 || true
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads=2
+echo "== all tests passed"
