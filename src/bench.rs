@@ -29,6 +29,12 @@ pub enum BenchCmd {
         duration: Duration,
         #[arg(long, default_value_t = 128)]
         value_size: usize,
+        /// Cluster size (Cairn only; etcd always runs 3 members).
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Send every request to the first endpoint only (no follower forwarding).
+        #[arg(long)]
+        one_endpoint: bool,
         /// Where the cluster keeps its data (default: a temporary dir).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -211,13 +217,17 @@ enum Cluster {
 
 const TOKEN: &str = "bench-token-0123456789";
 
-async fn start_cluster(target: Target, dir: &Path) -> anyhow::Result<(Cluster, Vec<String>)> {
+async fn start_cluster(
+    target: Target,
+    dir: &Path,
+    nodes: u64,
+) -> anyhow::Result<(Cluster, Vec<String>)> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     match target {
         Target::Cairn => {
             let bin = std::env::current_exe()?;
-            let lab = Lab::start(&bin, dir, 3, TOKEN, &[])?;
+            let lab = Lab::start(&bin, dir, nodes, TOKEN, &[])?;
             let eps: Vec<String> = lab
                 .masters
                 .iter()
@@ -262,15 +272,29 @@ fn workdir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::Te
     })
 }
 
-async fn kv(
+struct KvLoad {
     target: Target,
-    clients: &str,
+    clients: String,
     duration: Duration,
     value_size: usize,
-    dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
+    nodes: u64,
+    one_endpoint: bool,
+}
+
+async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let KvLoad {
+        target,
+        clients,
+        duration,
+        value_size,
+        nodes,
+        one_endpoint,
+    } = load;
     let (dir, _tmp) = workdir(dir)?;
-    let (_cluster, eps) = start_cluster(target, &dir).await?;
+    let (_cluster, mut eps) = start_cluster(target, &dir, nodes).await?;
+    if one_endpoint {
+        eps.truncate(1);
+    }
     let value = "v".repeat(value_size);
     for n in clients.split(',').map(|c| c.trim().parse::<usize>()) {
         let n = n.context("--clients is a comma-separated list of numbers")?;
@@ -322,7 +346,7 @@ async fn kv(
 
 async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
-    let (mut cluster, eps) = start_cluster(target, &dir).await?;
+    let (mut cluster, eps) = start_cluster(target, &dir, 3).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -399,11 +423,24 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             clients,
             duration,
             value_size,
+            nodes,
+            one_endpoint,
             dir,
         } => {
             println!("| target | clients | commits/s | p50 ms | p99 ms | errors |");
             println!("|---|---|---|---|---|---|");
-            kv(target, &clients, duration, value_size, dir).await
+            kv(
+                KvLoad {
+                    target,
+                    clients,
+                    duration,
+                    value_size,
+                    nodes,
+                    one_endpoint,
+                },
+                dir,
+            )
+            .await
         }
         BenchCmd::Failover { target, kills, dir } => {
             println!("| target | kills | median ms | min ms | max ms | all (ms) |");

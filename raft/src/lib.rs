@@ -14,14 +14,21 @@ use std::io::Cursor;
 /// An opaque, already-serialized application command, with a random id that makes retries
 /// idempotent: the state machine remembers recent ids and answers a repeat from memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
+pub struct Proposal {
     pub id: [u64; 2],
     pub data: Vec<u8>,
 }
 
-/// An opaque, serialized result of applying a [`Request`].
+/// One Raft log entry: the proposals the leader gathered while the previous entry was being
+/// committed (group commit: one fsync and one replication round for many writes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response(pub Vec<u8>);
+pub struct Request {
+    pub batch: Vec<Proposal>,
+}
+
+/// The serialized results of applying each proposal of a [`Request`], in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Vec<Vec<u8>>);
 
 openraft::declare_raft_types!(
     /// Cairn's openraft type configuration.

@@ -3,7 +3,7 @@
 
 use crate::network::{rpc_router, HttpNetwork};
 use crate::store::{open_db, LogStore, StateMachineStore, StoreStats};
-use crate::{App, NodeId, Raft, Request};
+use crate::{App, NodeId, Proposal, Raft, Request};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -81,6 +81,52 @@ pub struct RaftNode<A: App> {
     token: String,
     request_timeout: Duration,
     db: sled::Db,
+    batcher: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+/// A proposal waiting for the batcher, and where its result goes.
+struct Pending {
+    proposal: Proposal,
+    tx: tokio::sync::oneshot::Sender<Result<Vec<u8>, LocalWriteError>>,
+}
+
+enum LocalWriteError {
+    /// Not (or no longer) the leader; nothing of this batch was committed by us.
+    NotLeader,
+    Fatal(String),
+}
+
+/// Group commit at the leader: gathers every proposal that arrived while the previous entry
+/// was being committed into one Raft entry.
+async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    const MAX_BATCH: usize = 4096;
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => items.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = items.iter().map(|p| p.proposal.clone()).collect();
+        match raft.client_write(Request { batch }).await {
+            Ok(resp) => {
+                for (p, out) in items.into_iter().zip(resp.data.0) {
+                    let _ = p.tx.send(Ok(out));
+                }
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                for p in items {
+                    let _ = p.tx.send(Err(LocalWriteError::NotLeader));
+                }
+            }
+            Err(e) => {
+                for p in items {
+                    let _ = p.tx.send(Err(LocalWriteError::Fatal(e.to_string())));
+                }
+            }
+        }
+    }
 }
 
 impl<A: App> RaftNode<A> {
@@ -90,9 +136,10 @@ impl<A: App> RaftNode<A> {
         let db = open_db(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
         let stats = Arc::new(StoreStats::default());
-        let log = LogStore::open(&db, stats.clone())?;
+        let log = LogStore::open(&db, Some(&cfg.data_dir), stats.clone())?;
         let app = Arc::new(RwLock::new(app));
-        let sm = StateMachineStore::open(&db, app.clone()).map_err(anyhow::Error::msg)?;
+        let sm = StateMachineStore::open(&db, Some(&cfg.data_dir), app.clone())
+            .map_err(anyhow::Error::msg)?;
         let applied = sm.applied_watch();
         let config = Config {
             cluster_name: "cairn".into(),
@@ -111,7 +158,10 @@ impl<A: App> RaftNode<A> {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
             .build()?;
+        let (batcher_tx, batcher_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batcher(raft.clone(), batcher_rx));
         Ok(Arc::new(Self {
+            batcher: batcher_tx,
             id: cfg.id,
             addr: cfg.addr,
             raft,
@@ -163,7 +213,7 @@ impl<A: App> RaftNode<A> {
     /// Commits `command` through Raft, on this node if it leads, else on the leader.
     /// Retries (with the same request id, so at most once) until `request_timeout`.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, NodeError> {
-        let req = Request {
+        let req = Proposal {
             id: [rand_u64(), rand_u64()],
             data: command,
         };
@@ -181,10 +231,10 @@ impl<A: App> RaftNode<A> {
             match self.leader() {
                 Some((id, _)) if id == self.id => {
                     saw_leader = true;
-                    match tokio::time::timeout(left, self.raft.client_write(req.clone())).await {
-                        Ok(Ok(resp)) => return Ok(resp.data.0),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
-                        Ok(Err(e)) => return Err(NodeError::Fatal(e.to_string())),
+                    match tokio::time::timeout(left, self.submit_local(req.clone())).await {
+                        Ok(Ok(out)) => return Ok(out),
+                        Ok(Err(LocalWriteError::NotLeader)) => {}
+                        Ok(Err(LocalWriteError::Fatal(e))) => return Err(NodeError::Fatal(e)),
                         Err(_) => return Err(NodeError::Timeout(self.request_timeout)),
                     }
                 }
@@ -201,6 +251,16 @@ impl<A: App> RaftNode<A> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Hands a proposal to this node's batcher (only useful while it leads).
+    async fn submit_local(&self, proposal: Proposal) -> Result<Vec<u8>, LocalWriteError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.batcher
+            .send(Pending { proposal, tx })
+            .map_err(|_| LocalWriteError::Fatal("batcher stopped".into()))?;
+        rx.await
+            .map_err(|_| LocalWriteError::Fatal("batcher dropped the proposal".into()))?
     }
 
     /// Waits until this node's state reflects every write committed before the call
@@ -352,15 +412,13 @@ async fn propose<A: App>(
     State(node): State<Arc<RaftNode<A>>>,
     body: Bytes,
 ) -> axum::response::Response {
-    let Ok(req) = bincode::deserialize::<Request>(&body) else {
+    let Ok(req) = bincode::deserialize::<Proposal>(&body) else {
         return (StatusCode::BAD_REQUEST, "bad propose body").into_response();
     };
-    match node.raft.client_write(req).await {
-        Ok(r) => reply(Forwarded::Ok(r.data.0)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-            reply(Forwarded::<Vec<u8>>::NotLeader)
-        }
-        Err(e) => reply(Forwarded::<Vec<u8>>::Err(e.to_string())),
+    match node.submit_local(req).await {
+        Ok(r) => reply(Forwarded::Ok(r)),
+        Err(LocalWriteError::NotLeader) => reply(Forwarded::<Vec<u8>>::NotLeader),
+        Err(LocalWriteError::Fatal(e)) => reply(Forwarded::<Vec<u8>>::Err(e)),
     }
 }
 
