@@ -75,7 +75,7 @@ impl EtcdLab {
         let mut members = Vec::new();
         for (i, (c, p)) in ports.iter().enumerate() {
             let name = format!("e{i}");
-            // Same timing as Cairn's defaults: 50 ms heartbeat, 250 ms election timeout.
+            // Cairn's election timeout (100 ms); etcd needs a shorter heartbeat (20 ms) for it.
             let args = vec![
                 "--name".to_string(),
                 name.clone(),
@@ -93,10 +93,11 @@ impl EtcdLab {
                 initial.clone(),
                 "--initial-cluster-state".into(),
                 "new".into(),
+                // etcd requires election >= 5 x heartbeat.
                 "--heartbeat-interval".into(),
-                "50".into(),
+                "20".into(),
                 "--election-timeout".into(),
-                "250".into(),
+                "100".into(),
             ];
             members.push(EtcdMember {
                 client_port: *c,
@@ -347,9 +348,14 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
 async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
     let (mut cluster, eps) = start_cluster(target, &dir, 3).await?;
+    // Short attempts: a write sent while there is no leader may be held (etcd) or wait for the
+    // election (Cairn); a fresh attempt every 100 ms finds the new leader as soon as it commits.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
+        .timeout(Duration::from_millis(100))
         .tcp_nodelay(true)
+        .build()?;
+    let status_http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
         .build()?;
     let mut times = Vec::new();
     let bar = indicatif::ProgressBar::new(kills as u64);
@@ -358,7 +364,7 @@ async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow:
         let leader = loop {
             let l = match &cluster {
                 Cluster::Cairn(lab) => lab.leader().await.map(|id| (id - 1) as usize),
-                Cluster::Etcd(lab) => lab.leader(&http).await,
+                Cluster::Etcd(lab) => lab.leader(&status_http).await,
             };
             if let Some(l) = l {
                 break l;
@@ -366,6 +372,9 @@ async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow:
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let t0 = Instant::now();
+        if std::env::var_os("CAIRN_BENCH_TRACE").is_some() {
+            eprintln!("kill leader {leader} at {:?}", std::time::SystemTime::now());
+        }
         match &mut cluster {
             Cluster::Cairn(lab) => lab.kill(leader as u64 + 1),
             Cluster::Etcd(lab) => lab.kill(leader),

@@ -79,10 +79,11 @@ struct ClientArgs {
 #[derive(Args)]
 struct RaftTuning {
     /// Leader heartbeat interval (ms).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 30)]
     heartbeat_ms: u64,
-    /// Minimum election timeout (ms); the maximum is twice this.
-    #[arg(long, default_value_t = 250)]
+    /// Minimum election timeout (ms); the maximum is 4/3 of it. A follower that stops hearing
+    /// the leader campaigns after max + random [min, max) (openraft's leader lease).
+    #[arg(long, default_value_t = 100)]
     election_timeout_ms: u64,
     /// Take a snapshot every this many log entries.
     #[arg(long, default_value_t = 10_000)]
@@ -375,8 +376,8 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     });
     let tuning = RaftTuning {
-        heartbeat_ms: 50,
-        election_timeout_ms: 250,
+        heartbeat_ms: 30,
+        election_timeout_ms: 100,
         snapshot_logs: 10_000,
         keep_logs: 1_000,
         request_timeout: Duration::from_secs(10),

@@ -28,7 +28,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub token: String,
     pub heartbeat_ms: u64,
-    /// Minimum election timeout; the maximum is twice this.
+    /// Minimum election timeout; the maximum is 4/3 of it. A follower that stops hearing the
+    /// leader starts an election after max + random [min, max).
     pub election_timeout_ms: u64,
     /// Take a snapshot after this many applied entries.
     pub snapshot_logs: u64,
@@ -145,7 +146,9 @@ impl<A: App> RaftNode<A> {
             cluster_name: "cairn".into(),
             heartbeat_interval: cfg.heartbeat_ms,
             election_timeout_min: cfg.election_timeout_ms,
-            election_timeout_max: cfg.election_timeout_ms * 2,
+            // openraft waits lease (= max) + a random timeout in [min, max) before electing,
+            // so keep the window narrow: failover takes about max + [min, max).
+            election_timeout_max: cfg.election_timeout_ms + cfg.election_timeout_ms / 3,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
             max_in_snapshot_log_to_keep: cfg.keep_logs,
             max_payload_entries: 1024,
