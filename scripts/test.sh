@@ -8,7 +8,7 @@ export CARGO_TERM_COLOR=never
 
 # Debian packages the tests use. (The end-to-end tests start real `cairn` processes; the
 # benchmarks additionally use etcd-server, see BENCHMARKS.md.)
-APT_PACKAGES=(iproute2 procps)
+APT_PACKAGES=(iproute2 procps coreutils hostname)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -19,10 +19,17 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -q "${missing[@]}" </dev/null
 fi
 
-# Toolchain components used below.
+# Toolchain components and the Wasm targets the test guests are built for.
 if command -v rustup >/dev/null; then
   rustup component add clippy rustfmt </dev/null >/dev/null 2>&1 || true
+  rustup target add wasm32-wasip1 wasm32-wasip2 </dev/null
 fi
+
+echo "== building Wasm test guests (tests/guests)"
+for t in wasm32-wasip1 wasm32-wasip2; do
+  CARGO_TARGET_DIR="$PWD/target/guests" cargo build --release --locked \
+    --manifest-path tests/guests/Cargo.toml --target "$t"
+done
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

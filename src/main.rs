@@ -45,6 +45,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KvCmd,
     },
+    /// Print (and with -f follow) a task's stdout or stderr from its agent's sandbox.
+    Logs {
+        task: String,
+        /// The agent running the task (HOST:PORT of its API).
+        #[arg(long, env = "CAIRN_AGENT", default_value = "127.0.0.1:5051")]
+        agent: String,
+        #[arg(short, long)]
+        follow: bool,
+        /// Show stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        #[arg(long, env = "CAIRN_TOKEN", default_value = "", hide_env_values = true)]
+        token: String,
+    },
     /// Load generators for BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
@@ -169,6 +183,9 @@ struct AgentArgs {
     attributes: String,
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
+    /// Where cgroups are mounted (v1 or v2 is detected at start).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
 }
 
 #[derive(Args)]
@@ -351,6 +368,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         resources,
         attributes,
         heartbeat_interval: a.heartbeat_interval,
+        cgroup_root: a.cgroup_root,
         hostname: hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into()),
@@ -410,6 +428,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         resources: cairn_runtime::detect::detect(&data_dir),
         attributes: BTreeMap::new(),
         heartbeat_interval: Duration::from_secs(1),
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         hostname: hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into()),
@@ -428,6 +447,18 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A native task's supervisor and PID 1 are this binary re-executed; they must run before
+    // any thread exists (unshare of the mount namespace), so they skip clap and tokio.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 3 && (argv[1] == "__init" || argv[1] == "__pid1") {
+        let spec = std::path::Path::new(&argv[2]);
+        let code = if argv[1] == "__init" {
+            cairn_runtime::init::supervise(spec)
+        } else {
+            cairn_runtime::init::pid1(spec)
+        };
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -516,6 +547,10 @@ fn main() -> anyhow::Result<()> {
                         Ok(())
                     }
                 }
+            }
+            Cmd::Logs { task, agent, follow, stderr, token } => {
+                init_tracing("warn");
+                client::logs(&agent, &token, &task, if stderr { "stderr" } else { "stdout" }, follow).await
             }
             Cmd::Bench { cmd } => {
                 init_tracing("warn");

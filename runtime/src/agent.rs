@@ -1,6 +1,7 @@
 //! The agent process: a stable id in its data dir, registration with the masters, a heartbeat
 //! loop that follows leader changes and master failures on its own, and the agent's own API.
 
+use crate::tasks::TaskManager;
 use cairn_kernel::api::HeartbeatReply;
 use cairn_kernel::model::{AgentRegistration, AgentResources};
 use std::collections::BTreeMap;
@@ -25,6 +26,8 @@ pub struct AgentConfig {
     pub attributes: BTreeMap<String, String>,
     pub heartbeat_interval: Duration,
     pub hostname: String,
+    /// Where cgroups are mounted (normally `/sys/fs/cgroup`).
+    pub cgroup_root: PathBuf,
 }
 
 /// What the agent knows about its link to the masters; served at `GET /api/v1/agent`.
@@ -43,9 +46,10 @@ pub struct AgentInfo {
 /// A running agent.
 pub struct Agent {
     pub info: Arc<Mutex<AgentInfo>>,
+    pub tasks: Arc<TaskManager>,
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Reads the agent id from `data_dir/agent-id`, creating it on first start.
@@ -84,8 +88,10 @@ impl Agent {
             masters: cfg.masters.clone(),
             ..Default::default()
         }));
+        let host = advertise.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertise.clone());
+        let tasks = TaskManager::open(&cfg.data_dir, &cfg.cgroup_root, &host)?;
         let (stop, stop_rx) = watch::channel(false);
-        let app = api_router(info.clone(), cfg.token.clone());
+        let app = crate::agent_api::router(info.clone(), tasks.clone(), cfg.token.clone());
         let mut srv_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -103,17 +109,12 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
-        Ok(Agent {
-            info,
-            addr,
-            stop,
-            tasks: vec![server, hb],
-        })
+        Ok(Agent { info, tasks, addr, stop, handles: vec![server, hb] })
     }
 
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
+        for t in self.handles {
             let _ = t.await;
         }
     }
@@ -234,34 +235,6 @@ async fn heartbeat_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
-}
-
-fn api_router(info: Arc<Mutex<AgentInfo>>, token: String) -> axum::Router {
-    use axum::routing::get;
-    use axum::Json;
-    axum::Router::new()
-        .route(
-            "/api/v1/agent",
-            get(move |headers: axum::http::HeaderMap| {
-                let info = info.clone();
-                let token = token.clone();
-                async move {
-                    let ok = headers
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.strip_prefix("Bearer ") == Some(token.as_str()));
-                    if !ok {
-                        return Err((
-                            axum::http::StatusCode::UNAUTHORIZED,
-                            Json(serde_json::json!({"code": "unauthorized", "message": "missing or wrong token"})),
-                        ));
-                    }
-                    let i = info.lock().expect("info lock").clone();
-                    Ok(Json(i))
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
 }
 
 #[cfg(test)]

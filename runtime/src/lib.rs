@@ -1,5 +1,13 @@
-//! The agent: joins the masters, heartbeats, and (as the runtime grows) runs tasks.
-//! Only this crate touches the host: resources, cgroups, namespaces, wasmtime.
+//! The agent: joins the masters, heartbeats, runs tasks (native cgroup containers and Wasm)
+//! and serves their sandboxes. Only this crate touches the host: resources, cgroups,
+//! namespaces, wasmtime.
 
 pub mod agent;
+pub mod agent_api;
+pub mod cgroups;
 pub mod detect;
+pub mod init;
+pub mod sandbox;
+pub mod task;
+pub mod tasks;
+pub mod wasm;

@@ -1,0 +1,224 @@
+//! The per-task processes of a native task, run by re-executing the `cairn` binary (never by
+//! forking a multi-threaded agent):
+//!
+//! - `cairn __init SPEC` — the supervisor. Unshares the mount, UTS, IPC and PID namespaces
+//!   (and net with `network = "none"`), starts `__pid1`, copies its stdout/stderr into the
+//!   sandbox with size rotation, and outlives an agent restart.
+//! - `cairn __pid1 SPEC` — PID 1 of the task's PID namespace. Joins the task cgroup, mounts a
+//!   private /proc and /tmp, sets the hostname, starts the command, forwards signals to it,
+//!   reaps zombies, and records the command's exit status in `.cairn/exit.json`.
+//!
+//! Both must run before any thread is started (`unshare(CLONE_NEWNS)` refuses a process
+//! whose filesystem context is shared with other threads), so `main` dispatches them first.
+
+use crate::sandbox::RotatingFile;
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// What the agent hands to `__init` (as `.cairn/init.json` in the sandbox).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub sandbox: PathBuf,
+    pub hostname: String,
+    /// `cgroup.procs` files PID 1 writes its host pid into.
+    pub cgroup_procs: Vec<PathBuf>,
+    pub network_none: bool,
+    pub log_max_bytes: u64,
+}
+
+/// How the command ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+pub fn state_dir(sandbox: &Path) -> PathBuf {
+    sandbox.join(".cairn")
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn read_spec(path: &Path) -> anyhow::Result<InitSpec> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+/// `cairn __init SPEC`: returns the process exit code.
+pub fn supervise(spec_path: &Path) -> i32 {
+    match supervise_inner(spec_path) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cairn __init: {e:#}");
+            1
+        }
+    }
+}
+
+fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
+    let spec = read_spec(spec_path)?;
+    let dir = state_dir(&spec.sandbox);
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
+    if spec.network_none {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| anyhow::anyhow!("unshare namespaces: {e}"))?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("__pid1")
+        .arg(spec_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    write_atomic(&dir.join("pid1"), child.id().to_string().as_bytes())?;
+    // After unshare(CLONE_NEWPID) this process may not start threads, so both pipes are
+    // copied from one poll loop.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let mut out_file = RotatingFile::open(&spec.sandbox.join("stdout"), spec.log_max_bytes)?;
+    let mut err_file = RotatingFile::open(&spec.sandbox.join("stderr"), spec.log_max_bytes)?;
+    let (mut out_open, mut err_open) = (true, true);
+    let mut buf = [0u8; 16 * 1024];
+    while out_open || err_open {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let (ready_out, ready_err) = {
+            let mut fds = Vec::new();
+            if out_open {
+                fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
+            }
+            if err_open {
+                fds.push(PollFd::new(err.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => anyhow::bail!("poll: {e}"),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let mut it = fds.iter();
+            let o = if out_open { it.next().is_some_and(ready) } else { false };
+            let e = if err_open { it.next().is_some_and(ready) } else { false };
+            (o, e)
+        };
+        if ready_out {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => out_file.write_all(&buf[..n])?,
+            }
+        }
+        if ready_err {
+            match err.read(&mut buf) {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => err_file.write_all(&buf[..n])?,
+            }
+        }
+    }
+    let status = child.wait()?;
+    let exit = dir.join("exit.json");
+    if !exit.exists() {
+        // PID 1 died without recording the command's status (e.g. SIGKILL of the cgroup).
+        use std::os::unix::process::ExitStatusExt;
+        let info = ExitInfo { code: status.code(), signal: status.signal() };
+        write_atomic(&exit, &serde_json::to_vec(&info)?)?;
+    }
+    Ok(())
+}
+
+/// `cairn __pid1 SPEC`: returns the process exit code.
+pub fn pid1(spec_path: &Path) -> i32 {
+    match pid1_inner(spec_path) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cairn __pid1: {e:#}");
+            127
+        }
+    }
+}
+
+fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
+    let spec = read_spec(spec_path)?;
+    // Pids written to cgroup.procs are read in the writer's PID namespace; "0" means the
+    // writing process itself, in v1 and v2 alike.
+    for f in &spec.cgroup_procs {
+        std::fs::write(f, "0").map_err(|e| anyhow::anyhow!("joining cgroup {}: {e}", f.display()))?;
+    }
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| anyhow::anyhow!("making mounts private: {e}"))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("mounting /proc: {e}"))?;
+    let tmp = spec.sandbox.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    mount(Some(&tmp), "/tmp", None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| anyhow::anyhow!("mounting private /tmp: {e}"))?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| anyhow::anyhow!("sethostname: {e}"))?;
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGQUIT,
+        signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
+    ])?;
+    let child = Command::new(&spec.cmd)
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.sandbox)
+        .stdin(Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cairn: cannot start {:?}: {e}", spec.cmd);
+            let info = ExitInfo { code: Some(127), signal: None };
+            write_atomic(&state_dir(&spec.sandbox).join("exit.json"), &serde_json::to_vec(&info)?)?;
+            return Ok(127);
+        }
+    };
+    let main = Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let Ok(s) = Signal::try_from(sig) {
+                let _ = kill(main, s);
+            }
+        }
+    });
+    // Reap every child (zombies of orphans included) until the command itself exits.
+    let info = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => break ExitInfo { code: Some(code), signal: None },
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                break ExitInfo { code: None, signal: Some(sig as i32) }
+            }
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => anyhow::bail!("waitpid: {e}"),
+        }
+    };
+    write_atomic(&state_dir(&spec.sandbox).join("exit.json"), &serde_json::to_vec(&info)?)?;
+    Ok(info.code.unwrap_or(128 + info.signal.unwrap_or(0)))
+}

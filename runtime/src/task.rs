@@ -1,0 +1,220 @@
+//! What an agent runs: the task spec it receives and the status it reports.
+
+use cairn_kernel::model::{RuntimeSpec, TaskResources, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A named port given to a task (`PORT0..N` and `PORT_<NAME>` in its environment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: String,
+    pub number: u16,
+}
+
+/// The network a task sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// The host's network (default).
+    #[default]
+    Host,
+    /// An empty network namespace (native); no sockets at all (Wasm).
+    None,
+}
+
+fn default_grace() -> u64 {
+    5_000
+}
+fn default_log_max() -> u64 {
+    10 << 20
+}
+
+/// One task as the agent runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub id: String,
+    #[serde(default)]
+    pub workload: String,
+    pub runtime: RuntimeSpec,
+    #[serde(default)]
+    pub resources: TaskResources,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Maximum number of processes (native).
+    #[serde(default)]
+    pub pids_max: Option<u64>,
+    /// Time between SIGTERM and SIGKILL when the task is killed.
+    #[serde(default = "default_grace")]
+    pub kill_grace_ms: u64,
+    /// Wall-clock limit (jobs); the task is killed with reason `timeout`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub network: Network,
+    /// stdout/stderr are rotated to `*.1` past this size.
+    #[serde(default = "default_log_max")]
+    pub log_max_bytes: u64,
+}
+
+/// Why a task ended, when the agent knows more than the exit code.
+pub mod reason {
+    pub const OOM: &str = "oom";
+    pub const MEMORY_LIMIT: &str = "memory_limit";
+    pub const DISK_LIMIT: &str = "disk_limit";
+    pub const TIMEOUT: &str = "timeout";
+    pub const KILLED: &str = "killed";
+    pub const AGENT_RESTART: &str = "agent_restart";
+    pub const EXITED: &str = "exited";
+    pub const TRAP: &str = "trap";
+    pub const START_FAILED: &str = "start_failed";
+}
+
+/// Resource usage of a task.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub disk_bytes: u64,
+}
+
+/// A task's observed state, as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub id: String,
+    pub workload: String,
+    pub runtime: String,
+    pub state: TaskState,
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Host pid of the task's supervisor (native).
+    pub pid: Option<u32>,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    pub usage: TaskUsage,
+    pub message: Option<String>,
+}
+
+impl TaskSpec {
+    /// Checks the spec, naming the bad field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
+        if self.id.is_empty()
+            || self.id.len() > 128
+            || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || self.id.starts_with('.')
+        {
+            return bad("id", "task ids are 1-128 letters, digits, '-', '_', '.', not starting with '.'");
+        }
+        match &self.runtime {
+            RuntimeSpec::Native { cmd, args } => {
+                if cmd.is_empty() {
+                    return bad("runtime.native.cmd", "give the command to run, e.g. /bin/sh");
+                }
+                if args.len() > 1024 {
+                    return bad("runtime.native.args", "at most 1024 arguments");
+                }
+            }
+            RuntimeSpec::Wasm { file, .. } => {
+                if file.is_empty() {
+                    return bad("runtime.wasm.file", "give the path of a .wasm module or component");
+                }
+            }
+            RuntimeSpec::Oci { .. } => {
+                return bad("runtime.oci", "OCI images are not supported by this agent yet; use native or wasm");
+            }
+        }
+        let r = &self.resources;
+        if !(r.cpus.is_finite() && (0.0..=1024.0).contains(&r.cpus)) {
+            return bad("resources.cpus", "cpus must be between 0 and 1024");
+        }
+        if r.mem > (1 << 30) {
+            return bad("resources.mem", "mem is in MiB and at most 2^30");
+        }
+        if self.env.len() > 1024 || self.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+            return bad("env", "at most 1024 variables; names are non-empty without '=' or NUL");
+        }
+        if self.env.values().any(|v| v.contains('\0')) {
+            return bad("env", "values cannot contain NUL");
+        }
+        if self.ports.len() > 64 {
+            return bad("ports", "at most 64 ports");
+        }
+        if self.log_max_bytes < 1024 {
+            return bad("log_max_bytes", "at least 1024");
+        }
+        Ok(())
+    }
+
+    /// The environment every runtime gives a task.
+    pub fn task_env(&self, sandbox: &str, host: &str) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            ("CAIRN_TASK_ID".into(), self.id.clone()),
+            ("CAIRN_WORKLOAD".into(), self.workload.clone()),
+            ("CAIRN_SANDBOX".into(), sandbox.to_string()),
+            ("HOST".into(), host.to_string()),
+        ];
+        for (i, p) in self.ports.iter().enumerate() {
+            env.push((format!("PORT{i}"), p.number.to_string()));
+            if !p.name.is_empty() {
+                let name: String = p
+                    .name
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                    .collect();
+                env.push((format!("PORT_{name}"), p.number.to_string()));
+            }
+        }
+        if let Some(p) = self.ports.first() {
+            env.push(("PORT".into(), p.number.to_string()));
+        }
+        for (k, v) in &self.env {
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<TaskSpec, String> {
+        serde_json::from_str::<TaskSpec>(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn env_has_ports_and_ids() {
+        let s = spec(r#"{"id":"t1","workload":"web","runtime":{"native":{"cmd":"/bin/true","args":[]}},
+            "ports":[{"name":"http","number":31000},{"name":"admin-ui","number":31001}],"env":{"A":"b"}}"#)
+        .unwrap();
+        let env = s.task_env("/sb", "127.0.0.1");
+        let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("CAIRN_TASK_ID"), Some("t1"));
+        assert_eq!(get("CAIRN_WORKLOAD"), Some("web"));
+        assert_eq!(get("PORT0"), Some("31000"));
+        assert_eq!(get("PORT1"), Some("31001"));
+        assert_eq!(get("PORT_HTTP"), Some("31000"));
+        assert_eq!(get("PORT_ADMIN_UI"), Some("31001"));
+        assert_eq!(get("A"), Some("b"));
+        assert_eq!(s.kill_grace_ms, 5000);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let v = |j: &str| spec(j).unwrap().validate().map_err(|(f, _)| f);
+        assert_eq!(v(r#"{"id":"../x","runtime":{"native":{"cmd":"/bin/true","args":[]}}}"#), Err("id".into()));
+        assert_eq!(v(r#"{"id":"a","runtime":{"native":{"cmd":"","args":[]}}}"#), Err("runtime.native.cmd".into()));
+        assert_eq!(v(r#"{"id":"a","runtime":{"oci":{"image":"x","cmd":[]}}}"#), Err("runtime.oci".into()));
+        assert_eq!(
+            v(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#),
+            Err("resources.cpus".into())
+        );
+        assert!(spec(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"bogus":1}"#).is_err());
+    }
+}

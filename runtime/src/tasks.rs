@@ -1,0 +1,561 @@
+//! The agent's task manager: launches tasks with the executor for their runtime, watches
+//! limits (timeout, sandbox disk), kills (SIGTERM, grace, SIGKILL of the cgroup), records
+//! final states, and checkpoints everything in sled so that native tasks are re-attached
+//! after the agent restarts.
+
+use crate::cgroups::{Hierarchy, Limits, TaskCgroup};
+use crate::init::{state_dir, ExitInfo, InitSpec};
+use crate::sandbox;
+use crate::task::{reason, Network, TaskSpec, TaskStatus, TaskUsage};
+use crate::wasm::{WasmOutcome, WasmRuntime, WasmTask};
+use cairn_kernel::model::{RuntimeSpec, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An executor runs one kind of task (youki's `Executor::can_handle` shape).
+pub trait Executor: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn can_handle(&self, spec: &TaskSpec) -> bool;
+}
+
+pub struct NativeExecutor;
+impl Executor for NativeExecutor {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+    fn can_handle(&self, spec: &TaskSpec) -> bool {
+        matches!(spec.runtime, RuntimeSpec::Native { .. })
+    }
+}
+
+pub struct WasmExecutor;
+impl Executor for WasmExecutor {
+    fn name(&self) -> &'static str {
+        "wasm"
+    }
+    fn can_handle(&self, spec: &TaskSpec) -> bool {
+        matches!(spec.runtime, RuntimeSpec::Wasm { .. })
+    }
+}
+
+/// What the agent checkpoints per task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Checkpoint {
+    spec: TaskSpec,
+    status: TaskStatus,
+    /// Start time (clock ticks since boot, /proc/PID/stat field 22) of the supervisor, so a
+    /// recycled pid is never mistaken for our task.
+    start_ticks: Option<u64>,
+}
+
+enum Control {
+    Native { supervisor: u32, cgroup: Option<TaskCgroup> },
+    Wasm { killed: Arc<AtomicBool> },
+    Done,
+}
+
+struct Entry {
+    spec: TaskSpec,
+    status: TaskStatus,
+    sandbox: PathBuf,
+    control: Control,
+    kill_reason: Option<String>,
+    start_ticks: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("task {0:?} already exists on this agent")]
+    Exists(String),
+    #[error("no executor on this agent handles this runtime: {0}")]
+    Unsupported(String),
+    #[error("starting the task: {0}")]
+    Start(String),
+}
+
+/// Every task on this agent.
+pub struct TaskManager {
+    sandboxes: PathBuf,
+    cgroups: Option<Hierarchy>,
+    wasm: Option<Arc<WasmRuntime>>,
+    host: String,
+    db: sled::Tree,
+    tasks: Mutex<HashMap<String, Entry>>,
+    changed: tokio::sync::watch::Sender<u64>,
+    executors: Vec<Box<dyn Executor>>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Start time of `pid` in clock ticks since boot, if it runs.
+pub fn proc_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); starttime is field 22.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+impl TaskManager {
+    /// Opens the checkpoint store and the executors, and recovers checkpointed tasks.
+    pub fn open(data_dir: &Path, cgroup_root: &Path, host: &str) -> anyhow::Result<Arc<Self>> {
+        let sandboxes = data_dir.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes)?;
+        let db = sled::Config::new().path(data_dir.join("agent.sled")).cache_capacity(8 << 20).open()?;
+        let tree = db.open_tree("tasks")?;
+        let cgroups = match Hierarchy::detect(cgroup_root, "cairn") {
+            Ok(h) => {
+                tracing::info!(version = ?h.version, "cgroups detected");
+                Some(h)
+            }
+            Err(e) => {
+                tracing::warn!("no cgroups: native tasks run without limits ({e})");
+                None
+            }
+        };
+        let wasm = match WasmRuntime::new(&data_dir.join("wasm-cache")) {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!("wasm runtime unavailable: {e}");
+                None
+            }
+        };
+        let mgr = Arc::new(Self {
+            sandboxes,
+            cgroups,
+            wasm,
+            host: host.to_string(),
+            db: tree,
+            tasks: Mutex::new(HashMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+            executors: vec![Box::new(NativeExecutor), Box::new(WasmExecutor)],
+        });
+        mgr.recover()?;
+        Ok(mgr)
+    }
+
+    /// A receiver that changes whenever any task's status changes.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn checkpoint(&self, e: &Entry) {
+        let cp = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: e.start_ticks };
+        if let Ok(bytes) = serde_json::to_vec(&cp) {
+            let _ = self.db.insert(e.spec.id.as_bytes(), bytes);
+            let _ = self.db.flush();
+        }
+    }
+
+    pub fn list(&self) -> Vec<TaskStatus> {
+        let mut v: Vec<TaskStatus> = self.tasks.lock().expect("tasks").values().map(|e| e.status.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<TaskStatus> {
+        self.tasks.lock().expect("tasks").get(id).map(|e| e.status.clone())
+    }
+
+    pub fn sandbox(&self, id: &str) -> Option<PathBuf> {
+        self.tasks.lock().expect("tasks").get(id).map(|e| e.sandbox.clone())
+    }
+
+    fn status_for(spec: &TaskSpec, runtime: &str) -> TaskStatus {
+        TaskStatus {
+            id: spec.id.clone(),
+            workload: spec.workload.clone(),
+            runtime: runtime.to_string(),
+            state: TaskState::Starting,
+            reason: None,
+            exit_code: None,
+            signal: None,
+            pid: None,
+            started_at: now_ms(),
+            finished_at: None,
+            usage: TaskUsage::default(),
+            message: None,
+        }
+    }
+
+    /// Starts a task. Returns once the process or guest is running.
+    pub fn launch(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskStatus, LaunchError> {
+        spec.validate().map_err(|(field, message)| LaunchError::Invalid { field, message })?;
+        let exec = self
+            .executors
+            .iter()
+            .find(|e| e.can_handle(&spec))
+            .ok_or_else(|| LaunchError::Unsupported(format!("{:?}", spec.runtime)))?;
+        let runtime = exec.name();
+        {
+            let tasks = self.tasks.lock().expect("tasks");
+            if tasks.contains_key(&spec.id) {
+                return Err(LaunchError::Exists(spec.id.clone()));
+            }
+        }
+        let sandbox = self.sandboxes.join(&spec.id);
+        if sandbox.exists() {
+            return Err(LaunchError::Exists(spec.id.clone()));
+        }
+        std::fs::create_dir_all(state_dir(&sandbox)).map_err(|e| LaunchError::Start(e.to_string()))?;
+        let mut status = Self::status_for(&spec, runtime);
+        let result = match runtime {
+            "native" => self.start_native(&spec, &sandbox),
+            _ => self.start_wasm(&spec, &sandbox),
+        };
+        let (control, child, start_ticks) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                status.state = TaskState::Failed;
+                status.reason = Some(reason::START_FAILED.into());
+                status.message = Some(e.clone());
+                status.finished_at = Some(now_ms());
+                let entry = Entry { spec, status: status.clone(), sandbox, control: Control::Done, kill_reason: None, start_ticks: None };
+                self.checkpoint(&entry);
+                self.tasks.lock().expect("tasks").insert(entry.spec.id.clone(), entry);
+                self.bump();
+                return Err(LaunchError::Start(e));
+            }
+        };
+        status.state = TaskState::Running;
+        if let Control::Native { supervisor, .. } = &control {
+            status.pid = Some(*supervisor);
+        }
+        let id = spec.id.clone();
+        let entry = Entry { spec, status: status.clone(), sandbox, control, kill_reason: None, start_ticks };
+        self.checkpoint(&entry);
+        self.tasks.lock().expect("tasks").insert(id.clone(), entry);
+        self.bump();
+        let me = self.clone();
+        match child {
+            Child::Native(c) => {
+                tokio::spawn(me.monitor_native(id, Some(c)));
+            }
+            Child::Wasm(h) => {
+                tokio::spawn(me.monitor_wasm(id, h));
+            }
+        }
+        Ok(status)
+    }
+
+    fn start_native(&self, spec: &TaskSpec, sandbox: &Path) -> Result<(Control, Child, Option<u64>), String> {
+        let RuntimeSpec::Native { cmd, args } = &spec.runtime else { unreachable!("checked by can_handle") };
+        let cgroup = match &self.cgroups {
+            Some(h) => {
+                let limits = Limits {
+                    memory_bytes: (spec.resources.mem > 0).then_some(spec.resources.mem << 20),
+                    pids: Some(spec.pids_max.unwrap_or(4096)),
+                    cpus: (spec.resources.cpus > 0.0).then_some(spec.resources.cpus),
+                };
+                Some(h.create(&spec.id, &limits).map_err(|e| format!("cgroup: {e}"))?)
+            }
+            None => None,
+        };
+        let init = InitSpec {
+            cmd: cmd.clone(),
+            args: args.clone(),
+            env: spec.task_env(&sandbox.display().to_string(), &self.host),
+            sandbox: sandbox.to_path_buf(),
+            hostname: spec.id.chars().take(63).collect(),
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            network_none: spec.network == Network::None,
+            log_max_bytes: spec.log_max_bytes,
+        };
+        let spec_path = state_dir(sandbox).join("init.json");
+        std::fs::write(&spec_path, serde_json::to_vec(&init).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = tokio::process::Command::new(exe)
+            .arg("__init")
+            .arg(&spec_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(state_dir(sandbox).join("init.log"))
+                    .map(std::process::Stdio::from)
+                    .unwrap_or(std::process::Stdio::null()),
+            )
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("spawning the task supervisor: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        Ok((Control::Native { supervisor: pid, cgroup }, Child::Native(child), proc_start_ticks(pid)))
+    }
+
+    fn start_wasm(&self, spec: &TaskSpec, sandbox: &Path) -> Result<(Control, Child, Option<u64>), String> {
+        let RuntimeSpec::Wasm { file, args } = &spec.runtime else { unreachable!("checked by can_handle") };
+        let rt = self.wasm.as_ref().ok_or("the wasm runtime is not available on this agent")?;
+        let bytes = std::fs::read(file).map_err(|e| format!("reading {file}: {e}"))?;
+        let mut argv = vec![Path::new(file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()];
+        argv.extend(args.iter().cloned());
+        let mem = if spec.resources.mem > 0 { (spec.resources.mem as usize) << 20 } else { 256 << 20 };
+        let task = WasmTask {
+            args: argv,
+            env: spec.task_env(".", &self.host),
+            sandbox,
+            memory_bytes: mem,
+            allow_network: spec.network == Network::Host && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
+        };
+        let (killed, handle) = rt.start(bytes, task).map_err(|e| format!("{e:#}"))?;
+        Ok((Control::Wasm { killed }, Child::Wasm(handle), None))
+    }
+
+    /// Asks a task to stop: SIGTERM (native) or interrupt (Wasm), then SIGKILL after the grace.
+    pub fn kill(self: &Arc<Self>, id: &str, why: &str) -> bool {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        let Some(e) = tasks.get_mut(id) else { return false };
+        if e.status.state.is_terminal() {
+            return true;
+        }
+        if e.kill_reason.is_none() {
+            e.kill_reason = Some(why.to_string());
+        }
+        if e.status.state != TaskState::Killing {
+            e.status.state = TaskState::Killing;
+        }
+        match &e.control {
+            Control::Native { supervisor, cgroup } => {
+                let pid1 = std::fs::read_to_string(state_dir(&e.sandbox).join("pid1"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok());
+                if let Some(p) = pid1 {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
+                }
+                let grace = Duration::from_millis(e.spec.kill_grace_ms);
+                let cgroup = cgroup.clone();
+                let sup = *supervisor;
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if let Some(cg) = cgroup {
+                        cg.kill_all();
+                    }
+                    if let Some(p) = pid1 {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                    }
+                    let _ = sup;
+                });
+            }
+            Control::Wasm { killed } => killed.store(true, Ordering::Relaxed),
+            Control::Done => {}
+        }
+        let snapshot = Entry {
+            spec: e.spec.clone(),
+            status: e.status.clone(),
+            sandbox: e.sandbox.clone(),
+            control: Control::Done,
+            kill_reason: e.kill_reason.clone(),
+            start_ticks: e.start_ticks,
+        };
+        drop(tasks);
+        self.checkpoint(&snapshot);
+        self.bump();
+        true
+    }
+
+    /// Periodic limit checks shared by both runtimes. Returns a kill reason if one applies.
+    fn check_limits(&self, id: &str, started: Instant) -> Option<&'static str> {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        let e = tasks.get_mut(id)?;
+        if e.kill_reason.is_some() {
+            return None;
+        }
+        if let Control::Native { cgroup: Some(cg), .. } = &e.control {
+            let u = cg.usage();
+            e.status.usage.cpu_usec = u.cpu_usec;
+            e.status.usage.memory_bytes = u.memory_bytes;
+            e.status.usage.pids = u.pids;
+        }
+        e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
+        if let Some(t) = e.spec.timeout_ms {
+            if started.elapsed() > Duration::from_millis(t) {
+                return Some(reason::TIMEOUT);
+            }
+        }
+        if e.spec.resources.disk > 0 && e.status.usage.disk_bytes > e.spec.resources.disk << 20 {
+            return Some(reason::DISK_LIMIT);
+        }
+        None
+    }
+
+    async fn monitor_native(self: Arc<Self>, id: String, mut child: Option<tokio::process::Child>) {
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            if let Some(c) = child.as_mut() {
+                tokio::select! {
+                    _ = c.wait() => break,
+                    _ = tick.tick() => {}
+                }
+            } else {
+                tick.tick().await;
+                let (pid, ticks) = {
+                    let t = self.tasks.lock().expect("tasks");
+                    match t.get(&id) {
+                        Some(e) => (e.status.pid, e.start_ticks),
+                        None => return,
+                    }
+                };
+                let alive = pid.and_then(proc_start_ticks).is_some_and(|t| Some(t) == ticks);
+                if !alive {
+                    break;
+                }
+            }
+            if let Some(why) = self.check_limits(&id, started) {
+                self.kill(&id, why);
+            }
+        }
+        self.finish_native(&id);
+    }
+
+    fn finish_native(&self, id: &str) {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        let Some(e) = tasks.get_mut(id) else { return };
+        let exit: ExitInfo = std::fs::read(state_dir(&e.sandbox).join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let oom = match &e.control {
+            Control::Native { cgroup: Some(cg), .. } => {
+                let o = cg.oom_killed();
+                cg.kill_all();
+                o
+            }
+            _ => false,
+        };
+        let (state, why) = match (&e.kill_reason, oom, exit.code) {
+            (Some(r), _, _) if r == reason::KILLED => (TaskState::Killed, Some(r.clone())),
+            (Some(r), _, _) => (TaskState::Failed, Some(r.clone())),
+            (None, true, _) => (TaskState::Failed, Some(reason::OOM.to_string())),
+            (None, false, Some(0)) => (TaskState::Finished, None),
+            (None, false, _) => (TaskState::Failed, Some(reason::EXITED.to_string())),
+        };
+        e.status.state = state;
+        e.status.reason = why;
+        e.status.exit_code = exit.code;
+        e.status.signal = exit.signal;
+        e.status.finished_at = Some(now_ms());
+        e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
+        if let Control::Native { cgroup: Some(cg), .. } = &e.control {
+            let cg = cg.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    if cg.pids().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                cg.remove();
+            });
+        }
+        e.control = Control::Done;
+        let snapshot = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: e.start_ticks };
+        drop(tasks);
+        if let Ok(b) = serde_json::to_vec(&snapshot) {
+            let _ = self.db.insert(id.as_bytes(), b);
+            let _ = self.db.flush();
+        }
+        self.bump();
+    }
+
+    async fn monitor_wasm(self: Arc<Self>, id: String, handle: std::thread::JoinHandle<WasmOutcome>) {
+        let started = Instant::now();
+        let mut join = tokio::task::spawn_blocking(move || handle.join());
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let outcome = loop {
+            tokio::select! {
+                r = &mut join => break r.ok().and_then(|r| r.ok()).unwrap_or(WasmOutcome::Trap("wasm thread panicked".into())),
+                _ = tick.tick() => {
+                    if let Some(why) = self.check_limits(&id, started) {
+                        self.kill(&id, why);
+                    }
+                }
+            }
+        };
+        let mut tasks = self.tasks.lock().expect("tasks");
+        let Some(e) = tasks.get_mut(&id) else { return };
+        let (state, why, code) = match (&outcome, &e.kill_reason) {
+            (_, Some(r)) if r == reason::KILLED => (TaskState::Killed, Some(r.clone()), None),
+            (WasmOutcome::Killed, Some(r)) => (TaskState::Failed, Some(r.clone()), None),
+            (WasmOutcome::Exited(0), None) => (TaskState::Finished, None, Some(0)),
+            (WasmOutcome::Exited(c), _) => (TaskState::Failed, Some(reason::EXITED.to_string()), Some(*c)),
+            (WasmOutcome::MemoryLimit, _) => (TaskState::Failed, Some(reason::MEMORY_LIMIT.to_string()), None),
+            (WasmOutcome::Trap(m), _) => {
+                e.status.message = Some(m.clone());
+                (TaskState::Failed, Some(reason::TRAP.to_string()), None)
+            }
+            (WasmOutcome::Killed, None) => (TaskState::Killed, Some(reason::KILLED.to_string()), None),
+        };
+        e.status.state = state;
+        e.status.reason = why;
+        e.status.exit_code = code;
+        e.status.finished_at = Some(now_ms());
+        e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
+        e.control = Control::Done;
+        let snapshot = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: None };
+        drop(tasks);
+        if let Ok(b) = serde_json::to_vec(&snapshot) {
+            let _ = self.db.insert(id.as_bytes(), b);
+            let _ = self.db.flush();
+        }
+        self.bump();
+    }
+
+    /// After a restart: re-attach running native tasks, record those that ended meanwhile,
+    /// and fail Wasm tasks (they lived in the old agent process).
+    fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut reattach = Vec::new();
+        for kv in self.db.iter() {
+            let (_, v) = kv?;
+            let Ok(cp) = serde_json::from_slice::<Checkpoint>(&v) else { continue };
+            let sandbox = self.sandboxes.join(&cp.spec.id);
+            let mut status = cp.status.clone();
+            let mut control = Control::Done;
+            if !status.state.is_terminal() {
+                match status.runtime.as_str() {
+                    "native" => {
+                        let cgroup = self.cgroups.as_ref().map(|h| h.open(&cp.spec.id));
+                        control = Control::Native { supervisor: status.pid.unwrap_or(0), cgroup };
+                        reattach.push(cp.spec.id.clone());
+                    }
+                    _ => {
+                        status.state = TaskState::Failed;
+                        status.reason = Some(reason::AGENT_RESTART.into());
+                        status.finished_at = Some(now_ms());
+                    }
+                }
+            }
+            let entry = Entry { spec: cp.spec.clone(), status, sandbox, control, kill_reason: None, start_ticks: cp.start_ticks };
+            self.checkpoint(&entry);
+            self.tasks.lock().expect("tasks").insert(cp.spec.id.clone(), entry);
+        }
+        for id in reattach {
+            tracing::info!(task = %id, "re-attaching to a running task");
+            tokio::spawn(self.clone().monitor_native(id, None));
+        }
+        Ok(())
+    }
+}
+
+enum Child {
+    Native(tokio::process::Child),
+    Wasm(std::thread::JoinHandle<WasmOutcome>),
+}

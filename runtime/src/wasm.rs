@@ -1,0 +1,257 @@
+//! The Wasm executor: one wasmtime `Engine` per agent (epoch interruption, pooling allocator,
+//! on-disk compilation cache keyed by content hash), one `Store` per task. Runs WASI preview1
+//! modules (`_start`) and preview2 components (`wasi:cli/run`) with the sandbox as the only
+//! preopened directory, no sockets unless granted, stdout/stderr into sandbox files, and a
+//! memory limit that traps.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Epoch tick: the longest a killed guest keeps running in a tight loop.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How a Wasm task ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WasmOutcome {
+    Exited(i32),
+    MemoryLimit,
+    Killed,
+    Trap(String),
+}
+
+/// Caps linear memory; records that the cap was hit so the task reports `memory_limit`.
+struct MemLimiter {
+    max_bytes: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            wasmtime::bail!("memory limit of {} bytes exceeded", self.max_bytes);
+        }
+        Ok(true)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+struct P1State {
+    wasi: WasiP1Ctx,
+    limiter: MemLimiter,
+    killed: Arc<AtomicBool>,
+}
+
+struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limiter: MemLimiter,
+    killed: Arc<AtomicBool>,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+    }
+}
+
+/// What a Wasm task needs besides its bytes.
+pub struct WasmTask<'a> {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub sandbox: &'a Path,
+    pub memory_bytes: usize,
+    pub allow_network: bool,
+}
+
+/// The agent's wasmtime engine and linkers.
+pub struct WasmRuntime {
+    engine: Engine,
+    p1: Linker<P1State>,
+    p2: wasmtime::component::Linker<P2State>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether `bytes` are a component (layer 1) rather than a core module.
+pub fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+impl WasmRuntime {
+    /// Builds the engine. `cache_dir` holds compiled code keyed by content hash.
+    pub fn new(cache_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(cache_dir)?;
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true);
+        cfg.wasm_component_model(true);
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(cache_dir);
+        cfg.cache(Some(wasmtime::Cache::new(cache).map_err(|e| anyhow::anyhow!("wasm cache: {e}"))?));
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_memories(2_000)
+            .total_tables(2_000)
+            .total_core_instances(2_000)
+            .total_component_instances(2_000)
+            .total_stacks(2_000)
+            .max_memory_size(1 << 30);
+        let mut pooled = cfg.clone();
+        pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        // Fall back to on-demand allocation where the host cannot reserve the pool.
+        let engine = match Engine::new(&pooled) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("wasm pooling allocator unavailable ({e}); using on-demand allocation");
+                Engine::new(&cfg).map_err(|e| anyhow::anyhow!("wasm engine: {e}"))?
+            }
+        };
+        let mut p1 = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut p1, |s: &mut P1State| &mut s.wasi)
+            .map_err(|e| anyhow::anyhow!("wasi p1 linker: {e}"))?;
+        let mut p2 = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut p2).map_err(|e| anyhow::anyhow!("wasi p2 linker: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        }
+        Ok(Self { engine, p1, p2, stop })
+    }
+
+    fn wasi_builder(t: &WasmTask) -> anyhow::Result<WasiCtxBuilder> {
+        let mut b = WasiCtxBuilder::new();
+        b.args(&t.args).envs(&t.env);
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(t.sandbox.join("stdout"))?;
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(t.sandbox.join("stderr"))?;
+        b.stdout(wasmtime_wasi::cli::OutputFile::new(out));
+        b.stderr(wasmtime_wasi::cli::OutputFile::new(err));
+        b.preopened_dir(t.sandbox, ".", FsPerms::ReadWrite)
+            .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
+        if t.allow_network {
+            b.inherit_network();
+        } else {
+            b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        }
+        Ok(b)
+    }
+
+    /// Compiles (or loads from the cache) and runs a module or component on a new thread.
+    /// Returns the kill switch and the thread that yields the outcome.
+    pub fn start(
+        self: &Arc<Self>,
+        bytes: Vec<u8>,
+        task: WasmTask,
+    ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<WasmOutcome>)> {
+        let killed = Arc::new(AtomicBool::new(false));
+        let limiter = MemLimiter { max_bytes: task.memory_bytes, exceeded: false };
+        let builder = Self::wasi_builder(&task);
+        let mut builder = builder?;
+        let this = self.clone();
+        let k = killed.clone();
+        let handle = if is_component(&bytes) {
+            let component = Component::new(&self.engine, &bytes).map_err(|e| anyhow::anyhow!("compiling component: {e}"))?;
+            let state = P2State { ctx: builder.build(), table: ResourceTable::new(), limiter, killed: k };
+            std::thread::Builder::new()
+                .name("wasm-task".into())
+                .stack_size(4 << 20)
+                .spawn(move || this.run_component(component, state))?
+        } else {
+            let module = Module::new(&self.engine, &bytes).map_err(|e| anyhow::anyhow!("compiling module: {e}"))?;
+            let state = P1State { wasi: builder.build_p1(), limiter, killed: k };
+            std::thread::Builder::new()
+                .name("wasm-task".into())
+                .stack_size(4 << 20)
+                .spawn(move || this.run_module(module, state))?
+        };
+        Ok((killed, handle))
+    }
+
+    fn run_module(&self, module: Module, state: P1State) -> WasmOutcome {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if ctx.data().killed.load(Ordering::Relaxed) {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+        let mut run = || -> wasmtime::Result<()> {
+            let instance = self.p1.instantiate(&mut store, &module)?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call(&mut store, ())
+        };
+        let r = run();
+        outcome(r.map(|()| 0), store.data().limiter.exceeded, store.data().killed.load(Ordering::Relaxed))
+    }
+
+    fn run_component(&self, component: Component, state: P2State) -> WasmOutcome {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if ctx.data().killed.load(Ordering::Relaxed) {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+        let r = (|| -> wasmtime::Result<i32> {
+            let cmd = wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, &self.p2)?;
+            Ok(match cmd.wasi_cli_run().call_run(&mut store)? {
+                Ok(()) => 0,
+                Err(()) => 1,
+            })
+        })();
+        outcome(r, store.data().limiter.exceeded, store.data().killed.load(Ordering::Relaxed))
+    }
+}
+
+fn outcome(r: wasmtime::Result<i32>, mem_exceeded: bool, killed: bool) -> WasmOutcome {
+    match r {
+        Ok(code) => WasmOutcome::Exited(code),
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                WasmOutcome::Exited(exit.0)
+            } else if killed {
+                WasmOutcome::Killed
+            } else if mem_exceeded {
+                WasmOutcome::MemoryLimit
+            } else {
+                WasmOutcome::Trap(format!("{e:#}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_detection() {
+        assert!(is_component(b"\0asm\x0d\x00\x01\x00"));
+        assert!(!is_component(b"\0asm\x01\x00\x00\x00"));
+        assert!(!is_component(b"junk"));
+    }
+}

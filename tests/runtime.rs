@@ -1,0 +1,283 @@
+//! End-to-end tests of the agent runtime with real kernel features (namespaces, cgroups) and
+//! real wasmtime: tasks are launched through a real `cairn agent` process's API.
+//! Needs root (namespaces, cgroups); Wasm guests are built by scripts/test.sh.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    lab: cairn_installer::lab::Lab,
+    addr: String,
+    http: reqwest::Client,
+}
+
+async fn agent() -> Agent {
+    let (dir, mut lab) = lab(1, &[]);
+    let n = lab.start_agent(&["--heartbeat-interval", "500ms"]).unwrap();
+    let addr = lab.agents[n].addr.clone();
+    let http = http();
+    eventually(Duration::from_secs(20), "agent API up", || {
+        let (http, addr) = (http.clone(), addr.clone());
+        async move {
+            let r = http.get(format!("http://{addr}/api/v1/tasks")).bearer_auth(TOKEN).send().await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
+    Agent { _dir: dir, lab, addr, http }
+}
+
+impl Agent {
+    async fn launch(&self, spec: Value) -> (u16, Value) {
+        let r = self.http.post(format!("http://{}/api/v1/tasks", self.addr)).bearer_auth(TOKEN).json(&spec).send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn status(&self, id: &str) -> Value {
+        self.http.get(format!("http://{}/api/v1/tasks/{id}", self.addr)).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap()
+    }
+    async fn wait_state(&self, id: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("task {id} ends"), || async {
+            let s = self.status(id).await;
+            matches!(s["state"].as_str(), Some("finished" | "failed" | "killed" | "lost")).then_some(s)
+        })
+        .await
+    }
+    async fn file(&self, id: &str, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("http://{}/api/v1/tasks/{id}/files", self.addr))
+            .query(&[("path", path)])
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.text().await.unwrap())
+    }
+    async fn kill(&self, id: &str) {
+        let r = self.http.post(format!("http://{}/api/v1/tasks/{id}/kill", self.addr)).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+}
+
+fn sh(id: &str, script: &str) -> Value {
+    json!({"id": id, "workload": "test", "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", script]}},
+           "resources": {"cpus": 1.0, "mem": 256, "disk": 0}})
+}
+
+fn guest(target: &str, name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/guests/{target}/release/{name}.wasm"));
+    assert!(p.exists(), "{} is missing: run scripts/test.sh (it builds tests/guests)", p.display());
+    p.display().to_string()
+}
+
+fn wasm(id: &str, target: &str, name: &str, mem: u64) -> Value {
+    json!({"id": id, "runtime": {"wasm": {"file": guest(target, name), "args": ["a1", "a2"]}},
+           "resources": {"cpus": 1.0, "mem": mem, "disk": 0}, "ports": [{"name": "http", "number": 31005}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_task_is_isolated_logged_and_limited() {
+    let a = agent().await;
+    // Own PID namespace (the shell is PID 2 under our PID 1), own hostname, private /tmp,
+    // environment, stdout and stderr in the sandbox.
+    let mut spec = sh(
+        "iso",
+        "echo pid=$$; hostname; echo env=$CAIRN_TASK_ID/$CAIRN_WORKLOAD/$PORT0/$PORT_WEB; \
+         echo procs=$(ls /proc | grep -c '^[0-9]'); touch /tmp/private; echo oops >&2",
+    );
+    spec["ports"] = json!([{"name": "web", "number": 31001}]);
+    let (code, body) = a.launch(spec).await;
+    assert_eq!(code, 201, "{body}");
+    let st = a.wait_state("iso", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "finished", "{st}");
+    let (_, out) = a.file("iso", "stdout").await;
+    assert!(out.contains("pid=2\n"), "not in its own PID namespace: {out}");
+    assert!(out.contains("iso\n"), "hostname is not the task id: {out}");
+    assert!(out.contains("env=iso/test/31001/31001"), "{out}");
+    let procs: u32 = out.split("procs=").nth(1).unwrap().lines().next().unwrap().parse().unwrap();
+    // PID 1, the shell, the command substitution, ls and grep: nothing of the host.
+    assert!(procs <= 6, "task sees {procs} processes: host processes are visible");
+    assert_eq!(a.file("iso", "stderr").await.1, "oops\n");
+    assert_eq!(a.file("iso", "tmp/private").await.0, 200, "/tmp is the sandbox's tmp");
+    assert!(!std::path::Path::new("/tmp/private").exists());
+
+    // Exit codes.
+    a.launch(sh("exit7", "exit 7")).await;
+    let st = a.wait_state("exit7", Duration::from_secs(20)).await;
+    assert_eq!((st["state"].as_str(), st["exit_code"].as_i64(), st["reason"].as_str()), (Some("failed"), Some(7), Some("exited")));
+
+    // Zombies are reaped by our PID 1.
+    a.launch(sh("zombies", "for i in 1 2 3 4; do (sleep 0.1 &); done; sleep 1; grep -l '^State:.Z' /proc/[0-9]*/status | wc -l")).await;
+    a.wait_state("zombies", Duration::from_secs(20)).await;
+    assert_eq!(a.file("zombies", "stdout").await.1.trim(), "0");
+
+    // network = "none": only loopback.
+    let mut spec = sh("nonet", "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '");
+    spec["network"] = json!("none");
+    a.launch(spec).await;
+    a.wait_state("nonet", Duration::from_secs(20)).await;
+    assert_eq!(a.file("nonet", "stdout").await.1.trim(), "lo");
+
+    // Sandbox file API refuses traversal, absolute paths and symlinks out.
+    a.launch(sh("links", "ln -s /etc/passwd out; ln -s stdout in; echo hi")).await;
+    a.wait_state("links", Duration::from_secs(20)).await;
+    for p in ["../../etc/passwd", "/etc/passwd", "out", "tmp/../../x"] {
+        assert_eq!(a.file("links", p).await.0, 403, "path {p}");
+    }
+    assert_eq!(a.file("links", "in").await, (200, "hi\n".into()));
+    let _ = &a.lab;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_limits_trigger_and_are_reported() {
+    let a = agent().await;
+    // Memory: the cgroup limit OOM-kills the task.
+    let mut oom = sh("oom", "x=a; while :; do x=$x$x; done");
+    oom["resources"]["mem"] = json!(32);
+    a.launch(oom).await;
+    let st = a.wait_state("oom", Duration::from_secs(60)).await;
+    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("oom")), "{st}");
+
+    // pids: a fork bomb stays inside its limit.
+    let mut bomb = sh("bomb", "b() { b | b & }; b; sleep 3");
+    bomb["pids_max"] = json!(24);
+    bomb["kill_grace_ms"] = json!(100);
+    a.launch(bomb).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = a.status("bomb").await;
+    assert!(st["usage"]["pids"].as_u64().unwrap() <= 24, "fork bomb escaped its pids limit: {st}");
+    a.kill("bomb").await;
+    let st = a.wait_state("bomb", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "killed");
+    // The host still forks fine.
+    assert!(std::process::Command::new("true").status().unwrap().success());
+
+    // CPU: a hog limited to 0.2 cpus gets about 0.2 s of CPU per second.
+    let mut hog = sh("hog", "while :; do :; done");
+    hog["resources"]["cpus"] = json!(0.2);
+    hog["kill_grace_ms"] = json!(100);
+    a.launch(hog).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = a.status("hog").await["usage"]["cpu_usec"].as_u64().unwrap();
+    a.kill("hog").await;
+    assert!(used > 100_000 && used < 1_200_000, "CPU hog used {used} us in 3 s with cpus=0.2");
+
+    // Sandbox disk: killed with reason disk_limit.
+    let mut disk = sh("disk", "dd if=/dev/zero of=big bs=1M count=40 2>/dev/null; sleep 30");
+    disk["resources"]["disk"] = json!(10);
+    disk["kill_grace_ms"] = json!(100);
+    a.launch(disk).await;
+    let st = a.wait_state("disk", Duration::from_secs(30)).await;
+    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("disk_limit")), "{st}");
+
+    // Wall-clock timeout for jobs.
+    let mut slow = sh("slow", "sleep 30");
+    slow["timeout_ms"] = json!(500);
+    slow["kill_grace_ms"] = json!(100);
+    a.launch(slow).await;
+    let st = a.wait_state("slow", Duration::from_secs(20)).await;
+    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("timeout")), "{st}");
+
+    // Kill: SIGTERM first (the task sees it), SIGKILL after the grace period.
+    a.launch(sh("polite", "trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill("polite").await;
+    let st = a.wait_state("polite", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "killed");
+    assert!(a.file("polite", "stdout").await.1.contains("got-term"));
+    let mut stubborn = sh("stubborn", "trap '' TERM; while :; do sleep 0.1; done");
+    stubborn["kill_grace_ms"] = json!(300);
+    a.launch(stubborn).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill("stubborn").await;
+    let st = a.wait_state("stubborn", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_tasks_survive_an_agent_kill() {
+    let mut a = agent().await;
+    a.launch(sh("ticker", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done")).await;
+    a.launch(sh("quick", "sleep 1; exit 5")).await;
+    a.launch(wasm("wasm-spin", "wasm32-wasip1", "spin", 64)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = a.status("ticker").await["pid"].as_u64().unwrap();
+    a.lab.kill_agent(0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.lab.restart_agent(0).unwrap();
+    let before = eventually(Duration::from_secs(20), "agent back", || async {
+        let r = a.http.get(format!("http://{}/api/v1/tasks/ticker", a.addr)).bearer_auth(TOKEN).send().await.ok()?;
+        let v: Value = r.json().await.ok()?;
+        Some(v)
+    })
+    .await;
+    assert_eq!(before["state"], "running", "{before}");
+    assert_eq!(before["pid"].as_u64(), Some(pid), "re-attached to the same process");
+    // Its logs keep flowing.
+    let n1 = a.file("ticker", "stdout").await.1.len();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let n2 = a.file("ticker", "stdout").await.1.len();
+    assert!(n2 > n1, "logs stopped after the agent restart");
+    // The task that ended while the agent was down is reported with its real status.
+    let q = a.wait_state("quick", Duration::from_secs(20)).await;
+    assert_eq!((q["state"].as_str(), q["exit_code"].as_i64()), (Some("failed"), Some(5)), "{q}");
+    // Wasm tasks lived in the old agent process.
+    let w = a.status("wasm-spin").await;
+    assert_eq!((w["state"].as_str(), w["reason"].as_str()), (Some("failed"), Some("agent_restart")));
+    // The re-attached task's exit is still observed.
+    a.kill("ticker").await;
+    let st = a.wait_state("ticker", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_tasks_run_contained_and_killable() {
+    let a = agent().await;
+    for (id, target) in [("p1-hello", "wasm32-wasip1"), ("p2-hello", "wasm32-wasip2")] {
+        let (code, body) = a.launch(wasm(id, target, "hello", 64)).await;
+        assert_eq!(code, 201, "{body}");
+        let st = a.wait_state(id, Duration::from_secs(60)).await;
+        assert_eq!(st["state"], "finished", "{id}: {st}");
+        let out = a.file(id, "stdout").await.1;
+        assert!(out.contains(r#"hello from wasm args=["a1", "a2"]"#), "{id}: {out}");
+        assert!(out.contains(&format!("task={id}")) && out.contains("port0=31005"), "{id}: {out}");
+        assert_eq!(a.file(id, "stderr").await.1, "to stderr\n");
+        assert_eq!(a.file(id, "written-by-guest.txt").await.1, "guest was here");
+    }
+    // A tight loop is interrupted promptly.
+    a.launch(wasm("spin", "wasm32-wasip1", "spin", 64)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.status("spin").await["state"], "running");
+    a.kill("spin").await;
+    let st = a.wait_state("spin", Duration::from_secs(5)).await;
+    assert_eq!(st["state"], "killed");
+    // A memory bomb traps at its limit.
+    for (id, target) in [("bomb1", "wasm32-wasip1"), ("bomb2", "wasm32-wasip2")] {
+        a.launch(wasm(id, target, "membomb", 32)).await;
+        let st = a.wait_state(id, Duration::from_secs(30)).await;
+        assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("memory_limit")), "{id}: {st}");
+    }
+    // No files outside the preopened sandbox, no sockets.
+    for (id, target) in [("esc1", "wasm32-wasip1"), ("esc2", "wasm32-wasip2")] {
+        a.launch(wasm(id, target, "escape", 64)).await;
+        let st = a.wait_state(id, Duration::from_secs(30)).await;
+        let out = a.file(id, "stdout").await.1;
+        assert_eq!(st["state"], "finished", "{id} escaped its sandbox: {out}");
+        assert!(out.contains("/etc/shadow: denied"), "{out}");
+    }
+    // Exit codes.
+    a.launch(wasm("exit3", "wasm32-wasip1", "exit3", 64)).await;
+    let st = a.wait_state("exit3", Duration::from_secs(30)).await;
+    assert_eq!((st["state"].as_str(), st["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    // Bad specs name the field.
+    let (code, body) = a.launch(json!({"id": "x", "runtime": {"wasm": {"file": "", "args": []}}})).await;
+    assert_eq!((code, body["field"].as_str()), (400, Some("runtime.wasm.file")));
+    let (code, _) = a.launch(wasm("p1-hello", "wasm32-wasip1", "hello", 64)).await;
+    assert_eq!(code, 409);
+}
