@@ -39,6 +39,17 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Start-to-exit latency of trivial tasks on an in-process agent (or of `crun run`).
+    Tasks {
+        #[arg(long, value_enum)]
+        kind: TaskKind,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long)]
+        wasm_file: Option<PathBuf>,
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
     /// Leader failover: kill -9 the leader, time until the next write is committed.
     Failover {
         #[arg(long, value_enum)]
@@ -451,10 +462,117 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             )
             .await
         }
+        BenchCmd::Tasks {
+            kind,
+            count,
+            wasm_file,
+            bundle,
+        } => {
+            println!("| kind | tasks | p50 ms | p99 ms | mean ms |");
+            println!("|---|---|---|---|---|");
+            tasks(kind, count, wasm_file, bundle).await
+        }
         BenchCmd::Failover { target, kills, dir } => {
             println!("| target | kills | median ms | min ms | max ms | all (ms) |");
             println!("|---|---|---|---|---|---|");
             failover(target, kills, dir).await
         }
     }
+}
+
+/// Which kind of task `cairn bench tasks` starts.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TaskKind {
+    /// `/bin/true` as a native task (namespaces + cgroup).
+    Native,
+    /// A Wasm module or component given with --wasm-file.
+    Wasm,
+    /// `crun run` of an OCI bundle given with --bundle (its process should exit at once).
+    Crun,
+}
+
+/// Start-to-exit latency of trivial tasks, launched one after another on an in-process agent.
+pub async fn tasks(
+    kind: TaskKind,
+    count: usize,
+    wasm_file: Option<PathBuf>,
+    bundle: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use cairn_kernel::model::{RuntimeSpec, TaskState};
+    let (dir, _tmp) = workdir(None)?;
+    let mut h = Histogram::<u64>::new(3)?;
+    let mgr =
+        cairn_runtime::tasks::TaskManager::open(&dir, Path::new("/sys/fs/cgroup"), "127.0.0.1")?;
+    let bar = indicatif::ProgressBar::new(count as u64);
+    for i in 0..count {
+        let t = Instant::now();
+        match kind {
+            TaskKind::Crun => {
+                let bundle = bundle
+                    .clone()
+                    .context("--bundle DIR is required for crun")?;
+                let st = tokio::process::Command::new("crun")
+                    .args(["run", "--bundle"])
+                    .arg(&bundle)
+                    .arg(format!("bench-{i}"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .status()
+                    .await
+                    .context("running crun (apt-get install crun)")?;
+                anyhow::ensure!(st.success(), "crun run failed: {st}");
+            }
+            TaskKind::Native | TaskKind::Wasm => {
+                let runtime = match kind {
+                    TaskKind::Native => RuntimeSpec::Native {
+                        cmd: "/bin/true".into(),
+                        args: vec![],
+                    },
+                    _ => RuntimeSpec::Wasm {
+                        file: wasm_file
+                            .clone()
+                            .context("--wasm-file is required")?
+                            .display()
+                            .to_string(),
+                        args: vec![],
+                    },
+                };
+                let spec: cairn_runtime::task::TaskSpec =
+                    serde_json::from_value(serde_json::json!({
+                        "id": format!("bench-{i}"),
+                        "runtime": runtime,
+                        "resources": {"cpus": 1.0, "mem": 64, "disk": 0}
+                    }))?;
+                let mut rx = mgr.watch();
+                let m = mgr.clone();
+                tokio::task::spawn_blocking(move || m.launch(spec)).await??;
+                let id = format!("bench-{i}");
+                loop {
+                    let s = mgr.get(&id).context("task vanished")?;
+                    if s.state.is_terminal() {
+                        anyhow::ensure!(
+                            s.state == TaskState::Finished,
+                            "task {id} ended {:?}: {:?}",
+                            s.state,
+                            s.message
+                        );
+                        break;
+                    }
+                    rx.changed().await?;
+                }
+            }
+        }
+        h.record(t.elapsed().as_micros() as u64)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "| {:?} | {} | {:.2} | {:.2} | {:.2} |",
+        kind,
+        count,
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.mean() / 1000.0
+    );
+    Ok(())
 }

@@ -162,19 +162,37 @@ pub async fn agent_list(c: &Client, json: bool) -> anyhow::Result<()> {
 }
 
 /// Streams a sandbox file of a task from its agent, following it while the task runs.
-pub async fn logs(agent: &str, token: &str, task: &str, file: &str, follow: bool) -> anyhow::Result<()> {
+pub async fn logs(
+    agent: &str,
+    token: &str,
+    task: &str,
+    file: &str,
+    follow: bool,
+) -> anyhow::Result<()> {
     use std::io::Write;
-    let base = if agent.starts_with("http") { agent.to_string() } else { format!("http://{agent}") };
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let base = if agent.starts_with("http") {
+        agent.to_string()
+    } else {
+        format!("http://{agent}")
+    };
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
     let mut offset = 0u64;
     loop {
         let r = http
             .get(format!("{base}/api/v1/tasks/{task}/files"))
-            .query(&[("path", file), ("offset", &offset.to_string()), ("length", "1048576")])
+            .query(&[
+                ("path", file),
+                ("offset", &offset.to_string()),
+                ("length", "1048576"),
+            ])
             .bearer_auth(token)
             .send()
             .await
-            .with_context(|| format!("cannot reach the agent at {base} (set --agent or CAIRN_AGENT)"))?;
+            .with_context(|| {
+                format!("cannot reach the agent at {base} (set --agent or CAIRN_AGENT)")
+            })?;
         if !r.status().is_success() {
             let status = r.status();
             let v: Value = r.json().await.unwrap_or(Value::Null);

@@ -548,9 +548,22 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             }
-            Cmd::Logs { task, agent, follow, stderr, token } => {
+            Cmd::Logs {
+                task,
+                agent,
+                follow,
+                stderr,
+                token,
+            } => {
                 init_tracing("warn");
-                client::logs(&agent, &token, &task, if stderr { "stderr" } else { "stdout" }, follow).await
+                client::logs(
+                    &agent,
+                    &token,
+                    &task,
+                    if stderr { "stderr" } else { "stdout" },
+                    follow,
+                )
+                .await
             }
             Cmd::Bench { cmd } => {
                 init_tracing("warn");

@@ -23,27 +23,56 @@ async fn agent() -> Agent {
     eventually(Duration::from_secs(20), "agent API up", || {
         let (http, addr) = (http.clone(), addr.clone());
         async move {
-            let r = http.get(format!("http://{addr}/api/v1/tasks")).bearer_auth(TOKEN).send().await.ok()?;
+            let r = http
+                .get(format!("http://{addr}/api/v1/tasks"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?;
             r.status().is_success().then_some(())
         }
     })
     .await;
-    Agent { _dir: dir, lab, addr, http }
+    Agent {
+        _dir: dir,
+        lab,
+        addr,
+        http,
+    }
 }
 
 impl Agent {
     async fn launch(&self, spec: Value) -> (u16, Value) {
-        let r = self.http.post(format!("http://{}/api/v1/tasks", self.addr)).bearer_auth(TOKEN).json(&spec).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("http://{}/api/v1/tasks", self.addr))
+            .bearer_auth(TOKEN)
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }
     async fn status(&self, id: &str) -> Value {
-        self.http.get(format!("http://{}/api/v1/tasks/{id}", self.addr)).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(format!("http://{}/api/v1/tasks/{id}", self.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
     async fn wait_state(&self, id: &str, timeout: Duration) -> Value {
         eventually(timeout, &format!("task {id} ends"), || async {
             let s = self.status(id).await;
-            matches!(s["state"].as_str(), Some("finished" | "failed" | "killed" | "lost")).then_some(s)
+            matches!(
+                s["state"].as_str(),
+                Some("finished" | "failed" | "killed" | "lost")
+            )
+            .then_some(s)
         })
         .await
     }
@@ -60,7 +89,13 @@ impl Agent {
         (s, r.text().await.unwrap())
     }
     async fn kill(&self, id: &str) {
-        let r = self.http.post(format!("http://{}/api/v1/tasks/{id}/kill", self.addr)).bearer_auth(TOKEN).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("http://{}/api/v1/tasks/{id}/kill", self.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
 }
@@ -71,8 +106,13 @@ fn sh(id: &str, script: &str) -> Value {
 }
 
 fn guest(target: &str, name: &str) -> String {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/guests/{target}/release/{name}.wasm"));
-    assert!(p.exists(), "{} is missing: run scripts/test.sh (it builds tests/guests)", p.display());
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/guests/{target}/release/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh (it builds tests/guests)",
+        p.display()
+    );
     p.display().to_string()
 }
 
@@ -97,20 +137,45 @@ async fn native_task_is_isolated_logged_and_limited() {
     let st = a.wait_state("iso", Duration::from_secs(20)).await;
     assert_eq!(st["state"], "finished", "{st}");
     let (_, out) = a.file("iso", "stdout").await;
-    assert!(out.contains("pid=2\n"), "not in its own PID namespace: {out}");
+    assert!(
+        out.contains("pid=2\n"),
+        "not in its own PID namespace: {out}"
+    );
     assert!(out.contains("iso\n"), "hostname is not the task id: {out}");
     assert!(out.contains("env=iso/test/31001/31001"), "{out}");
-    let procs: u32 = out.split("procs=").nth(1).unwrap().lines().next().unwrap().parse().unwrap();
+    let procs: u32 = out
+        .split("procs=")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     // PID 1, the shell, the command substitution, ls and grep: nothing of the host.
-    assert!(procs <= 6, "task sees {procs} processes: host processes are visible");
+    assert!(
+        procs <= 6,
+        "task sees {procs} processes: host processes are visible"
+    );
     assert_eq!(a.file("iso", "stderr").await.1, "oops\n");
-    assert_eq!(a.file("iso", "tmp/private").await.0, 200, "/tmp is the sandbox's tmp");
+    assert_eq!(
+        a.file("iso", "tmp/private").await.0,
+        200,
+        "/tmp is the sandbox's tmp"
+    );
     assert!(!std::path::Path::new("/tmp/private").exists());
 
     // Exit codes.
     a.launch(sh("exit7", "exit 7")).await;
     let st = a.wait_state("exit7", Duration::from_secs(20)).await;
-    assert_eq!((st["state"].as_str(), st["exit_code"].as_i64(), st["reason"].as_str()), (Some("failed"), Some(7), Some("exited")));
+    assert_eq!(
+        (
+            st["state"].as_str(),
+            st["exit_code"].as_i64(),
+            st["reason"].as_str()
+        ),
+        (Some("failed"), Some(7), Some("exited"))
+    );
 
     // Zombies are reaped by our PID 1.
     a.launch(sh("zombies", "for i in 1 2 3 4; do (sleep 0.1 &); done; sleep 1; grep -l '^State:.Z' /proc/[0-9]*/status | wc -l")).await;
@@ -118,14 +183,21 @@ async fn native_task_is_isolated_logged_and_limited() {
     assert_eq!(a.file("zombies", "stdout").await.1.trim(), "0");
 
     // network = "none": only loopback.
-    let mut spec = sh("nonet", "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '");
+    let mut spec = sh(
+        "nonet",
+        "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+    );
     spec["network"] = json!("none");
     a.launch(spec).await;
     a.wait_state("nonet", Duration::from_secs(20)).await;
     assert_eq!(a.file("nonet", "stdout").await.1.trim(), "lo");
 
     // Sandbox file API refuses traversal, absolute paths and symlinks out.
-    a.launch(sh("links", "ln -s /etc/passwd out; ln -s stdout in; echo hi")).await;
+    a.launch(sh(
+        "links",
+        "ln -s /etc/passwd out; ln -s stdout in; echo hi",
+    ))
+    .await;
     a.wait_state("links", Duration::from_secs(20)).await;
     for p in ["../../etc/passwd", "/etc/passwd", "out", "tmp/../../x"] {
         assert_eq!(a.file("links", p).await.0, 403, "path {p}");
@@ -142,7 +214,11 @@ async fn native_limits_trigger_and_are_reported() {
     oom["resources"]["mem"] = json!(32);
     a.launch(oom).await;
     let st = a.wait_state("oom", Duration::from_secs(60)).await;
-    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("oom")), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["reason"].as_str()),
+        (Some("failed"), Some("oom")),
+        "{st}"
+    );
 
     // pids: a fork bomb stays inside its limit.
     let mut bomb = sh("bomb", "b() { b | b & }; b; sleep 3");
@@ -151,12 +227,18 @@ async fn native_limits_trigger_and_are_reported() {
     a.launch(bomb).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let st = a.status("bomb").await;
-    assert!(st["usage"]["pids"].as_u64().unwrap() <= 24, "fork bomb escaped its pids limit: {st}");
+    assert!(
+        st["usage"]["pids"].as_u64().unwrap() <= 24,
+        "fork bomb escaped its pids limit: {st}"
+    );
     a.kill("bomb").await;
     let st = a.wait_state("bomb", Duration::from_secs(20)).await;
     assert_eq!(st["state"], "killed");
     // The host still forks fine.
-    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
 
     // CPU: a hog limited to 0.2 cpus gets about 0.2 s of CPU per second.
     let mut hog = sh("hog", "while :; do :; done");
@@ -166,15 +248,25 @@ async fn native_limits_trigger_and_are_reported() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = a.status("hog").await["usage"]["cpu_usec"].as_u64().unwrap();
     a.kill("hog").await;
-    assert!(used > 100_000 && used < 1_200_000, "CPU hog used {used} us in 3 s with cpus=0.2");
+    assert!(
+        used > 100_000 && used < 1_200_000,
+        "CPU hog used {used} us in 3 s with cpus=0.2"
+    );
 
     // Sandbox disk: killed with reason disk_limit.
-    let mut disk = sh("disk", "dd if=/dev/zero of=big bs=1M count=40 2>/dev/null; sleep 30");
+    let mut disk = sh(
+        "disk",
+        "dd if=/dev/zero of=big bs=1M count=40 2>/dev/null; sleep 30",
+    );
     disk["resources"]["disk"] = json!(10);
     disk["kill_grace_ms"] = json!(100);
     a.launch(disk).await;
     let st = a.wait_state("disk", Duration::from_secs(30)).await;
-    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("disk_limit")), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["reason"].as_str()),
+        (Some("failed"), Some("disk_limit")),
+        "{st}"
+    );
 
     // Wall-clock timeout for jobs.
     let mut slow = sh("slow", "sleep 30");
@@ -182,10 +274,18 @@ async fn native_limits_trigger_and_are_reported() {
     slow["kill_grace_ms"] = json!(100);
     a.launch(slow).await;
     let st = a.wait_state("slow", Duration::from_secs(20)).await;
-    assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("timeout")), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["reason"].as_str()),
+        (Some("failed"), Some("timeout")),
+        "{st}"
+    );
 
     // Kill: SIGTERM first (the task sees it), SIGKILL after the grace period.
-    a.launch(sh("polite", "trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done")).await;
+    a.launch(sh(
+        "polite",
+        "trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done",
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.kill("polite").await;
     let st = a.wait_state("polite", Duration::from_secs(20)).await;
@@ -203,22 +303,37 @@ async fn native_limits_trigger_and_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_tasks_survive_an_agent_kill() {
     let mut a = agent().await;
-    a.launch(sh("ticker", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done")).await;
+    a.launch(sh(
+        "ticker",
+        "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+    ))
+    .await;
     a.launch(sh("quick", "sleep 1; exit 5")).await;
-    a.launch(wasm("wasm-spin", "wasm32-wasip1", "spin", 64)).await;
+    a.launch(wasm("wasm-spin", "wasm32-wasip1", "spin", 64))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = a.status("ticker").await["pid"].as_u64().unwrap();
     a.lab.kill_agent(0);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a.lab.restart_agent(0).unwrap();
     let before = eventually(Duration::from_secs(20), "agent back", || async {
-        let r = a.http.get(format!("http://{}/api/v1/tasks/ticker", a.addr)).bearer_auth(TOKEN).send().await.ok()?;
+        let r = a
+            .http
+            .get(format!("http://{}/api/v1/tasks/ticker", a.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?;
         let v: Value = r.json().await.ok()?;
         Some(v)
     })
     .await;
     assert_eq!(before["state"], "running", "{before}");
-    assert_eq!(before["pid"].as_u64(), Some(pid), "re-attached to the same process");
+    assert_eq!(
+        before["pid"].as_u64(),
+        Some(pid),
+        "re-attached to the same process"
+    );
     // Its logs keep flowing.
     let n1 = a.file("ticker", "stdout").await.1.len();
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -226,10 +341,17 @@ async fn native_tasks_survive_an_agent_kill() {
     assert!(n2 > n1, "logs stopped after the agent restart");
     // The task that ended while the agent was down is reported with its real status.
     let q = a.wait_state("quick", Duration::from_secs(20)).await;
-    assert_eq!((q["state"].as_str(), q["exit_code"].as_i64()), (Some("failed"), Some(5)), "{q}");
+    assert_eq!(
+        (q["state"].as_str(), q["exit_code"].as_i64()),
+        (Some("failed"), Some(5)),
+        "{q}"
+    );
     // Wasm tasks lived in the old agent process.
     let w = a.status("wasm-spin").await;
-    assert_eq!((w["state"].as_str(), w["reason"].as_str()), (Some("failed"), Some("agent_restart")));
+    assert_eq!(
+        (w["state"].as_str(), w["reason"].as_str()),
+        (Some("failed"), Some("agent_restart"))
+    );
     // The re-attached task's exit is still observed.
     a.kill("ticker").await;
     let st = a.wait_state("ticker", Duration::from_secs(20)).await;
@@ -245,8 +367,14 @@ async fn wasm_tasks_run_contained_and_killable() {
         let st = a.wait_state(id, Duration::from_secs(60)).await;
         assert_eq!(st["state"], "finished", "{id}: {st}");
         let out = a.file(id, "stdout").await.1;
-        assert!(out.contains(r#"hello from wasm args=["a1", "a2"]"#), "{id}: {out}");
-        assert!(out.contains(&format!("task={id}")) && out.contains("port0=31005"), "{id}: {out}");
+        assert!(
+            out.contains(r#"hello from wasm args=["a1", "a2"]"#),
+            "{id}: {out}"
+        );
+        assert!(
+            out.contains(&format!("task={id}")) && out.contains("port0=31005"),
+            "{id}: {out}"
+        );
         assert_eq!(a.file(id, "stderr").await.1, "to stderr\n");
         assert_eq!(a.file(id, "written-by-guest.txt").await.1, "guest was here");
     }
@@ -261,7 +389,11 @@ async fn wasm_tasks_run_contained_and_killable() {
     for (id, target) in [("bomb1", "wasm32-wasip1"), ("bomb2", "wasm32-wasip2")] {
         a.launch(wasm(id, target, "membomb", 32)).await;
         let st = a.wait_state(id, Duration::from_secs(30)).await;
-        assert_eq!((st["state"].as_str(), st["reason"].as_str()), (Some("failed"), Some("memory_limit")), "{id}: {st}");
+        assert_eq!(
+            (st["state"].as_str(), st["reason"].as_str()),
+            (Some("failed"), Some("memory_limit")),
+            "{id}: {st}"
+        );
     }
     // No files outside the preopened sandbox, no sockets.
     for (id, target) in [("esc1", "wasm32-wasip1"), ("esc2", "wasm32-wasip2")] {
@@ -274,10 +406,123 @@ async fn wasm_tasks_run_contained_and_killable() {
     // Exit codes.
     a.launch(wasm("exit3", "wasm32-wasip1", "exit3", 64)).await;
     let st = a.wait_state("exit3", Duration::from_secs(30)).await;
-    assert_eq!((st["state"].as_str(), st["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    assert_eq!(
+        (st["state"].as_str(), st["exit_code"].as_i64()),
+        (Some("failed"), Some(3))
+    );
     // Bad specs name the field.
-    let (code, body) = a.launch(json!({"id": "x", "runtime": {"wasm": {"file": "", "args": []}}})).await;
-    assert_eq!((code, body["field"].as_str()), (400, Some("runtime.wasm.file")));
-    let (code, _) = a.launch(wasm("p1-hello", "wasm32-wasip1", "hello", 64)).await;
+    let (code, body) = a
+        .launch(json!({"id": "x", "runtime": {"wasm": {"file": "", "args": []}}}))
+        .await;
+    assert_eq!(
+        (code, body["field"].as_str()),
+        (400, Some("runtime.wasm.file"))
+    );
+    let (code, _) = a
+        .launch(wasm("p1-hello", "wasm32-wasip1", "hello", 64))
+        .await;
     assert_eq!(code, 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_what_the_masters_assign_and_reports_back() {
+    let a = agent().await;
+    let master = a.lab.masters[0].addr.clone();
+    let agent_id = eventually(Duration::from_secs(20), "agent registered", || async {
+        let v: Value = a
+            .http
+            .get(format!("http://{}/api/v1/agent", a.addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["registered"] == true).then(|| v["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    let post = |path: &str, body: Value| {
+        let (http, url) = (a.http.clone(), format!("http://{master}{path}"));
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap())
+        }
+    };
+    let (s, b) = post(
+        "/api/v1/workloads",
+        json!({"id": "svc", "kind": "service", "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "while :; do sleep 0.2; done"]}},
+               "resources": {"cpus": 0.5, "mem": 64, "disk": 0}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = post(
+        "/api/v1/workloads",
+        json!({"id": "job", "kind": "job", "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "echo done"]}}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        post(
+            "/api/v1/tasks",
+            json!({"id": "svc-1", "workload": "svc", "agent": agent_id})
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        post(
+            "/api/v1/tasks",
+            json!({"id": "job-1", "workload": "job", "agent": agent_id})
+        )
+        .await
+        .0,
+        201
+    );
+    let master_state = |id: &'static str| {
+        let (http, url) = (a.http.clone(), format!("http://{master}/api/v1/tasks"));
+        async move {
+            let v: Vec<Value> = http
+                .get(url)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v.into_iter()
+                .find(|t| t["id"] == id)
+                .and_then(|t| t["state"].as_str().map(str::to_string))
+        }
+    };
+    // The agent long-polls its assignments, starts both, and the masters learn their states.
+    eventually(
+        Duration::from_secs(20),
+        "service running on the masters' view",
+        || async { (master_state("svc-1").await.as_deref() == Some("running")).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "job finished on the masters' view",
+        || async { (master_state("job-1").await.as_deref() == Some("finished")).then_some(()) },
+    )
+    .await;
+    assert_eq!(a.file("job-1", "stdout").await.1, "done\n");
+    // Killing through the masters: the task leaves the assignments and the agent kills it.
+    assert_eq!(post("/api/v1/tasks/svc-1/kill", json!(null)).await.0, 202);
+    eventually(Duration::from_secs(20), "service killed", || async {
+        (master_state("svc-1").await.as_deref() == Some("killed")).then_some(())
+    })
+    .await;
+    assert_eq!(a.status("svc-1").await["state"], "killed");
 }

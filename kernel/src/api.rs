@@ -107,6 +107,9 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/kv/{key}",
     "/api/v1/workloads",
     "/api/v1/tasks",
+    "/api/v1/tasks/{id}/kill",
+    "/api/v1/agents/{id}/assignments",
+    "/api/v1/agents/{id}/status",
     "/api/v1/openapi.json",
     "/metrics",
     "/healthz",
@@ -132,8 +135,11 @@ pub fn router(api: Arc<Api>) -> Router {
             "/api/v1/kv/{*key}",
             get(get_kv).put(put_kv).delete(delete_kv),
         )
-        .route("/api/v1/workloads", get(list_workloads))
-        .route("/api/v1/tasks", get(list_tasks))
+        .route("/api/v1/workloads", get(list_workloads).post(put_workload))
+        .route("/api/v1/tasks", get(list_tasks).post(place_task))
+        .route("/api/v1/tasks/{id}/kill", post(kill_task))
+        .route("/api/v1/agents/{id}/assignments", get(assignments))
+        .route("/api/v1/agents/{id}/status", post(task_status))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(api.max_body));
@@ -672,6 +678,207 @@ async fn list_tasks(
     let index = ctx.prepare_read(&p, |s| s.indexes.tasks).await?;
     let all: Vec<Task> = ctx.read(|s| s.tasks.values().cloned().collect());
     Ok(with_index(index, all))
+}
+
+/// A workload as clients submit it (the version is assigned by the masters).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadBody {
+    id: String,
+    kind: crate::model::WorkloadKind,
+    runtime: crate::model::RuntimeSpec,
+    #[serde(default)]
+    resources: crate::model::TaskResources,
+    #[serde(default = "one")]
+    instances: u32,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn put_workload(ctx: Ctx, JsonBody(b): JsonBody<WorkloadBody>) -> Result<Response, ApiError> {
+    if !valid_id(&b.id) {
+        return Err(ApiError::bad_request(
+            "id",
+            "workload ids are 1-128 letters, digits, '-', '_', '.'",
+        ));
+    }
+    if b.instances > 10_000 {
+        return Err(ApiError::bad_request(
+            "instances",
+            "at most 10000 instances",
+        ));
+    }
+    if !(b.resources.cpus.is_finite() && (0.0..=1024.0).contains(&b.resources.cpus)) {
+        return Err(ApiError::bad_request(
+            "resources.cpus",
+            "cpus must be between 0 and 1024",
+        ));
+    }
+    if b.env.len() > 1024 {
+        return Err(ApiError::bad_request("env", "at most 1024 variables"));
+    }
+    let w = Workload {
+        id: b.id,
+        kind: b.kind,
+        runtime: b.runtime,
+        resources: b.resources,
+        instances: b.instances,
+        env: b.env,
+        version: 0,
+    };
+    let out = ctx.propose(Command::PutWorkload { workload: w }).await?;
+    let index = match out {
+        Outcome::Done { index } => index,
+        _ => 0,
+    };
+    Ok(with_index(index, serde_json::json!({ "index": index })))
+}
+
+/// An explicit placement: run one task of `workload` on `agent`. (The scheduler places tasks
+/// itself; this is the primitive it builds on, and what tests and operators use directly.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    id: String,
+    workload: String,
+    agent: String,
+}
+
+async fn place_task(ctx: Ctx, JsonBody(b): JsonBody<PlaceBody>) -> Result<Response, ApiError> {
+    if !valid_id(&b.id) {
+        return Err(ApiError::bad_request(
+            "id",
+            "task ids are 1-128 letters, digits, '-', '_', '.'",
+        ));
+    }
+    let task = Task {
+        id: b.id,
+        workload: b.workload,
+        agent: b.agent,
+        state: crate::model::TaskState::Staging,
+        reason: None,
+        updated_at: now_ms(),
+    };
+    let out = ctx.propose(Command::AddTask { task }).await?;
+    let index = match out {
+        Outcome::Done { index } => index,
+        _ => 0,
+    };
+    Ok((
+        StatusCode::CREATED,
+        with_index(index, serde_json::json!({ "index": index })),
+    )
+        .into_response())
+}
+
+/// Marks a task `killing`: it leaves its agent's assignments and the agent kills it.
+async fn kill_task(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let state = ctx.read(|s| s.tasks.get(&id).map(|t| t.state));
+    match state {
+        None => Err(ApiError::not_found(format!("no task {id:?}"))),
+        Some(st) if st.is_terminal() || st == crate::model::TaskState::Killing => {
+            Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"state": st}))).into_response())
+        }
+        Some(_) => {
+            let cmd = Command::UpdateTaskState {
+                id,
+                state: crate::model::TaskState::Killing,
+                reason: Some("killed".into()),
+                at: now_ms(),
+            };
+            ctx.propose(cmd).await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"state": "killing"})),
+            )
+                .into_response())
+        }
+    }
+}
+
+/// One task an agent should run, with the workload it belongs to.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task: Task,
+    pub workload: Workload,
+}
+
+/// Long-poll of an agent's assignments (blocking query on the tasks table).
+async fn assignments(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx
+        .prepare_read(&p, |s| s.indexes.tasks.max(s.indexes.workloads))
+        .await?;
+    let list: Vec<Assignment> = ctx.read(|s| {
+        s.tasks
+            .values()
+            .filter(|t| {
+                t.agent == id
+                    && !t.state.is_terminal()
+                    && t.state != crate::model::TaskState::Killing
+            })
+            .filter_map(|t| {
+                s.workloads.get(&t.workload).map(|w| Assignment {
+                    task: t.clone(),
+                    workload: w.clone(),
+                })
+            })
+            .collect()
+    });
+    Ok(with_index(index, list))
+}
+
+/// A task state an agent reports.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskReport {
+    pub id: String,
+    pub state: crate::model::TaskState,
+    pub reason: Option<String>,
+}
+
+/// Agents push task state changes here, in idempotent batches, until acknowledged.
+async fn task_status(
+    ctx: Ctx,
+    Path(agent): Path<String>,
+    JsonBody(reports): JsonBody<Vec<TaskReport>>,
+) -> Result<Response, ApiError> {
+    if reports.len() > 10_000 {
+        return Err(ApiError::bad_request("", "at most 10000 reports per batch"));
+    }
+    let mut applied = 0;
+    for r in reports {
+        let current = ctx.read(|s| s.tasks.get(&r.id).map(|t| (t.agent.clone(), t.state)));
+        let Some((owner, state)) = current else {
+            continue;
+        };
+        if owner != agent || state == r.state || !state.can_transition(r.state) {
+            continue;
+        }
+        let reason = r.reason.map(|s| s.chars().take(256).collect());
+        match ctx
+            .propose(Command::UpdateTaskState {
+                id: r.id,
+                state: r.state,
+                reason,
+                at: now_ms(),
+            })
+            .await
+        {
+            Ok(_) => applied += 1,
+            Err(e) if e.status == StatusCode::CONFLICT || e.status == StatusCode::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Json(serde_json::json!({ "applied": applied })).into_response())
 }
 
 async fn openapi() -> Response {

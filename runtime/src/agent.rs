@@ -88,7 +88,10 @@ impl Agent {
             masters: cfg.masters.clone(),
             ..Default::default()
         }));
-        let host = advertise.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_else(|| advertise.clone());
+        let host = advertise
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_else(|| advertise.clone());
         let tasks = TaskManager::open(&cfg.data_dir, &cfg.cgroup_root, &host)?;
         let (stop, stop_rx) = watch::channel(false);
         let app = crate::agent_api::router(info.clone(), tasks.clone(), cfg.token.clone());
@@ -108,8 +111,28 @@ impl Agent {
             attributes: cfg.attributes.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
+        let assign = tokio::spawn(crate::converge::assignment_loop(
+            cfg.clone(),
+            reg.id.clone(),
+            info.clone(),
+            tasks.clone(),
+            stop_rx.clone(),
+        ));
+        let report = tokio::spawn(crate::converge::status_loop(
+            cfg.clone(),
+            reg.id.clone(),
+            info.clone(),
+            tasks.clone(),
+            stop_rx.clone(),
+        ));
         let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
-        Ok(Agent { info, tasks, addr, stop, handles: vec![server, hb] })
+        Ok(Agent {
+            info,
+            tasks,
+            addr,
+            stop,
+            handles: vec![server, hb, assign, report],
+        })
     }
 
     pub async fn shutdown(self) {

@@ -32,7 +32,9 @@ pub fn router(info: Arc<Mutex<AgentInfo>>, tasks: Arc<TaskManager>, token: Strin
         .route("/api/v1/tasks/{id}/kill", post(kill))
         .route("/api/v1/tasks/{id}/files", get(files))
         .route("/api/v1/tasks/{id}/browse", get(browse))
-        .fallback(|req: Request| async move { ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path())) })
+        .fallback(|req: Request| async move {
+            ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
+        })
         .layer(DefaultBodyLimit::max(256 * 1024))
         .layer(middleware::from_fn(auth))
         .route("/healthz", get(|| async { "ok" }))
@@ -48,8 +50,12 @@ async fn auth(ctx: C, req: Request, next: Next) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if given.is_empty() || !bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong token: send 'Authorization: Bearer <token>'",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -66,16 +72,33 @@ async fn launch(ctx: C, JsonBody(spec): JsonBody<TaskSpec>) -> Result<Response, 
     let tasks = ctx.tasks.clone();
     match tokio::task::spawn_blocking(move || tasks.launch(spec)).await {
         Ok(Ok(status)) => Ok((StatusCode::CREATED, Json(status)).into_response()),
-        Ok(Err(LaunchError::Invalid { field, message })) => Err(ApiError::bad_request(&field, message)),
-        Ok(Err(e @ LaunchError::Exists(_))) => Err(ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()).field("id")),
-        Ok(Err(e @ LaunchError::Unsupported(_))) => Err(ApiError::bad_request("runtime", e.to_string())),
-        Ok(Err(e @ LaunchError::Start(_))) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "start_failed", e.to_string())),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())),
+        Ok(Err(LaunchError::Invalid { field, message })) => {
+            Err(ApiError::bad_request(&field, message))
+        }
+        Ok(Err(e @ LaunchError::Exists(_))) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()).field("id"))
+        }
+        Ok(Err(e @ LaunchError::Unsupported(_))) => {
+            Err(ApiError::bad_request("runtime", e.to_string()))
+        }
+        Ok(Err(e @ LaunchError::Start(_))) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "start_failed",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
     }
 }
 
 async fn show(ctx: C, Path(id): Path<String>) -> Result<Json<TaskStatus>, ApiError> {
-    ctx.tasks.get(&id).map(Json).ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))
+    ctx.tasks
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))
 }
 
 async fn kill(ctx: C, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
@@ -96,14 +119,22 @@ struct FileQuery {
 
 fn sandbox_err(e: SandboxError) -> ApiError {
     match e {
-        SandboxError::Outside(_) => ApiError::new(StatusCode::FORBIDDEN, "outside_sandbox", e.to_string()).field("path"),
+        SandboxError::Outside(_) => {
+            ApiError::new(StatusCode::FORBIDDEN, "outside_sandbox", e.to_string()).field("path")
+        }
         SandboxError::NotFound(_) => ApiError::not_found(e.to_string()).field("path"),
-        SandboxError::Io(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
+        SandboxError::Io(_) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string())
+        }
     }
 }
 
-fn query(q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>) -> Result<FileQuery, ApiError> {
-    q.map(|Query(q)| q).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()).field("query"))
+fn query(
+    q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<FileQuery, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()).field("query")
+    })
 }
 
 /// Reads a sandbox file: `?path=stdout&offset=0&length=65536`; the size is in `X-File-Size`.
@@ -113,10 +144,28 @@ async fn files(
     q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let sb = ctx.tasks.sandbox(&id).ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
+    let sb = ctx
+        .tasks
+        .sandbox(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
     let path = q.path.unwrap_or_else(|| "stdout".into());
-    let (bytes, size) = sandbox::read_range(&sb, &path, q.offset.unwrap_or(0), q.length.unwrap_or(1 << 20)).map_err(sandbox_err)?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::HeaderName::from_static("x-file-size"), size.to_string())], bytes)
+    let (bytes, size) = sandbox::read_range(
+        &sb,
+        &path,
+        q.offset.unwrap_or(0),
+        q.length.unwrap_or(1 << 20),
+    )
+    .map_err(sandbox_err)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-file-size"),
+                size.to_string(),
+            ),
+        ],
+        bytes,
+    )
         .into_response())
 }
 
@@ -126,7 +175,10 @@ async fn browse(
     q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let sb = ctx.tasks.sandbox(&id).ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
+    let sb = ctx
+        .tasks
+        .sandbox(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
     let entries = sandbox::list(&sb, q.path.as_deref().unwrap_or(".")).map_err(sandbox_err)?;
     Ok(Json(entries).into_response())
 }

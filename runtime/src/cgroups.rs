@@ -32,11 +32,17 @@ pub enum CgroupError {
     #[error("no cgroup hierarchy under {0}: need cgroup2 (cgroup.controllers) or v1 memory/pids/cpu mounts")]
     NotFound(PathBuf),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -67,7 +73,11 @@ impl Hierarchy {
         } else {
             return Err(CgroupError::NotFound(root.to_path_buf()));
         };
-        Ok(Self { version, root: root.to_path_buf(), parent: parent.to_string() })
+        Ok(Self {
+            version,
+            root: root.to_path_buf(),
+            parent: parent.to_string(),
+        })
     }
 
     fn v1_dir(&self, controller: &str, task: &str) -> Option<PathBuf> {
@@ -79,7 +89,10 @@ impl Hierarchy {
     pub fn dirs(&self, task: &str) -> Vec<PathBuf> {
         match self.version {
             Version::V2 => vec![self.root.join(&self.parent).join(task)],
-            Version::V1 => V1_CONTROLLERS.iter().filter_map(|c| self.v1_dir(c, task)).collect(),
+            Version::V1 => V1_CONTROLLERS
+                .iter()
+                .filter_map(|c| self.v1_dir(c, task))
+                .collect(),
         }
     }
 
@@ -98,14 +111,20 @@ impl Hierarchy {
         for d in &dirs {
             std::fs::create_dir_all(d).map_err(io(d))?;
         }
-        let cg = TaskCgroup { version: self.version, dirs };
+        let cg = TaskCgroup {
+            version: self.version,
+            dirs,
+        };
         cg.apply(limits)?;
         Ok(cg)
     }
 
     /// Re-opens an existing task cgroup (after an agent restart).
     pub fn open(&self, task: &str) -> TaskCgroup {
-        TaskCgroup { version: self.version, dirs: self.dirs(task) }
+        TaskCgroup {
+            version: self.version,
+            dirs: self.dirs(task),
+        }
     }
 }
 
@@ -123,7 +142,11 @@ impl TaskCgroup {
             Version::V1 => self
                 .dirs
                 .iter()
-                .find(|d| d.parent().and_then(|p| p.parent()).is_some_and(|c| c.ends_with(controller)))
+                .find(|d| {
+                    d.parent()
+                        .and_then(|p| p.parent())
+                        .is_some_and(|c| c.ends_with(controller))
+                })
                 .map(|d| d.join(name)),
         }
     }
@@ -190,7 +213,9 @@ impl TaskCgroup {
     pub fn pids(&self) -> Vec<i32> {
         let f = match self.version {
             Version::V2 => self.dirs.first().map(|d| d.join("cgroup.procs")),
-            Version::V1 => self.file("pids", "cgroup.procs").or_else(|| self.dirs.first().map(|d| d.join("cgroup.procs"))),
+            Version::V1 => self
+                .file("pids", "cgroup.procs")
+                .or_else(|| self.dirs.first().map(|d| d.join("cgroup.procs"))),
         };
         f.and_then(|f| read(&f).ok())
             .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -211,7 +236,11 @@ impl TaskCgroup {
 
     /// Memory, CPU time and process count.
     pub fn usage(&self) -> Usage {
-        let num = |c: &str, f: &str| self.file(c, f).and_then(|f| read(&f).ok()).and_then(|s| s.trim().parse::<u64>().ok());
+        let num = |c: &str, f: &str| {
+            self.file(c, f)
+                .and_then(|f| read(&f).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
         match self.version {
             Version::V2 => Usage {
                 memory_bytes: num("memory", "memory.current").unwrap_or(0),
@@ -240,7 +269,10 @@ impl TaskCgroup {
             }
         }
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
@@ -256,7 +288,9 @@ impl TaskCgroup {
 fn parse_key(s: &str, key: &str) -> Option<u64> {
     s.lines().find_map(|l| {
         let mut it = l.split_whitespace();
-        (it.next() == Some(key)).then(|| it.next().and_then(|v| v.parse().ok())).flatten()
+        (it.next() == Some(key))
+            .then(|| it.next().and_then(|v| v.parse().ok()))
+            .flatten()
     })
 }
 
@@ -295,7 +329,14 @@ mod tests {
         let h = Hierarchy::detect(root.path(), "cairn").unwrap();
         assert_eq!(h.version, Version::V2);
         let cg = h
-            .create("t1", &Limits { memory_bytes: Some(64 << 20), pids: Some(100), cpus: Some(0.5) })
+            .create(
+                "t1",
+                &Limits {
+                    memory_bytes: Some(64 << 20),
+                    pids: Some(100),
+                    cpus: Some(0.5),
+                },
+            )
             .unwrap();
         assert_eq!(
             files(root.path()),
@@ -309,13 +350,24 @@ mod tests {
              cgroup.subtree_control=+memory +pids +cpu"
         );
         let d = root.path().join("cairn/t1");
-        std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         std::fs::write(d.join("memory.current"), "4096\n").unwrap();
         std::fs::write(d.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
         std::fs::write(d.join("pids.current"), "3\n").unwrap();
         std::fs::write(d.join("cgroup.procs"), "10\n11\n").unwrap();
         assert!(cg.oom_killed());
-        assert_eq!(cg.usage(), Usage { memory_bytes: 4096, cpu_usec: 1500, pids: 3 });
+        assert_eq!(
+            cg.usage(),
+            Usage {
+                memory_bytes: 4096,
+                cpu_usec: 1500,
+                pids: 3
+            }
+        );
         assert_eq!(cg.pids(), vec![10, 11]);
         assert_eq!(cg.procs_files(), vec![d.join("cgroup.procs")]);
     }
@@ -328,7 +380,16 @@ mod tests {
         }
         let h = Hierarchy::detect(root.path(), "cairn").unwrap();
         assert_eq!(h.version, Version::V1);
-        let cg = h.create("t1", &Limits { memory_bytes: Some(1 << 20), pids: Some(7), cpus: Some(2.0) }).unwrap();
+        let cg = h
+            .create(
+                "t1",
+                &Limits {
+                    memory_bytes: Some(1 << 20),
+                    pids: Some(7),
+                    cpus: Some(2.0),
+                },
+            )
+            .unwrap();
         assert_eq!(
             files(root.path()),
             "cpu/cairn/t1/cpu.cfs_period_us=100000\n\
@@ -338,8 +399,16 @@ mod tests {
              memory/cairn/t1/memory.memsw.limit_in_bytes=1048576\n\
              pids/cairn/t1/pids.max=7"
         );
-        std::fs::write(root.path().join("memory/cairn/t1/memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n").unwrap();
-        std::fs::write(root.path().join("cpuacct/cairn/t1/cpuacct.usage"), "2000000\n").unwrap();
+        std::fs::write(
+            root.path().join("memory/cairn/t1/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("cpuacct/cairn/t1/cpuacct.usage"),
+            "2000000\n",
+        )
+        .unwrap();
         assert!(!cg.oom_killed());
         assert_eq!(cg.usage().cpu_usec, 2000);
         assert_eq!(cg.procs_files().len(), 4);

@@ -73,7 +73,10 @@ pub fn supervise(spec_path: &Path) -> i32 {
 fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
     let spec = read_spec(spec_path)?;
     let dir = state_dir(&spec.sandbox);
-    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID;
     if spec.network_none {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -113,8 +116,16 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             let mut it = fds.iter();
-            let o = if out_open { it.next().is_some_and(ready) } else { false };
-            let e = if err_open { it.next().is_some_and(ready) } else { false };
+            let o = if out_open {
+                it.next().is_some_and(ready)
+            } else {
+                false
+            };
+            let e = if err_open {
+                it.next().is_some_and(ready)
+            } else {
+                false
+            };
             (o, e)
         };
         if ready_out {
@@ -135,7 +146,10 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
     if !exit.exists() {
         // PID 1 died without recording the command's status (e.g. SIGKILL of the cgroup).
         use std::os::unix::process::ExitStatusExt;
-        let info = ExitInfo { code: status.code(), signal: status.signal() };
+        let info = ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+        };
         write_atomic(&exit, &serde_json::to_vec(&info)?)?;
     }
     Ok(())
@@ -157,10 +171,17 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     // Pids written to cgroup.procs are read in the writer's PID namespace; "0" means the
     // writing process itself, in v1 and v2 alike.
     for f in &spec.cgroup_procs {
-        std::fs::write(f, "0").map_err(|e| anyhow::anyhow!("joining cgroup {}: {e}", f.display()))?;
+        std::fs::write(f, "0")
+            .map_err(|e| anyhow::anyhow!("joining cgroup {}: {e}", f.display()))?;
     }
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| anyhow::anyhow!("making mounts private: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("making mounts private: {e}"))?;
     mount(
         Some("proc"),
         "/proc",
@@ -171,8 +192,14 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     .map_err(|e| anyhow::anyhow!("mounting /proc: {e}"))?;
     let tmp = spec.sandbox.join("tmp");
     std::fs::create_dir_all(&tmp)?;
-    mount(Some(&tmp), "/tmp", None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| anyhow::anyhow!("mounting private /tmp: {e}"))?;
+    mount(
+        Some(&tmp),
+        "/tmp",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("mounting private /tmp: {e}"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| anyhow::anyhow!("sethostname: {e}"))?;
 
     let mut signals = signal_hook::iterator::Signals::new([
@@ -194,8 +221,14 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cairn: cannot start {:?}: {e}", spec.cmd);
-            let info = ExitInfo { code: Some(127), signal: None };
-            write_atomic(&state_dir(&spec.sandbox).join("exit.json"), &serde_json::to_vec(&info)?)?;
+            let info = ExitInfo {
+                code: Some(127),
+                signal: None,
+            };
+            write_atomic(
+                &state_dir(&spec.sandbox).join("exit.json"),
+                &serde_json::to_vec(&info)?,
+            )?;
             return Ok(127);
         }
     };
@@ -210,15 +243,26 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     // Reap every child (zombies of orphans included) until the command itself exits.
     let info = loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == main => break ExitInfo { code: Some(code), signal: None },
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => {
+                break ExitInfo {
+                    code: Some(code),
+                    signal: None,
+                }
+            }
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
-                break ExitInfo { code: None, signal: Some(sig as i32) }
+                break ExitInfo {
+                    code: None,
+                    signal: Some(sig as i32),
+                }
             }
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => anyhow::bail!("waitpid: {e}"),
         }
     };
-    write_atomic(&state_dir(&spec.sandbox).join("exit.json"), &serde_json::to_vec(&info)?)?;
+    write_atomic(
+        &state_dir(&spec.sandbox).join("exit.json"),
+        &serde_json::to_vec(&info)?,
+    )?;
     Ok(info.code.unwrap_or(128 + info.signal.unwrap_or(0)))
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod agent_api;
 pub mod cgroups;
+pub mod converge;
 pub mod detect;
 pub mod init;
 pub mod sandbox;

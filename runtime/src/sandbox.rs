@@ -20,12 +20,18 @@ pub fn resolve(root: &Path, rel: &str) -> Result<PathBuf, SandboxError> {
     if rel.is_empty() || p.is_absolute() || rel.len() > 1024 {
         return Err(SandboxError::Outside(rel.to_string()));
     }
-    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if p.components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(SandboxError::Outside(rel.to_string()));
     }
-    let root = root.canonicalize().map_err(|e| SandboxError::Io(e.to_string()))?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| SandboxError::Io(e.to_string()))?;
     let full = root.join(p);
-    let real = full.canonicalize().map_err(|_| SandboxError::NotFound(rel.to_string()))?;
+    let real = full
+        .canonicalize()
+        .map_err(|_| SandboxError::NotFound(rel.to_string()))?;
     if !real.starts_with(&root) {
         return Err(SandboxError::Outside(rel.to_string()));
     }
@@ -33,16 +39,27 @@ pub fn resolve(root: &Path, rel: &str) -> Result<PathBuf, SandboxError> {
 }
 
 /// Reads up to `length` bytes at `offset` of a sandbox file; returns the bytes and file size.
-pub fn read_range(root: &Path, rel: &str, offset: u64, length: u64) -> Result<(Vec<u8>, u64), SandboxError> {
+pub fn read_range(
+    root: &Path,
+    rel: &str,
+    offset: u64,
+    length: u64,
+) -> Result<(Vec<u8>, u64), SandboxError> {
     let path = resolve(root, rel)?;
     let mut f = std::fs::File::open(&path).map_err(|e| SandboxError::Io(e.to_string()))?;
-    let size = f.metadata().map_err(|e| SandboxError::Io(e.to_string()))?.len();
+    let size = f
+        .metadata()
+        .map_err(|e| SandboxError::Io(e.to_string()))?
+        .len();
     if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
         return Err(SandboxError::NotFound(rel.to_string()));
     }
-    f.seek(SeekFrom::Start(offset.min(size))).map_err(|e| SandboxError::Io(e.to_string()))?;
+    f.seek(SeekFrom::Start(offset.min(size)))
+        .map_err(|e| SandboxError::Io(e.to_string()))?;
     let mut buf = Vec::new();
-    f.take(length.min(16 << 20)).read_to_end(&mut buf).map_err(|e| SandboxError::Io(e.to_string()))?;
+    f.take(length.min(16 << 20))
+        .read_to_end(&mut buf)
+        .map_err(|e| SandboxError::Io(e.to_string()))?;
     Ok((buf, size))
 }
 
@@ -57,7 +74,9 @@ pub struct Entry {
 /// Lists a sandbox directory (`rel` = "." for the top).
 pub fn list(root: &Path, rel: &str) -> Result<Vec<Entry>, SandboxError> {
     let dir = resolve(root, rel)?;
-    let rootc = root.canonicalize().map_err(|e| SandboxError::Io(e.to_string()))?;
+    let rootc = root
+        .canonicalize()
+        .map_err(|e| SandboxError::Io(e.to_string()))?;
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).map_err(|e| SandboxError::Io(e.to_string()))? {
         let e = e.map_err(|e| SandboxError::Io(e.to_string()))?;
@@ -65,8 +84,16 @@ pub fn list(root: &Path, rel: &str) -> Result<Vec<Entry>, SandboxError> {
             Ok(m) => m,
             Err(_) => continue,
         };
-        let path = e.path().strip_prefix(&rootc).map(|p| p.display().to_string()).unwrap_or_default();
-        out.push(Entry { path, size: md.len(), dir: md.is_dir() });
+        let path = e
+            .path()
+            .strip_prefix(&rootc)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        out.push(Entry {
+            path,
+            size: md.len(),
+            dir: md.is_dir(),
+        });
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
@@ -77,9 +104,13 @@ pub fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else { continue };
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
             if md.is_dir() {
                 stack.push(e.path());
             } else {
@@ -100,9 +131,17 @@ pub struct RotatingFile {
 
 impl RotatingFile {
     pub fn open(path: &Path, max: u64) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let written = file.metadata()?.len();
-        Ok(Self { path: path.to_path_buf(), max: max.max(1024), file, written })
+        Ok(Self {
+            path: path.to_path_buf(),
+            max: max.max(1024),
+            file,
+            written,
+        })
     }
 }
 
@@ -112,7 +151,10 @@ impl Write for RotatingFile {
             let mut rotated = self.path.clone().into_os_string();
             rotated.push(".1");
             std::fs::rename(&self.path, &rotated)?;
-            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
             self.written = 0;
         }
         let n = self.file.write(buf)?;
@@ -144,13 +186,19 @@ mod tests {
         assert_eq!(r("stdout"), "hello");
         assert_eq!(r("./stdout"), "hello");
         assert_eq!(r("link-in"), "hello");
-        assert_eq!(r("../secret"), "error: path \"../secret\" is outside the sandbox: use a relative path without '..'");
+        assert_eq!(
+            r("../secret"),
+            "error: path \"../secret\" is outside the sandbox: use a relative path without '..'"
+        );
         assert_eq!(r("sub/../../secret"), "error: path \"sub/../../secret\" is outside the sandbox: use a relative path without '..'");
         assert!(r("/etc/passwd").starts_with("error: path \"/etc/passwd\" is outside"));
         assert!(r("link-out").starts_with("error: path \"link-out\" is outside"));
         assert_eq!(r("missing"), "error: no file \"missing\" in the sandbox");
         assert!(r("sub").starts_with("error:"));
-        assert_eq!(read_range(&root, "stdout", 2, 2).unwrap(), (b"ll".to_vec(), 5));
+        assert_eq!(
+            read_range(&root, "stdout", 2, 2).unwrap(),
+            (b"ll".to_vec(), 5)
+        );
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct TaskSpec {
     /// stdout/stderr are rotated to `*.1` past this size.
     #[serde(default = "default_log_max")]
     pub log_max_bytes: u64,
+    /// Set on tasks the masters assigned: the agent kills them when they are unassigned and
+    /// reports their states back. Tasks launched directly on the agent's API are left alone.
+    #[serde(default)]
+    pub assigned: bool,
 }
 
 /// Why a task ended, when the agent knows more than the exit code.
@@ -106,15 +110,24 @@ impl TaskSpec {
         let bad = |f: &str, m: &str| Err((f.to_string(), m.to_string()));
         if self.id.is_empty()
             || self.id.len() > 128
-            || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             || self.id.starts_with('.')
         {
-            return bad("id", "task ids are 1-128 letters, digits, '-', '_', '.', not starting with '.'");
+            return bad(
+                "id",
+                "task ids are 1-128 letters, digits, '-', '_', '.', not starting with '.'",
+            );
         }
         match &self.runtime {
             RuntimeSpec::Native { cmd, args } => {
                 if cmd.is_empty() {
-                    return bad("runtime.native.cmd", "give the command to run, e.g. /bin/sh");
+                    return bad(
+                        "runtime.native.cmd",
+                        "give the command to run, e.g. /bin/sh",
+                    );
                 }
                 if args.len() > 1024 {
                     return bad("runtime.native.args", "at most 1024 arguments");
@@ -122,11 +135,17 @@ impl TaskSpec {
             }
             RuntimeSpec::Wasm { file, .. } => {
                 if file.is_empty() {
-                    return bad("runtime.wasm.file", "give the path of a .wasm module or component");
+                    return bad(
+                        "runtime.wasm.file",
+                        "give the path of a .wasm module or component",
+                    );
                 }
             }
             RuntimeSpec::Oci { .. } => {
-                return bad("runtime.oci", "OCI images are not supported by this agent yet; use native or wasm");
+                return bad(
+                    "runtime.oci",
+                    "OCI images are not supported by this agent yet; use native or wasm",
+                );
             }
         }
         let r = &self.resources;
@@ -136,8 +155,16 @@ impl TaskSpec {
         if r.mem > (1 << 30) {
             return bad("resources.mem", "mem is in MiB and at most 2^30");
         }
-        if self.env.len() > 1024 || self.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
-            return bad("env", "at most 1024 variables; names are non-empty without '=' or NUL");
+        if self.env.len() > 1024
+            || self
+                .env
+                .keys()
+                .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return bad(
+                "env",
+                "at most 1024 variables; names are non-empty without '=' or NUL",
+            );
         }
         if self.env.values().any(|v| v.contains('\0')) {
             return bad("env", "values cannot contain NUL");
@@ -165,7 +192,13 @@ impl TaskSpec {
                 let name: String = p
                     .name
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
                     .collect();
                 env.push((format!("PORT_{name}"), p.number.to_string()));
             }
@@ -208,11 +241,22 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let v = |j: &str| spec(j).unwrap().validate().map_err(|(f, _)| f);
-        assert_eq!(v(r#"{"id":"../x","runtime":{"native":{"cmd":"/bin/true","args":[]}}}"#), Err("id".into()));
-        assert_eq!(v(r#"{"id":"a","runtime":{"native":{"cmd":"","args":[]}}}"#), Err("runtime.native.cmd".into()));
-        assert_eq!(v(r#"{"id":"a","runtime":{"oci":{"image":"x","cmd":[]}}}"#), Err("runtime.oci".into()));
         assert_eq!(
-            v(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#),
+            v(r#"{"id":"../x","runtime":{"native":{"cmd":"/bin/true","args":[]}}}"#),
+            Err("id".into())
+        );
+        assert_eq!(
+            v(r#"{"id":"a","runtime":{"native":{"cmd":"","args":[]}}}"#),
+            Err("runtime.native.cmd".into())
+        );
+        assert_eq!(
+            v(r#"{"id":"a","runtime":{"oci":{"image":"x","cmd":[]}}}"#),
+            Err("runtime.oci".into())
+        );
+        assert_eq!(
+            v(
+                r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#
+            ),
             Err("resources.cpus".into())
         );
         assert!(spec(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"bogus":1}"#).is_err());

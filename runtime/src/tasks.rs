@@ -53,8 +53,13 @@ struct Checkpoint {
 }
 
 enum Control {
-    Native { supervisor: u32, cgroup: Option<TaskCgroup> },
-    Wasm { killed: Arc<AtomicBool> },
+    Native {
+        supervisor: u32,
+        cgroup: Option<TaskCgroup>,
+    },
+    Wasm {
+        killed: Arc<AtomicBool>,
+    },
     Done,
 }
 
@@ -116,7 +121,10 @@ impl TaskManager {
     pub fn open(data_dir: &Path, cgroup_root: &Path, host: &str) -> anyhow::Result<Arc<Self>> {
         let sandboxes = data_dir.join("sandboxes");
         std::fs::create_dir_all(&sandboxes)?;
-        let db = sled::Config::new().path(data_dir.join("agent.sled")).cache_capacity(8 << 20).open()?;
+        let db = sled::Config::new()
+            .path(data_dir.join("agent.sled"))
+            .cache_capacity(8 << 20)
+            .open()?;
         let tree = db.open_tree("tasks")?;
         let cgroups = match Hierarchy::detect(cgroup_root, "cairn") {
             Ok(h) => {
@@ -159,7 +167,11 @@ impl TaskManager {
     }
 
     fn checkpoint(&self, e: &Entry) {
-        let cp = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: e.start_ticks };
+        let cp = Checkpoint {
+            spec: e.spec.clone(),
+            status: e.status.clone(),
+            start_ticks: e.start_ticks,
+        };
         if let Ok(bytes) = serde_json::to_vec(&cp) {
             let _ = self.db.insert(e.spec.id.as_bytes(), bytes);
             let _ = self.db.flush();
@@ -167,17 +179,41 @@ impl TaskManager {
     }
 
     pub fn list(&self) -> Vec<TaskStatus> {
-        let mut v: Vec<TaskStatus> = self.tasks.lock().expect("tasks").values().map(|e| e.status.clone()).collect();
+        let mut v: Vec<TaskStatus> = self
+            .tasks
+            .lock()
+            .expect("tasks")
+            .values()
+            .map(|e| e.status.clone())
+            .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 
+    /// Every task's spec and status.
+    pub fn specs(&self) -> Vec<(TaskSpec, TaskStatus)> {
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .values()
+            .map(|e| (e.spec.clone(), e.status.clone()))
+            .collect()
+    }
+
     pub fn get(&self, id: &str) -> Option<TaskStatus> {
-        self.tasks.lock().expect("tasks").get(id).map(|e| e.status.clone())
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .get(id)
+            .map(|e| e.status.clone())
     }
 
     pub fn sandbox(&self, id: &str) -> Option<PathBuf> {
-        self.tasks.lock().expect("tasks").get(id).map(|e| e.sandbox.clone())
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .get(id)
+            .map(|e| e.sandbox.clone())
     }
 
     fn status_for(spec: &TaskSpec, runtime: &str) -> TaskStatus {
@@ -199,7 +235,8 @@ impl TaskManager {
 
     /// Starts a task. Returns once the process or guest is running.
     pub fn launch(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskStatus, LaunchError> {
-        spec.validate().map_err(|(field, message)| LaunchError::Invalid { field, message })?;
+        spec.validate()
+            .map_err(|(field, message)| LaunchError::Invalid { field, message })?;
         let exec = self
             .executors
             .iter()
@@ -216,7 +253,8 @@ impl TaskManager {
         if sandbox.exists() {
             return Err(LaunchError::Exists(spec.id.clone()));
         }
-        std::fs::create_dir_all(state_dir(&sandbox)).map_err(|e| LaunchError::Start(e.to_string()))?;
+        std::fs::create_dir_all(state_dir(&sandbox))
+            .map_err(|e| LaunchError::Start(e.to_string()))?;
         let mut status = Self::status_for(&spec, runtime);
         let result = match runtime {
             "native" => self.start_native(&spec, &sandbox),
@@ -229,9 +267,19 @@ impl TaskManager {
                 status.reason = Some(reason::START_FAILED.into());
                 status.message = Some(e.clone());
                 status.finished_at = Some(now_ms());
-                let entry = Entry { spec, status: status.clone(), sandbox, control: Control::Done, kill_reason: None, start_ticks: None };
+                let entry = Entry {
+                    spec,
+                    status: status.clone(),
+                    sandbox,
+                    control: Control::Done,
+                    kill_reason: None,
+                    start_ticks: None,
+                };
                 self.checkpoint(&entry);
-                self.tasks.lock().expect("tasks").insert(entry.spec.id.clone(), entry);
+                self.tasks
+                    .lock()
+                    .expect("tasks")
+                    .insert(entry.spec.id.clone(), entry);
                 self.bump();
                 return Err(LaunchError::Start(e));
             }
@@ -241,7 +289,14 @@ impl TaskManager {
             status.pid = Some(*supervisor);
         }
         let id = spec.id.clone();
-        let entry = Entry { spec, status: status.clone(), sandbox, control, kill_reason: None, start_ticks };
+        let entry = Entry {
+            spec,
+            status: status.clone(),
+            sandbox,
+            control,
+            kill_reason: None,
+            start_ticks,
+        };
         self.checkpoint(&entry);
         self.tasks.lock().expect("tasks").insert(id.clone(), entry);
         self.bump();
@@ -257,8 +312,14 @@ impl TaskManager {
         Ok(status)
     }
 
-    fn start_native(&self, spec: &TaskSpec, sandbox: &Path) -> Result<(Control, Child, Option<u64>), String> {
-        let RuntimeSpec::Native { cmd, args } = &spec.runtime else { unreachable!("checked by can_handle") };
+    fn start_native(
+        &self,
+        spec: &TaskSpec,
+        sandbox: &Path,
+    ) -> Result<(Control, Child, Option<u64>), String> {
+        let RuntimeSpec::Native { cmd, args } = &spec.runtime else {
+            unreachable!("checked by can_handle")
+        };
         let cgroup = match &self.cgroups {
             Some(h) => {
                 let limits = Limits {
@@ -266,7 +327,10 @@ impl TaskManager {
                     pids: Some(spec.pids_max.unwrap_or(4096)),
                     cpus: (spec.resources.cpus > 0.0).then_some(spec.resources.cpus),
                 };
-                Some(h.create(&spec.id, &limits).map_err(|e| format!("cgroup: {e}"))?)
+                Some(
+                    h.create(&spec.id, &limits)
+                        .map_err(|e| format!("cgroup: {e}"))?,
+                )
             }
             None => None,
         };
@@ -281,7 +345,11 @@ impl TaskManager {
             log_max_bytes: spec.log_max_bytes,
         };
         let spec_path = state_dir(sandbox).join("init.json");
-        std::fs::write(&spec_path, serde_json::to_vec(&init).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &spec_path,
+            serde_json::to_vec(&init).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let child = tokio::process::Command::new(exe)
             .arg("__init")
@@ -298,22 +366,46 @@ impl TaskManager {
             .spawn()
             .map_err(|e| format!("spawning the task supervisor: {e}"))?;
         let pid = child.id().unwrap_or(0);
-        Ok((Control::Native { supervisor: pid, cgroup }, Child::Native(child), proc_start_ticks(pid)))
+        Ok((
+            Control::Native {
+                supervisor: pid,
+                cgroup,
+            },
+            Child::Native(child),
+            proc_start_ticks(pid),
+        ))
     }
 
-    fn start_wasm(&self, spec: &TaskSpec, sandbox: &Path) -> Result<(Control, Child, Option<u64>), String> {
-        let RuntimeSpec::Wasm { file, args } = &spec.runtime else { unreachable!("checked by can_handle") };
-        let rt = self.wasm.as_ref().ok_or("the wasm runtime is not available on this agent")?;
+    fn start_wasm(
+        &self,
+        spec: &TaskSpec,
+        sandbox: &Path,
+    ) -> Result<(Control, Child, Option<u64>), String> {
+        let RuntimeSpec::Wasm { file, args } = &spec.runtime else {
+            unreachable!("checked by can_handle")
+        };
+        let rt = self
+            .wasm
+            .as_ref()
+            .ok_or("the wasm runtime is not available on this agent")?;
         let bytes = std::fs::read(file).map_err(|e| format!("reading {file}: {e}"))?;
-        let mut argv = vec![Path::new(file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()];
+        let mut argv = vec![Path::new(file)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()];
         argv.extend(args.iter().cloned());
-        let mem = if spec.resources.mem > 0 { (spec.resources.mem as usize) << 20 } else { 256 << 20 };
+        let mem = if spec.resources.mem > 0 {
+            (spec.resources.mem as usize) << 20
+        } else {
+            256 << 20
+        };
         let task = WasmTask {
             args: argv,
             env: spec.task_env(".", &self.host),
             sandbox,
             memory_bytes: mem,
-            allow_network: spec.network == Network::Host && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
+            allow_network: spec.network == Network::Host
+                && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
         };
         let (killed, handle) = rt.start(bytes, task).map_err(|e| format!("{e:#}"))?;
         Ok((Control::Wasm { killed }, Child::Wasm(handle), None))
@@ -322,7 +414,9 @@ impl TaskManager {
     /// Asks a task to stop: SIGTERM (native) or interrupt (Wasm), then SIGKILL after the grace.
     pub fn kill(self: &Arc<Self>, id: &str, why: &str) -> bool {
         let mut tasks = self.tasks.lock().expect("tasks");
-        let Some(e) = tasks.get_mut(id) else { return false };
+        let Some(e) = tasks.get_mut(id) else {
+            return false;
+        };
         if e.status.state.is_terminal() {
             return true;
         }
@@ -338,7 +432,10 @@ impl TaskManager {
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok());
                 if let Some(p) = pid1 {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
                 }
                 let grace = Duration::from_millis(e.spec.kill_grace_ms);
                 let cgroup = cgroup.clone();
@@ -349,7 +446,10 @@ impl TaskManager {
                         cg.kill_all();
                     }
                     if let Some(p) = pid1 {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                     let _ = sup;
                 });
@@ -378,7 +478,10 @@ impl TaskManager {
         if e.kill_reason.is_some() {
             return None;
         }
-        if let Control::Native { cgroup: Some(cg), .. } = &e.control {
+        if let Control::Native {
+            cgroup: Some(cg), ..
+        } = &e.control
+        {
             let u = cg.usage();
             e.status.usage.cpu_usec = u.cpu_usec;
             e.status.usage.memory_bytes = u.memory_bytes;
@@ -414,7 +517,9 @@ impl TaskManager {
                         None => return,
                     }
                 };
-                let alive = pid.and_then(proc_start_ticks).is_some_and(|t| Some(t) == ticks);
+                let alive = pid
+                    .and_then(proc_start_ticks)
+                    .is_some_and(|t| Some(t) == ticks);
                 if !alive {
                     break;
                 }
@@ -434,7 +539,9 @@ impl TaskManager {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let oom = match &e.control {
-            Control::Native { cgroup: Some(cg), .. } => {
+            Control::Native {
+                cgroup: Some(cg), ..
+            } => {
                 let o = cg.oom_killed();
                 cg.kill_all();
                 o
@@ -454,7 +561,10 @@ impl TaskManager {
         e.status.signal = exit.signal;
         e.status.finished_at = Some(now_ms());
         e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
-        if let Control::Native { cgroup: Some(cg), .. } = &e.control {
+        if let Control::Native {
+            cgroup: Some(cg), ..
+        } = &e.control
+        {
             let cg = cg.clone();
             std::thread::spawn(move || {
                 for _ in 0..50 {
@@ -467,7 +577,11 @@ impl TaskManager {
             });
         }
         e.control = Control::Done;
-        let snapshot = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: e.start_ticks };
+        let snapshot = Checkpoint {
+            spec: e.spec.clone(),
+            status: e.status.clone(),
+            start_ticks: e.start_ticks,
+        };
         drop(tasks);
         if let Ok(b) = serde_json::to_vec(&snapshot) {
             let _ = self.db.insert(id.as_bytes(), b);
@@ -476,7 +590,11 @@ impl TaskManager {
         self.bump();
     }
 
-    async fn monitor_wasm(self: Arc<Self>, id: String, handle: std::thread::JoinHandle<WasmOutcome>) {
+    async fn monitor_wasm(
+        self: Arc<Self>,
+        id: String,
+        handle: std::thread::JoinHandle<WasmOutcome>,
+    ) {
         let started = Instant::now();
         let mut join = tokio::task::spawn_blocking(move || handle.join());
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -496,13 +614,23 @@ impl TaskManager {
             (_, Some(r)) if r == reason::KILLED => (TaskState::Killed, Some(r.clone()), None),
             (WasmOutcome::Killed, Some(r)) => (TaskState::Failed, Some(r.clone()), None),
             (WasmOutcome::Exited(0), None) => (TaskState::Finished, None, Some(0)),
-            (WasmOutcome::Exited(c), _) => (TaskState::Failed, Some(reason::EXITED.to_string()), Some(*c)),
-            (WasmOutcome::MemoryLimit, _) => (TaskState::Failed, Some(reason::MEMORY_LIMIT.to_string()), None),
+            (WasmOutcome::Exited(c), _) => (
+                TaskState::Failed,
+                Some(reason::EXITED.to_string()),
+                Some(*c),
+            ),
+            (WasmOutcome::MemoryLimit, _) => (
+                TaskState::Failed,
+                Some(reason::MEMORY_LIMIT.to_string()),
+                None,
+            ),
             (WasmOutcome::Trap(m), _) => {
                 e.status.message = Some(m.clone());
                 (TaskState::Failed, Some(reason::TRAP.to_string()), None)
             }
-            (WasmOutcome::Killed, None) => (TaskState::Killed, Some(reason::KILLED.to_string()), None),
+            (WasmOutcome::Killed, None) => {
+                (TaskState::Killed, Some(reason::KILLED.to_string()), None)
+            }
         };
         e.status.state = state;
         e.status.reason = why;
@@ -510,7 +638,11 @@ impl TaskManager {
         e.status.finished_at = Some(now_ms());
         e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
         e.control = Control::Done;
-        let snapshot = Checkpoint { spec: e.spec.clone(), status: e.status.clone(), start_ticks: None };
+        let snapshot = Checkpoint {
+            spec: e.spec.clone(),
+            status: e.status.clone(),
+            start_ticks: None,
+        };
         drop(tasks);
         if let Ok(b) = serde_json::to_vec(&snapshot) {
             let _ = self.db.insert(id.as_bytes(), b);
@@ -525,7 +657,9 @@ impl TaskManager {
         let mut reattach = Vec::new();
         for kv in self.db.iter() {
             let (_, v) = kv?;
-            let Ok(cp) = serde_json::from_slice::<Checkpoint>(&v) else { continue };
+            let Ok(cp) = serde_json::from_slice::<Checkpoint>(&v) else {
+                continue;
+            };
             let sandbox = self.sandboxes.join(&cp.spec.id);
             let mut status = cp.status.clone();
             let mut control = Control::Done;
@@ -533,7 +667,10 @@ impl TaskManager {
                 match status.runtime.as_str() {
                     "native" => {
                         let cgroup = self.cgroups.as_ref().map(|h| h.open(&cp.spec.id));
-                        control = Control::Native { supervisor: status.pid.unwrap_or(0), cgroup };
+                        control = Control::Native {
+                            supervisor: status.pid.unwrap_or(0),
+                            cgroup,
+                        };
                         reattach.push(cp.spec.id.clone());
                     }
                     _ => {
@@ -543,9 +680,19 @@ impl TaskManager {
                     }
                 }
             }
-            let entry = Entry { spec: cp.spec.clone(), status, sandbox, control, kill_reason: None, start_ticks: cp.start_ticks };
+            let entry = Entry {
+                spec: cp.spec.clone(),
+                status,
+                sandbox,
+                control,
+                kill_reason: None,
+                start_ticks: cp.start_ticks,
+            };
             self.checkpoint(&entry);
-            self.tasks.lock().expect("tasks").insert(cp.spec.id.clone(), entry);
+            self.tasks
+                .lock()
+                .expect("tasks")
+                .insert(cp.spec.id.clone(), entry);
         }
         for id in reattach {
             tracing::info!(task = %id, "re-attaching to a running task");

@@ -32,14 +32,24 @@ struct MemLimiter {
 }
 
 impl ResourceLimiter for MemLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.max_bytes {
             self.exceeded = true;
             wasmtime::bail!("memory limit of {} bytes exceeded", self.max_bytes);
         }
         Ok(true)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -59,7 +69,10 @@ struct P2State {
 
 impl WasiView for P2State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -100,7 +113,9 @@ impl WasmRuntime {
         cfg.wasm_component_model(true);
         let mut cache = wasmtime::CacheConfig::new();
         cache.with_directory(cache_dir);
-        cfg.cache(Some(wasmtime::Cache::new(cache).map_err(|e| anyhow::anyhow!("wasm cache: {e}"))?));
+        cfg.cache(Some(
+            wasmtime::Cache::new(cache).map_err(|e| anyhow::anyhow!("wasm cache: {e}"))?,
+        ));
         let mut pool = wasmtime::PoolingAllocationConfig::new();
         pool.total_memories(2_000)
             .total_tables(2_000)
@@ -114,7 +129,9 @@ impl WasmRuntime {
         let engine = match Engine::new(&pooled) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!("wasm pooling allocator unavailable ({e}); using on-demand allocation");
+                tracing::warn!(
+                    "wasm pooling allocator unavailable ({e}); using on-demand allocation"
+                );
                 Engine::new(&cfg).map_err(|e| anyhow::anyhow!("wasm engine: {e}"))?
             }
         };
@@ -122,26 +139,40 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_sync(&mut p1, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| anyhow::anyhow!("wasi p1 linker: {e}"))?;
         let mut p2 = wasmtime::component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut p2).map_err(|e| anyhow::anyhow!("wasi p2 linker: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut p2)
+            .map_err(|e| anyhow::anyhow!("wasi p2 linker: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
             let stop = stop.clone();
-            std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?;
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
         }
-        Ok(Self { engine, p1, p2, stop })
+        Ok(Self {
+            engine,
+            p1,
+            p2,
+            stop,
+        })
     }
 
     fn wasi_builder(t: &WasmTask) -> anyhow::Result<WasiCtxBuilder> {
         let mut b = WasiCtxBuilder::new();
         b.args(&t.args).envs(&t.env);
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(t.sandbox.join("stdout"))?;
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(t.sandbox.join("stderr"))?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(t.sandbox.join("stdout"))?;
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(t.sandbox.join("stderr"))?;
         b.stdout(wasmtime_wasi::cli::OutputFile::new(out));
         b.stderr(wasmtime_wasi::cli::OutputFile::new(err));
         b.preopened_dir(t.sandbox, ".", FsPerms::ReadWrite)
@@ -149,7 +180,9 @@ impl WasmRuntime {
         if t.allow_network {
             b.inherit_network();
         } else {
-            b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+            b.allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false);
         }
         Ok(b)
     }
@@ -162,21 +195,35 @@ impl WasmRuntime {
         task: WasmTask,
     ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<WasmOutcome>)> {
         let killed = Arc::new(AtomicBool::new(false));
-        let limiter = MemLimiter { max_bytes: task.memory_bytes, exceeded: false };
+        let limiter = MemLimiter {
+            max_bytes: task.memory_bytes,
+            exceeded: false,
+        };
         let builder = Self::wasi_builder(&task);
         let mut builder = builder?;
         let this = self.clone();
         let k = killed.clone();
         let handle = if is_component(&bytes) {
-            let component = Component::new(&self.engine, &bytes).map_err(|e| anyhow::anyhow!("compiling component: {e}"))?;
-            let state = P2State { ctx: builder.build(), table: ResourceTable::new(), limiter, killed: k };
+            let component = Component::new(&self.engine, &bytes)
+                .map_err(|e| anyhow::anyhow!("compiling component: {e}"))?;
+            let state = P2State {
+                ctx: builder.build(),
+                table: ResourceTable::new(),
+                limiter,
+                killed: k,
+            };
             std::thread::Builder::new()
                 .name("wasm-task".into())
                 .stack_size(4 << 20)
                 .spawn(move || this.run_component(component, state))?
         } else {
-            let module = Module::new(&self.engine, &bytes).map_err(|e| anyhow::anyhow!("compiling module: {e}"))?;
-            let state = P1State { wasi: builder.build_p1(), limiter, killed: k };
+            let module = Module::new(&self.engine, &bytes)
+                .map_err(|e| anyhow::anyhow!("compiling module: {e}"))?;
+            let state = P1State {
+                wasi: builder.build_p1(),
+                limiter,
+                killed: k,
+            };
             std::thread::Builder::new()
                 .name("wasm-task".into())
                 .stack_size(4 << 20)
@@ -202,7 +249,11 @@ impl WasmRuntime {
             start.call(&mut store, ())
         };
         let r = run();
-        outcome(r.map(|()| 0), store.data().limiter.exceeded, store.data().killed.load(Ordering::Relaxed))
+        outcome(
+            r.map(|()| 0),
+            store.data().limiter.exceeded,
+            store.data().killed.load(Ordering::Relaxed),
+        )
     }
 
     fn run_component(&self, component: Component, state: P2State) -> WasmOutcome {
@@ -217,13 +268,19 @@ impl WasmRuntime {
             }
         });
         let r = (|| -> wasmtime::Result<i32> {
-            let cmd = wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, &self.p2)?;
+            let cmd = wasmtime_wasi::p2::bindings::sync::Command::instantiate(
+                &mut store, &component, &self.p2,
+            )?;
             Ok(match cmd.wasi_cli_run().call_run(&mut store)? {
                 Ok(()) => 0,
                 Err(()) => 1,
             })
         })();
-        outcome(r, store.data().limiter.exceeded, store.data().killed.load(Ordering::Relaxed))
+        outcome(
+            r,
+            store.data().limiter.exceeded,
+            store.data().killed.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -1,0 +1,176 @@
+//! The agent's side of the control loop: long-poll the masters for this agent's assignments
+//! (a blocking query keyed by the Raft index) and converge — start what is assigned and not
+//! running, kill what runs and is no longer assigned — and push task state changes back in
+//! idempotent batches, retried until a master acknowledges them.
+
+use crate::agent::{AgentConfig, AgentInfo};
+use crate::task::{reason, TaskSpec};
+use crate::tasks::TaskManager;
+use cairn_kernel::api::Assignment;
+use cairn_kernel::model::TaskState;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+fn masters(cfg: &AgentConfig, info: &Arc<Mutex<AgentInfo>>) -> Vec<String> {
+    let learned = info.lock().expect("info").masters.clone();
+    if learned.is_empty() {
+        cfg.masters.clone()
+    } else {
+        learned
+    }
+}
+
+/// Builds the task spec for an assignment from its workload.
+pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
+    serde_json::from_value(serde_json::json!({
+        "id": a.task.id,
+        "workload": a.workload.id,
+        "runtime": a.workload.runtime,
+        "resources": a.workload.resources,
+        "env": a.workload.env,
+        "assigned": true,
+    }))
+}
+
+pub async fn assignment_loop(
+    cfg: AgentConfig,
+    agent_id: String,
+    info: Arc<Mutex<AgentInfo>>,
+    tasks: Arc<TaskManager>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(40))
+        .build()
+        .expect("http client");
+    let mut index = 0u64;
+    let mut cur = 0usize;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let ms = masters(&cfg, &info);
+        let master = ms[cur % ms.len()].clone();
+        let url =
+            format!("http://{master}/api/v1/agents/{agent_id}/assignments?index={index}&wait=30s");
+        let req = http.get(url).bearer_auth(&cfg.token).send();
+        let resp = tokio::select! {
+            r = req => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let list = match resp {
+            Ok(r) if r.status().is_success() => {
+                let new_index = r
+                    .headers()
+                    .get("x-cairn-index")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                match r.json::<Vec<Assignment>>().await {
+                    Ok(l) => {
+                        // An index that went backwards means a new cluster or a restore.
+                        index = if new_index < index { 0 } else { new_index };
+                        l
+                    }
+                    Err(e) => {
+                        tracing::warn!(%master, "bad assignments answer: {e}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
+                    }
+                }
+            }
+            other => {
+                tracing::debug!(%master, "assignments poll failed: {other:?}");
+                cur += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let t = tasks.clone();
+        let _ = tokio::task::spawn_blocking(move || converge(&t, &list)).await;
+    }
+}
+
+/// Starts assigned tasks that are not here; kills assigned tasks that are no longer assigned.
+pub fn converge(tasks: &Arc<TaskManager>, assignments: &[Assignment]) {
+    let here: HashMap<String, (TaskSpec, TaskState)> = tasks
+        .specs()
+        .into_iter()
+        .map(|(s, st)| (s.id.clone(), (s, st.state)))
+        .collect();
+    let wanted: HashSet<&str> = assignments.iter().map(|a| a.task.id.as_str()).collect();
+    for a in assignments {
+        if here.contains_key(&a.task.id) {
+            continue;
+        }
+        match spec_for(a) {
+            Ok(spec) => {
+                if let Err(e) = tasks.launch(spec) {
+                    tracing::warn!(task = %a.task.id, "launch failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(task = %a.task.id, "bad assignment: {e}"),
+        }
+    }
+    for (id, (spec, state)) in &here {
+        if spec.assigned && !state.is_terminal() && !wanted.contains(id.as_str()) {
+            tasks.kill(id, reason::KILLED);
+        }
+    }
+}
+
+pub async fn status_loop(
+    cfg: AgentConfig,
+    agent_id: String,
+    info: Arc<Mutex<AgentInfo>>,
+    tasks: Arc<TaskManager>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client");
+    let mut acked: HashMap<String, TaskState> = HashMap::new();
+    let mut changed = tasks.watch();
+    let mut cur = 0usize;
+    loop {
+        let batch: Vec<serde_json::Value> = tasks
+            .specs()
+            .into_iter()
+            .filter(|(s, st)| s.assigned && acked.get(&s.id) != Some(&st.state))
+            .map(|(_, st)| serde_json::json!({"id": st.id, "state": st.state, "reason": st.reason}))
+            .collect();
+        if !batch.is_empty() {
+            let ms = masters(&cfg, &info);
+            let master = ms[cur % ms.len()].clone();
+            let r = http
+                .post(format!("http://{master}/api/v1/agents/{agent_id}/status"))
+                .bearer_auth(&cfg.token)
+                .json(&batch)
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => {
+                    for b in &batch {
+                        if let (Some(id), Ok(state)) = (
+                            b["id"].as_str(),
+                            serde_json::from_value::<TaskState>(b["state"].clone()),
+                        ) {
+                            acked.insert(id.to_string(), state);
+                        }
+                    }
+                }
+                _ => cur += 1,
+            }
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
