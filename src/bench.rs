@@ -49,6 +49,9 @@ pub enum BenchCmd {
         wasm_file: Option<PathBuf>,
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// The OCI runtime binary for --kind crun (crun refuses hybrid cgroup hosts; runc works).
+        #[arg(long, default_value = "crun")]
+        oci_runtime: String,
     },
     /// Leader failover: kill -9 the leader, time until the next write is committed.
     Failover {
@@ -462,15 +465,10 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             )
             .await
         }
-        BenchCmd::Tasks {
-            kind,
-            count,
-            wasm_file,
-            bundle,
-        } => {
+        BenchCmd::Tasks { kind, count, wasm_file, bundle, oci_runtime } => {
             println!("| kind | tasks | p50 ms | p99 ms | mean ms |");
             println!("|---|---|---|---|---|");
-            tasks(kind, count, wasm_file, bundle).await
+            tasks(kind, count, wasm_file, bundle, &oci_runtime).await
         }
         BenchCmd::Failover { target, kills, dir } => {
             println!("| target | kills | median ms | min ms | max ms | all (ms) |");
@@ -487,7 +485,8 @@ pub enum TaskKind {
     Native,
     /// A Wasm module or component given with --wasm-file.
     Wasm,
-    /// `crun run` of an OCI bundle given with --bundle (its process should exit at once).
+    /// `crun run` (or `--oci-runtime runc`) of an OCI bundle given with --bundle (its process
+    /// should exit at once).
     Crun,
 }
 
@@ -497,6 +496,7 @@ pub async fn tasks(
     count: usize,
     wasm_file: Option<PathBuf>,
     bundle: Option<PathBuf>,
+    oci_runtime: &str,
 ) -> anyhow::Result<()> {
     use cairn_kernel::model::{RuntimeSpec, TaskState};
     let (dir, _tmp) = workdir(None)?;
@@ -511,7 +511,7 @@ pub async fn tasks(
                 let bundle = bundle
                     .clone()
                     .context("--bundle DIR is required for crun")?;
-                let st = tokio::process::Command::new("crun")
+                let st = tokio::process::Command::new(oci_runtime)
                     .args(["run", "--bundle"])
                     .arg(&bundle)
                     .arg(format!("bench-{i}"))
@@ -519,8 +519,8 @@ pub async fn tasks(
                     .stdout(Stdio::null())
                     .status()
                     .await
-                    .context("running crun (apt-get install crun)")?;
-                anyhow::ensure!(st.success(), "crun run failed: {st}");
+                    .with_context(|| format!("running {oci_runtime} (apt-get install {oci_runtime})"))?;
+                anyhow::ensure!(st.success(), "{oci_runtime} run failed: {st}");
             }
             TaskKind::Native | TaskKind::Wasm => {
                 let runtime = match kind {

@@ -1,0 +1,2 @@
+//! Does nothing and exits 0: the start-latency probe.
+fn main() {}
