@@ -465,7 +465,13 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             )
             .await
         }
-        BenchCmd::Tasks { kind, count, wasm_file, bundle, oci_runtime } => {
+        BenchCmd::Tasks {
+            kind,
+            count,
+            wasm_file,
+            bundle,
+            oci_runtime,
+        } => {
             println!("| kind | tasks | p50 ms | p99 ms | mean ms |");
             println!("|---|---|---|---|---|");
             tasks(kind, count, wasm_file, bundle, &oci_runtime).await
@@ -519,7 +525,9 @@ pub async fn tasks(
                     .stdout(Stdio::null())
                     .status()
                     .await
-                    .with_context(|| format!("running {oci_runtime} (apt-get install {oci_runtime})"))?;
+                    .with_context(|| {
+                        format!("running {oci_runtime} (apt-get install {oci_runtime})")
+                    })?;
                 anyhow::ensure!(st.success(), "{oci_runtime} run failed: {st}");
             }
             TaskKind::Native | TaskKind::Wasm => {

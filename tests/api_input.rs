@@ -35,7 +35,8 @@ async fn bad_input_is_rejected_with_json_errors_and_changes_nothing() {
     let addr = lab.running_addrs()[0].clone();
     let http = http();
     put_until_ok(&lab, "keep", "original").await;
-    let before = lab.get(&addr, "/api/v1/cluster").await.unwrap()["applied_index"]
+    // The index of that write (the applied index in /cluster lags behind a little).
+    let before = lab.get(&addr, "/api/v1/kv/keep").await.unwrap()["modify_index"]
         .as_u64()
         .unwrap();
 
@@ -135,6 +136,20 @@ async fn bad_input_is_rejected_with_json_errors_and_changes_nothing() {
     cases[0].content_type = Some("application/json");
     let mut got = String::new();
     for c in &cases {
+        if c.body.len() > 1024 * 1024 {
+            // The server answers 413 before reading the body and closes the connection, which
+            // reqwest may report as an error while still sending; read the answer off a socket.
+            let (status, text) = raw_request(&addr, c.method, c.path, &c.body).await;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("{}: not JSON: {text}", c.name));
+            got.push_str(&format!(
+                "{}: {} {} -\n",
+                c.name,
+                status,
+                v["code"].as_str().unwrap_or("?")
+            ));
+            continue;
+        }
         let mut req = http
             .request(
                 c.method.parse().unwrap(),
@@ -209,6 +224,32 @@ huge value: 400 invalid_field value
     );
     // The server is still healthy.
     put_until_ok(&lab, "still", "fine").await;
+}
+
+/// Sends one request over a raw socket and returns the status and body of the answer,
+/// tolerating the server closing the connection before the whole body was sent.
+async fn raw_request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 #[test]

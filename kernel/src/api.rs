@@ -177,22 +177,10 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 async fn auth(ctx: Ctx, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    use subtle::ConstantTimeEq;
-    if given.is_empty() || !bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong token: send 'Authorization: Bearer <token>' (see --token / CAIRN_TOKEN)",
-        )
-        .into_response();
+    match crate::error::check_bearer(req.headers(), &ctx.token) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
 }
 
 async fn observe(ctx: Ctx, req: Request, next: Next) -> Response {

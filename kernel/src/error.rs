@@ -68,6 +68,24 @@ impl From<cairn_raft::node::NodeError> for ApiError {
     }
 }
 
+/// Checks `Authorization: Bearer <token>` in constant time; masters and agents share it.
+pub fn check_bearer(headers: &axum::http::HeaderMap, token: &str) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if given.is_empty() || !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong token: send 'Authorization: Bearer <token>' (see --token / CAIRN_TOKEN)",
+        ));
+    }
+    Ok(())
+}
+
 /// A JSON request body, decoded with the failing field's path in the error.
 pub struct JsonBody<T>(pub T);
 

@@ -42,22 +42,10 @@ pub fn router(info: Arc<Mutex<AgentInfo>>, tasks: Arc<TaskManager>, token: Strin
 }
 
 async fn auth(ctx: C, req: Request, next: Next) -> Response {
-    use subtle::ConstantTimeEq;
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if given.is_empty() || !bool::from(given.as_bytes().ct_eq(ctx.token.as_bytes())) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong token: send 'Authorization: Bearer <token>'",
-        )
-        .into_response();
+    match cairn_kernel::error::check_bearer(req.headers(), &ctx.token) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
 }
 
 async fn agent_info(ctx: C) -> Json<AgentInfo> {

@@ -233,40 +233,18 @@ impl WasmRuntime {
     }
 
     fn run_module(&self, module: Module, state: P1State) -> WasmOutcome {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
-            if ctx.data().killed.load(Ordering::Relaxed) {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Continue(1))
-            }
-        });
-        let mut run = || -> wasmtime::Result<()> {
+        let mut store = new_store(&self.engine, state);
+        let r = (|| -> wasmtime::Result<i32> {
             let instance = self.p1.instantiate(&mut store, &module)?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call(&mut store, ())
-        };
-        let r = run();
-        outcome(
-            r.map(|()| 0),
-            store.data().limiter.exceeded,
-            store.data().killed.load(Ordering::Relaxed),
-        )
+            start.call(&mut store, ())?;
+            Ok(0)
+        })();
+        finish(&store, r)
     }
 
     fn run_component(&self, component: Component, state: P2State) -> WasmOutcome {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
-            if ctx.data().killed.load(Ordering::Relaxed) {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Continue(1))
-            }
-        });
+        let mut store = new_store(&self.engine, state);
         let r = (|| -> wasmtime::Result<i32> {
             let cmd = wasmtime_wasi::p2::bindings::sync::Command::instantiate(
                 &mut store, &component, &self.p2,
@@ -276,12 +254,63 @@ impl WasmRuntime {
                 Err(()) => 1,
             })
         })();
-        outcome(
-            r,
-            store.data().limiter.exceeded,
-            store.data().killed.load(Ordering::Relaxed),
-        )
+        finish(&store, r)
     }
+}
+
+/// What both kinds of guest state give the store: the limiter and the kill switch.
+trait GuestState: Send + 'static {
+    fn limiter(&mut self) -> &mut MemLimiter;
+    fn killed(&self) -> &AtomicBool;
+    fn mem_exceeded(&self) -> bool;
+}
+
+impl GuestState for P1State {
+    fn limiter(&mut self) -> &mut MemLimiter {
+        &mut self.limiter
+    }
+    fn killed(&self) -> &AtomicBool {
+        &self.killed
+    }
+    fn mem_exceeded(&self) -> bool {
+        self.limiter.exceeded
+    }
+}
+
+impl GuestState for P2State {
+    fn limiter(&mut self) -> &mut MemLimiter {
+        &mut self.limiter
+    }
+    fn killed(&self) -> &AtomicBool {
+        &self.killed
+    }
+    fn mem_exceeded(&self) -> bool {
+        self.limiter.exceeded
+    }
+}
+
+/// A store with the memory limiter and an epoch callback that interrupts a killed guest.
+fn new_store<T: GuestState>(engine: &Engine, state: T) -> Store<T> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s: &mut T| -> &mut dyn ResourceLimiter { s.limiter() });
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|ctx| {
+        if ctx.data().killed().load(Ordering::Relaxed) {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Continue(1))
+        }
+    });
+    store
+}
+
+fn finish<T: GuestState>(store: &Store<T>, r: wasmtime::Result<i32>) -> WasmOutcome {
+    let data = store.data();
+    outcome(
+        r,
+        data.mem_exceeded(),
+        data.killed().load(Ordering::Relaxed),
+    )
 }
 
 fn outcome(r: wasmtime::Result<i32>, mem_exceeded: bool, killed: bool) -> WasmOutcome {
