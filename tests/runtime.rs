@@ -518,6 +518,26 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
     )
     .await;
     assert_eq!(a.file("job-1", "stdout").await.1, "done\n");
+    // The masters show the running task's usage, read live from its agent.
+    eventually(
+        Duration::from_secs(10),
+        "usage through the masters",
+        || async {
+            let v: Value = a
+                .http
+                .get(format!("http://{master}/api/v1/tasks/svc-1"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["usage"]["pids"].as_u64()? >= 1 && v["usage"]["memory_bytes"].as_u64()? > 0)
+                .then_some(())
+        },
+    )
+    .await;
     // Killing through the masters: the task leaves the assignments and the agent kills it.
     assert_eq!(post("/api/v1/tasks/svc-1/kill", json!(null)).await.0, 202);
     eventually(Duration::from_secs(20), "service killed", || async {

@@ -107,6 +107,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/kv/{key}",
     "/api/v1/workloads",
     "/api/v1/tasks",
+    "/api/v1/tasks/{id}",
     "/api/v1/tasks/{id}/kill",
     "/api/v1/agents/{id}/assignments",
     "/api/v1/agents/{id}/status",
@@ -137,6 +138,7 @@ pub fn router(api: Arc<Api>) -> Router {
         )
         .route("/api/v1/workloads", get(list_workloads).post(put_workload))
         .route("/api/v1/tasks", get(list_tasks).post(place_task))
+        .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/kill", post(kill_task))
         .route("/api/v1/agents/{id}/assignments", get(assignments))
         .route("/api/v1/agents/{id}/status", post(task_status))
@@ -761,6 +763,46 @@ async fn place_task(ctx: Ctx, JsonBody(b): JsonBody<PlaceBody>) -> Result<Respon
         with_index(index, serde_json::json!({ "index": index })),
     )
         .into_response())
+}
+
+/// One task, with its live usage fetched from the agent that runs it (usage is the agent's
+/// observed state, not replicated; `usage` is null when the agent does not answer).
+async fn get_task(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.tasks).await?;
+    let (task, agent_addr) = ctx
+        .read(|s| {
+            s.tasks
+                .get(&id)
+                .map(|t| (t.clone(), s.agents.get(&t.agent).map(|a| a.addr.clone())))
+        })
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no task {id:?}; list them with GET /api/v1/tasks"))
+        })?;
+    let mut usage = serde_json::Value::Null;
+    if let Some(addr) = agent_addr {
+        let r = ctx
+            .client
+            .get(format!("http://{addr}/api/v1/tasks/{id}"))
+            .bearer_auth(&ctx.token)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if r.status().is_success() {
+                if let Ok(v) = r.json::<serde_json::Value>().await {
+                    usage = v["usage"].clone();
+                }
+            }
+        }
+    }
+    let mut body = serde_json::to_value(&task).unwrap_or_default();
+    body["usage"] = usage;
+    Ok(with_index(index, body))
 }
 
 /// Marks a task `killing`: it leaves its agent's assignments and the agent kills it.

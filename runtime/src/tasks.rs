@@ -439,19 +439,26 @@ impl TaskManager {
                 }
                 let grace = Duration::from_millis(e.spec.kill_grace_ms);
                 let cgroup = cgroup.clone();
-                let sup = *supervisor;
+                let (sup, sup_ticks) = (*supervisor, e.start_ticks);
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    if let Some(cg) = cgroup {
-                        cg.kill_all();
+                    // Only while our supervisor still runs: after it exits, pid1's number may
+                    // belong to some other process.
+                    let alive = proc_start_ticks(sup).is_some_and(|t| Some(t) == sup_ticks);
+                    if !alive {
+                        return;
                     }
-                    if let Some(p) = pid1 {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                    match cgroup {
+                        Some(cg) => cg.kill_all(),
+                        None => {
+                            if let Some(p) = pid1 {
+                                let _ = nix::sys::signal::kill(
+                                    nix::unistd::Pid::from_raw(p),
+                                    nix::sys::signal::Signal::SIGKILL,
+                                );
+                            }
+                        }
                     }
-                    let _ = sup;
                 });
             }
             Control::Wasm { killed } => killed.store(true, Ordering::Relaxed),
