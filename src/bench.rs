@@ -53,6 +53,14 @@ pub enum BenchCmd {
         #[arg(long, default_value = "crun")]
         oci_runtime: String,
     },
+    /// Density: launch this many idle Wasm tasks (e.g. tests/guests idle.wasm) on one
+    /// in-process agent and report how many run and the memory each costs.
+    Density {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long)]
+        wasm_file: PathBuf,
+    },
     /// Leader failover: kill -9 the leader, time until the next write is committed.
     Failover {
         #[arg(long, value_enum)]
@@ -476,6 +484,11 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             println!("|---|---|---|---|---|");
             tasks(kind, count, wasm_file, bundle, &oci_runtime).await
         }
+        BenchCmd::Density { count, wasm_file } => {
+            println!("| launched | running | launch time | RSS growth | per task |");
+            println!("|---|---|---|---|---|");
+            density(count, wasm_file).await
+        }
         BenchCmd::Failover { target, kills, dir } => {
             println!("| target | kills | median ms | min ms | max ms | all (ms) |");
             println!("|---|---|---|---|---|---|");
@@ -583,4 +596,63 @@ pub async fn tasks(
         h.mean() / 1000.0
     );
     Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Density: how many idle Wasm tasks one in-process agent holds, and what each costs.
+pub async fn density(count: usize, wasm_file: PathBuf) -> anyhow::Result<()> {
+    use cairn_kernel::model::TaskState;
+    let (dir, _tmp) = workdir(None)?;
+    let mgr =
+        cairn_runtime::tasks::TaskManager::open(&dir, Path::new("/sys/fs/cgroup"), "127.0.0.1")?;
+    let before = rss_kib();
+    let bar = indicatif::ProgressBar::new(count as u64);
+    let started = Instant::now();
+    let mut running = 0usize;
+    for i in 0..count {
+        let spec: cairn_runtime::task::TaskSpec = serde_json::from_value(serde_json::json!({
+            "id": format!("idle-{i}"),
+            "runtime": {"wasm": {"file": wasm_file.display().to_string(), "args": []}},
+            "resources": {"cpus": 0.0, "mem": 16, "disk": 0}
+        }))?;
+        let m = mgr.clone();
+        match tokio::task::spawn_blocking(move || m.launch(spec)).await? {
+            Ok(_) => running += 1,
+            Err(e) => {
+                eprintln!("stopped at {i} tasks: {e}");
+                break;
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let alive = mgr
+        .list()
+        .iter()
+        .filter(|s| s.state == TaskState::Running)
+        .count();
+    let after = rss_kib();
+    println!(
+        "| {} | {} | {:.1} s | {} MiB | {:.1} KiB |",
+        running,
+        alive,
+        elapsed.as_secs_f64(),
+        (after.saturating_sub(before)) / 1024,
+        after.saturating_sub(before) as f64 / alive.max(1) as f64
+    );
+    // Idle guests sleep inside a host call, which epoch interruption cannot cut short; exit
+    // rather than wait for them.
+    std::process::exit(0)
 }

@@ -600,14 +600,14 @@ impl TaskManager {
     async fn monitor_wasm(
         self: Arc<Self>,
         id: String,
-        handle: std::thread::JoinHandle<WasmOutcome>,
+        outcome_rx: tokio::sync::oneshot::Receiver<WasmOutcome>,
     ) {
         let started = Instant::now();
-        let mut join = tokio::task::spawn_blocking(move || handle.join());
+        let mut join = outcome_rx;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let outcome = loop {
             tokio::select! {
-                r = &mut join => break r.ok().and_then(|r| r.ok()).unwrap_or(WasmOutcome::Trap("wasm thread panicked".into())),
+                r = &mut join => break r.unwrap_or(WasmOutcome::Trap("wasm thread panicked".into())),
                 _ = tick.tick() => {
                     if let Some(why) = self.check_limits(&id, started) {
                         self.kill(&id, why);
@@ -711,5 +711,5 @@ impl TaskManager {
 
 enum Child {
     Native(tokio::process::Child),
-    Wasm(std::thread::JoinHandle<WasmOutcome>),
+    Wasm(tokio::sync::oneshot::Receiver<WasmOutcome>),
 }

@@ -13,6 +13,13 @@ use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, UpdateDea
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+/// Concurrent Wasm instances the pooling allocator reserves room for.
+const POOL_SLOTS: u32 = 10_000;
+
+/// Host stack of a guest's thread: wasmtime's default max Wasm stack (512 KiB) plus room for
+/// host calls.
+const TASK_STACK: usize = 2 << 20;
+
 /// Epoch tick: the longest a killed guest keeps running in a tight loop.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -88,6 +95,9 @@ pub struct WasmTask<'a> {
 /// The agent's wasmtime engine and linkers.
 pub struct WasmRuntime {
     engine: Engine,
+    /// Compiled code shared by every task running the same bytes (keyed by SHA-256), so N
+    /// tasks of one module cost one copy of its code and its executable mappings.
+    compiled: std::sync::Mutex<std::collections::HashMap<[u8; 32], Compiled>>,
     p1: Linker<P1State>,
     p2: wasmtime::component::Linker<P2State>,
     stop: Arc<AtomicBool>,
@@ -97,6 +107,12 @@ impl Drop for WasmRuntime {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+#[derive(Clone)]
+enum Compiled {
+    Module(Module),
+    Component(Component),
 }
 
 /// Whether `bytes` are a component (layer 1) rather than a core module.
@@ -117,11 +133,13 @@ impl WasmRuntime {
             wasmtime::Cache::new(cache).map_err(|e| anyhow::anyhow!("wasm cache: {e}"))?,
         ));
         let mut pool = wasmtime::PoolingAllocationConfig::new();
-        pool.total_memories(2_000)
-            .total_tables(2_000)
-            .total_core_instances(2_000)
-            .total_component_instances(2_000)
-            .total_stacks(2_000)
+        // Room for 10,000 concurrent guests; slots are address-space reservations, so an idle
+        // pool costs no memory.
+        pool.total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .total_core_instances(POOL_SLOTS)
+            .total_component_instances(POOL_SLOTS)
+            .total_stacks(POOL_SLOTS)
             .max_memory_size(1 << 30);
         let mut pooled = cfg.clone();
         pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
@@ -156,6 +174,7 @@ impl WasmRuntime {
         }
         Ok(Self {
             engine,
+            compiled: Default::default(),
             p1,
             p2,
             stop,
@@ -193,7 +212,7 @@ impl WasmRuntime {
         self: &Arc<Self>,
         bytes: Vec<u8>,
         task: WasmTask,
-    ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<WasmOutcome>)> {
+    ) -> anyhow::Result<(Arc<AtomicBool>, tokio::sync::oneshot::Receiver<WasmOutcome>)> {
         let killed = Arc::new(AtomicBool::new(false));
         let limiter = MemLimiter {
             max_bytes: task.memory_bytes,
@@ -203,9 +222,13 @@ impl WasmRuntime {
         let mut builder = builder?;
         let this = self.clone();
         let k = killed.clone();
-        let handle = if is_component(&bytes) {
-            let component = Component::new(&self.engine, &bytes)
-                .map_err(|e| anyhow::anyhow!("compiling component: {e}"))?;
+        // The outcome comes back on a channel, so no thread waits on a guest's thread (a
+        // blocking-pool join per task would cap an agent at the pool's size).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _thread = if is_component(&bytes) {
+            let Compiled::Component(component) = self.compile(&bytes)? else {
+                anyhow::bail!("internal: cached code is not a component");
+            };
             let state = P2State {
                 ctx: builder.build(),
                 table: ResourceTable::new(),
@@ -214,11 +237,14 @@ impl WasmRuntime {
             };
             std::thread::Builder::new()
                 .name("wasm-task".into())
-                .stack_size(4 << 20)
-                .spawn(move || this.run_component(component, state))?
+                .stack_size(TASK_STACK)
+                .spawn(move || {
+                    let _ = tx.send(this.run_component(component, state));
+                })?
         } else {
-            let module = Module::new(&self.engine, &bytes)
-                .map_err(|e| anyhow::anyhow!("compiling module: {e}"))?;
+            let Compiled::Module(module) = self.compile(&bytes)? else {
+                anyhow::bail!("internal: cached code is not a module");
+            };
             let state = P1State {
                 wasi: builder.build_p1(),
                 limiter,
@@ -226,10 +252,37 @@ impl WasmRuntime {
             };
             std::thread::Builder::new()
                 .name("wasm-task".into())
-                .stack_size(4 << 20)
-                .spawn(move || this.run_module(module, state))?
+                .stack_size(TASK_STACK)
+                .spawn(move || {
+                    let _ = tx.send(this.run_module(module, state));
+                })?
         };
-        Ok((killed, handle))
+        Ok((killed, rx))
+    }
+
+    /// Compiles `bytes` once per process (and once per machine through the on-disk cache).
+    fn compile(&self, bytes: &[u8]) -> anyhow::Result<Compiled> {
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        if let Some(c) = self.compiled.lock().expect("compiled").get(&key) {
+            return Ok(c.clone());
+        }
+        let c = if is_component(bytes) {
+            Compiled::Component(
+                Component::new(&self.engine, bytes)
+                    .map_err(|e| anyhow::anyhow!("compiling component: {e}"))?,
+            )
+        } else {
+            Compiled::Module(
+                Module::new(&self.engine, bytes)
+                    .map_err(|e| anyhow::anyhow!("compiling module: {e}"))?,
+            )
+        };
+        self.compiled
+            .lock()
+            .expect("compiled")
+            .insert(key, c.clone());
+        Ok(c)
     }
 
     fn run_module(&self, module: Module, state: P1State) -> WasmOutcome {
