@@ -112,13 +112,10 @@ async fn minority_accepts_no_write_and_majority_resumes_without_loss() {
     lab.kill(1);
     lab.kill(2);
     let lone_addr = lab.master(lone).addr.clone();
-    let mut attempts = 0;
     for i in 0..5 {
         let r = put(&http, &lone_addr, &format!("minority{i}"), "x").await;
         assert_ne!(r, WriteResult::Ok, "a lone master acknowledged a write");
-        attempts += 1;
     }
-    assert_eq!(attempts, 5);
     // A linearizable read on the minority cannot be served either.
     assert_eq!(
         get(&http, &lone_addr, "m0", false).await,

@@ -83,17 +83,14 @@ async fn launch(ctx: C, JsonBody(spec): JsonBody<TaskSpec>) -> Result<Response, 
 }
 
 async fn show(ctx: C, Path(id): Path<String>) -> Result<Json<TaskStatus>, ApiError> {
-    ctx.tasks
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))
+    ctx.tasks.get(&id).map(Json).ok_or_else(|| no_task(&id))
 }
 
 async fn kill(ctx: C, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     if ctx.tasks.kill(&id, reason::KILLED) {
         Ok(StatusCode::ACCEPTED)
     } else {
-        Err(ApiError::not_found(format!("no task {id:?} on this agent")))
+        Err(no_task(&id))
     }
 }
 
@@ -103,6 +100,10 @@ struct FileQuery {
     path: Option<String>,
     offset: Option<u64>,
     length: Option<u64>,
+}
+
+fn no_task(id: &str) -> ApiError {
+    ApiError::not_found(format!("no task {id:?} on this agent"))
 }
 
 fn sandbox_err(e: SandboxError) -> ApiError {
@@ -132,10 +133,7 @@ async fn files(
     q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let sb = ctx
-        .tasks
-        .sandbox(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
+    let sb = ctx.tasks.sandbox(&id).ok_or_else(|| no_task(&id))?;
     let path = q.path.unwrap_or_else(|| "stdout".into());
     let (bytes, size) = sandbox::read_range(
         &sb,
@@ -163,10 +161,7 @@ async fn browse(
     q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let sb = ctx
-        .tasks
-        .sandbox(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no task {id:?} on this agent")))?;
+    let sb = ctx.tasks.sandbox(&id).ok_or_else(|| no_task(&id))?;
     let entries = sandbox::list(&sb, q.path.as_deref().unwrap_or(".")).map_err(sandbox_err)?;
     Ok(Json(entries).into_response())
 }

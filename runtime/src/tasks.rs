@@ -96,6 +96,9 @@ pub struct TaskManager {
     executors: Vec<Box<dyn Executor>>,
 }
 
+/// Limit checks run every 200 ms; the sandbox disk walk every this many checks (1 s).
+const DISK_EVERY: u64 = 5;
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -107,7 +110,7 @@ pub fn now_ms() -> u64 {
 pub fn proc_start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); starttime is field 22.
     if fields.first() == Some(&"Z") {
@@ -479,28 +482,48 @@ impl TaskManager {
     }
 
     /// Periodic limit checks shared by both runtimes. Returns a kill reason if one applies.
-    fn check_limits(&self, id: &str, started: Instant) -> Option<&'static str> {
-        let mut tasks = self.tasks.lock().expect("tasks");
-        let e = tasks.get_mut(id)?;
-        if e.kill_reason.is_some() {
-            return None;
-        }
-        if let Control::Native {
-            cgroup: Some(cg), ..
-        } = &e.control
+    /// The cgroup files and the sandbox walk are read without holding the task table's lock,
+    /// and the walk (Mesos' `disk/du`) runs only every `DISK_EVERY` ticks.
+    fn check_limits(&self, id: &str, started: Instant, tick: u64) -> Option<&'static str> {
+        let (cgroup, sandbox_dir, timeout_ms, disk_mib) = {
+            let tasks = self.tasks.lock().expect("tasks");
+            let e = tasks.get(id)?;
+            if e.kill_reason.is_some() {
+                return None;
+            }
+            let cg = match &e.control {
+                Control::Native {
+                    cgroup: Some(cg), ..
+                } => Some(cg.clone()),
+                _ => None,
+            };
+            (
+                cg,
+                e.sandbox.clone(),
+                e.spec.timeout_ms,
+                e.spec.resources.disk,
+            )
+        };
+        let usage = cgroup.map(|cg| cg.usage());
+        let disk = tick
+            .is_multiple_of(DISK_EVERY)
+            .then(|| sandbox::disk_usage(&sandbox_dir));
         {
-            let u = cg.usage();
-            e.status.usage.cpu_usec = u.cpu_usec;
-            e.status.usage.memory_bytes = u.memory_bytes;
-            e.status.usage.pids = u.pids;
-        }
-        e.status.usage.disk_bytes = sandbox::disk_usage(&e.sandbox);
-        if let Some(t) = e.spec.timeout_ms {
-            if started.elapsed() > Duration::from_millis(t) {
-                return Some(reason::TIMEOUT);
+            let mut tasks = self.tasks.lock().expect("tasks");
+            let e = tasks.get_mut(id)?;
+            if let Some(u) = usage {
+                e.status.usage.cpu_usec = u.cpu_usec;
+                e.status.usage.memory_bytes = u.memory_bytes;
+                e.status.usage.pids = u.pids;
+            }
+            if let Some(d) = disk {
+                e.status.usage.disk_bytes = d;
             }
         }
-        if e.spec.resources.disk > 0 && e.status.usage.disk_bytes > e.spec.resources.disk << 20 {
+        if timeout_ms.is_some_and(|t| started.elapsed() > Duration::from_millis(t)) {
+            return Some(reason::TIMEOUT);
+        }
+        if disk_mib > 0 && disk.is_some_and(|d| d > disk_mib << 20) {
             return Some(reason::DISK_LIMIT);
         }
         None
@@ -509,6 +532,7 @@ impl TaskManager {
     async fn monitor_native(self: Arc<Self>, id: String, mut child: Option<tokio::process::Child>) {
         let started = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut ticks = 0u64;
         loop {
             if let Some(c) = child.as_mut() {
                 tokio::select! {
@@ -531,7 +555,8 @@ impl TaskManager {
                     break;
                 }
             }
-            if let Some(why) = self.check_limits(&id, started) {
+            ticks += 1;
+            if let Some(why) = self.check_limits(&id, started, ticks) {
                 self.kill(&id, why);
             }
         }
@@ -605,11 +630,13 @@ impl TaskManager {
         let started = Instant::now();
         let mut join = outcome_rx;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut ticks = 0u64;
         let outcome = loop {
             tokio::select! {
                 r = &mut join => break r.unwrap_or(WasmOutcome::Trap("wasm thread panicked".into())),
                 _ = tick.tick() => {
-                    if let Some(why) = self.check_limits(&id, started) {
+                    ticks += 1;
+            if let Some(why) = self.check_limits(&id, started, ticks) {
                         self.kill(&id, why);
                     }
                 }
