@@ -276,6 +276,12 @@ fn checker_rejects_a_stale_read() {
     .is_err());
     // Reading a value nobody wrote.
     assert!(linearizability::check(&[rd(0, 1, Some("ghost"))]).is_err());
+    // A long history is searched without recursion (a recursive search overflowed the stack).
+    let long: Vec<Op> = (0..10_000u64)
+        .map(|i| w(2 * i, 2 * i + 1, &i.to_string()))
+        .chain([rd(20_000, 20_001, Some("9999"))])
+        .collect();
+    assert!(linearizability::check(&long).is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
