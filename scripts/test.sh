@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 export CARGO_TERM_COLOR=never
 
-# Debian packages the tests use. (The end-to-end tests start real `cairn` processes; the
-# benchmarks additionally use etcd-server, see BENCHMARKS.md.)
-APT_PACKAGES=(iproute2 procps coreutils hostname)
+# Debian packages the tests use. (The end-to-end tests start real `cairn` processes; the OCI
+# tests build a busybox image with umoci and skopeo; the benchmarks additionally use
+# etcd-server and runc, see BENCHMARKS.md.)
+APT_PACKAGES=(iproute2 procps coreutils hostname busybox-static umoci skopeo)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

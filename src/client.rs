@@ -6,6 +6,7 @@ use serde_json::Value;
 
 /// Talks to one master with the cluster token.
 pub struct Client {
+    what: &'static str,
     base: String,
     token: String,
     http: reqwest::Client,
@@ -22,6 +23,7 @@ impl Client {
             .timeout(std::time::Duration::from_secs(60))
             .build()?;
         Ok(Self {
+            what: "the master at",
             base,
             token: token.to_string(),
             http,
@@ -31,8 +33,14 @@ impl Client {
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let resp = req.bearer_auth(&self.token).send().await.with_context(|| {
             format!(
-                "cannot reach the master at {} (set --master or CAIRN_MASTER)",
-                self.base
+                "cannot reach {} {} (set {})",
+                self.what,
+                self.base,
+                if self.what.contains("agent") {
+                    "--agent or CAIRN_AGENT"
+                } else {
+                    "--master or CAIRN_MASTER"
+                }
             )
         })?;
         let status = resp.status();
@@ -53,6 +61,18 @@ impl Client {
             Some(f) => anyhow::bail!("{status} {code} (field {f}): {msg}"),
             None => anyhow::bail!("{status} {code}: {msg}"),
         }
+    }
+
+    /// A client for an agent's own API.
+    pub fn agent(agent: &str, token: &str) -> anyhow::Result<Self> {
+        let mut c = Self::new(agent, token)?;
+        c.what = "the agent at";
+        Ok(c)
+    }
+
+    /// The same client without the request timeout (uploads of large archives).
+    fn http_untimed(&self) -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder().build()?)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -220,4 +240,82 @@ pub async fn logs(
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
     }
+}
+
+/// Uploads an OCI image-layout archive to an agent, with a progress bar.
+pub async fn image_import(
+    c: &Client,
+    file: &std::path::Path,
+    name: Option<&str>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("opening {}", file.display()))?;
+    let len = f.metadata().await?.len();
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("progress template")
+        .progress_chars("=> "),
+    );
+    bar.set_message("uploading");
+    let b = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).inspect(move |c| {
+        if let Ok(c) = c {
+            b.inc(c.len() as u64);
+        }
+    });
+    let mut req = c
+        .http_untimed()?
+        .post(format!("{}/api/v1/images", c.base))
+        .header("content-length", len)
+        .body(reqwest::Body::wrap_stream(stream));
+    if let Some(n) = name {
+        req = req.query(&[("name", n)]);
+    }
+    bar.set_message("uploading");
+    let v = c.send(req).await;
+    bar.finish_and_clear();
+    let v = v?;
+    for img in v.as_array().into_iter().flatten() {
+        println!(
+            "imported {} {} ({} layers, {} bytes)",
+            s(&img["name"]),
+            s(&img["digest"]),
+            img["layers"].as_array().map_or(0, |l| l.len()),
+            img["size"]
+        );
+    }
+    Ok(())
+}
+
+pub async fn image_list(c: &Client, json: bool) -> anyhow::Result<()> {
+    let v = c.get("/api/v1/images").await?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header(["NAME", "DIGEST", "LAYERS", "SIZE", "CMD"]);
+    for i in v.as_array().into_iter().flatten() {
+        let cmd: Vec<String> = i["config"]["entrypoint"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(i["config"]["cmd"].as_array().into_iter().flatten())
+            .map(s)
+            .collect();
+        t.add_row([
+            s(&i["name"]),
+            s(&i["digest"]).chars().take(19).collect(),
+            i["layers"].as_array().map_or(0, |l| l.len()).to_string(),
+            s(&i["size"]),
+            cmd.join(" "),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
 }

@@ -59,6 +59,11 @@ enum Cmd {
         #[arg(long, env = "CAIRN_TOKEN", default_value = "", hide_env_values = true)]
         token: String,
     },
+    /// Manage the OCI images of an agent (imported offline from image-layout archives).
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Load generators for BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
@@ -224,6 +229,41 @@ enum ClusterCmd {
         id: u64,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+struct AgentClientArgs {
+    /// The agent's API (HOST:PORT or URL).
+    #[arg(long, env = "CAIRN_AGENT", default_value = "127.0.0.1:5051")]
+    agent: String,
+    #[arg(long, env = "CAIRN_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import an OCI image-layout archive (`skopeo copy ... oci-archive:FILE`, `umoci`).
+    Import {
+        file: std::path::PathBuf,
+        /// Name to give the image (default: the name recorded in the archive).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        agent: AgentClientArgs,
+    },
+    /// List the images on an agent.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentClientArgs,
+    },
+    /// Remove an image (refused while a task uses it).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        agent: AgentClientArgs,
     },
 }
 
@@ -564,6 +604,25 @@ fn main() -> anyhow::Result<()> {
                     follow,
                 )
                 .await
+            }
+            Cmd::Image { cmd } => {
+                init_tracing("warn");
+                match cmd {
+                    ImageCmd::Import { file, name, agent } => {
+                        let c = Client::agent(&agent.agent, &agent.token)?;
+                        client::image_import(&c, &file, name.as_deref()).await
+                    }
+                    ImageCmd::List { json, agent } => {
+                        let c = Client::agent(&agent.agent, &agent.token)?;
+                        client::image_list(&c, json).await
+                    }
+                    ImageCmd::Rm { name, agent } => {
+                        let c = Client::agent(&agent.agent, &agent.token)?;
+                        let v = c.delete(&format!("/api/v1/images/{name}")).await?;
+                        println!("removed {} {}", v["name"], v["digest"]);
+                        Ok(())
+                    }
+                }
             }
             Cmd::Bench { cmd } => {
                 init_tracing("warn");

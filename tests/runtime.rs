@@ -105,6 +105,51 @@ fn sh(id: &str, script: &str) -> Value {
            "resources": {"cpus": 1.0, "mem": 256, "disk": 0}})
 }
 
+fn oci(id: &str, script: &str) -> Value {
+    json!({"id": id, "workload": "test",
+           "runtime": {"oci": {"image": "busybox:latest", "cmd": ["/bin/sh", "-c", script]}},
+           "resources": {"cpus": 1.0, "mem": 128, "disk": 0}})
+}
+
+/// The busybox test image (tests/images/busybox.sh: umoci + skopeo), built once per run.
+fn busybox_tar() -> std::path::PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = ONCE.lock().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("target/test-images/busybox.tar");
+    if !out.exists() {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let st = std::process::Command::new(root.join("tests/images/busybox.sh"))
+            .arg(&out)
+            .status()
+            .expect("tests/images/busybox.sh (needs umoci, skopeo, busybox-static: scripts/test.sh installs them)");
+        assert!(st.success(), "building the busybox image failed");
+    }
+    out
+}
+
+/// Runs the `cairn` CLI against the agent; returns (success, stdout, stderr).
+fn cli(a: &Agent, args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(bin())
+        .args(args)
+        .env("CAIRN_AGENT", &a.addr)
+        .env("CAIRN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn import_busybox(a: &Agent) {
+    let tar = busybox_tar();
+    let (ok, out, err) = cli(a, &["image", "import", tar.to_str().unwrap()]);
+    assert!(ok, "image import failed: {out} {err}");
+    assert!(out.contains("imported busybox:latest"), "{out}");
+}
+
 fn guest(target: &str, name: &str) -> String {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(format!("target/guests/{target}/release/{name}.wasm"));
@@ -311,8 +356,17 @@ async fn native_tasks_survive_an_agent_kill() {
     a.launch(sh("quick", "sleep 1; exit 5")).await;
     a.launch(wasm("wasm-spin", "wasm32-wasip1", "spin", 64))
         .await;
+    import_busybox(&a);
+    let (code, v) = a
+        .launch(oci(
+            "oci-ticker",
+            "i=0; while :; do echo tock $i; i=$((i+1)); sleep 0.1; done",
+        ))
+        .await;
+    assert_eq!(code, 201, "{v}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = a.status("ticker").await["pid"].as_u64().unwrap();
+    let oci_pid = a.status("oci-ticker").await["pid"].as_u64().unwrap();
     a.lab.kill_agent(0);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a.lab.restart_agent(0).unwrap();
@@ -352,6 +406,20 @@ async fn native_tasks_survive_an_agent_kill() {
         (w["state"].as_str(), w["reason"].as_str()),
         (Some("failed"), Some("agent_restart"))
     );
+    // So is the container.
+    let o = a.status("oci-ticker").await;
+    assert_eq!(
+        (o["state"].as_str(), o["pid"].as_u64()),
+        (Some("running"), Some(oci_pid)),
+        "{o}"
+    );
+    let n1 = a.file("oci-ticker", "stdout").await.1.len();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let n2 = a.file("oci-ticker", "stdout").await.1.len();
+    assert!(n2 > n1, "container logs stopped after the agent restart");
+    a.kill("oci-ticker").await;
+    let st = a.wait_state("oci-ticker", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "killed");
     // The re-attached task's exit is still observed.
     a.kill("ticker").await;
     let st = a.wait_state("ticker", Duration::from_secs(20)).await;
@@ -545,4 +613,107 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
     })
     .await;
     assert_eq!(a.status("svc-1").await["state"], "killed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_busybox_container_is_isolated() {
+    let a = agent().await;
+    import_busybox(&a);
+    let (ok, out, _) = cli(&a, &["image", "list", "--json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "busybox:latest", "{list}");
+    assert_eq!(list[0]["layers"].as_array().unwrap().len(), 2, "{list}");
+
+    // The image's own command.
+    let (code, v) = a
+        .launch(json!({"id": "default-cmd", "runtime": {"oci": {"image": "busybox:latest", "cmd": []}}}))
+        .await;
+    assert_eq!(code, 201, "{v}");
+    let st = a.wait_state("default-cmd", Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "finished", "{st}");
+    assert_eq!(
+        a.file("default-cmd", "stdout").await.1,
+        "hello from busybox\n"
+    );
+
+    let script = r#"
+        echo "pid1=$(tr '\0' ' ' </proc/1/cmdline)"
+        echo "me=$$ host=$(hostname)"
+        echo "procs=$(ls /proc | grep -cE '^[0-9]+$')"
+        echo "motd=$(cat /etc/motd)"
+        test -e /etc/doomed && echo doomed-still-there
+        test -e /usr/bin/apt && echo host-root-visible
+        echo written >/written
+        echo "sandbox=$CAIRN_SANDBOX"
+        echo data >"$CAIRN_SANDBOX/out"
+        (sleep 0.2 &)
+        sleep 1
+        echo "zombies=$(cat /proc/[0-9]*/stat | grep -c ') Z ')"
+    "#;
+    let (code, v) = a.launch(oci("box", script)).await;
+    assert_eq!(code, 201, "{v}");
+    let st = a.wait_state("box", Duration::from_secs(30)).await;
+    let out = a.file("box", "stdout").await.1;
+    assert_eq!(
+        st["state"],
+        "finished",
+        "{st}\n{out}\n{}",
+        a.file("box", "stderr").await.1
+    );
+    // PID 1 is Cairn's init; the command is its child; no host process is visible.
+    assert!(out.contains("pid1=") && out.contains("__pid1"), "{out}");
+    assert!(out.contains("me=2 host=box"), "{out}");
+    let procs: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(procs <= 5, "the container sees {procs} processes:\n{out}");
+    // Layers applied in order, the whiteout removed the first layer's file, the root is the
+    // image's.
+    assert!(out.contains("motd=from layer two"), "{out}");
+    assert!(!out.contains("doomed-still-there"), "{out}");
+    assert!(!out.contains("host-root-visible"), "{out}");
+    assert!(out.contains("sandbox=/mnt/sandbox"), "{out}");
+    assert_eq!(a.file("box", "out").await, (200, "data\n".into()));
+    // The orphaned sleep was reaped by PID 1.
+    assert!(out.contains("zombies=0"), "{out}");
+
+    // Each container writes to its own layer: the next one does not see /written.
+    a.launch(oci("box2", "test -e /written && echo leaked; echo done"))
+        .await;
+    a.wait_state("box2", Duration::from_secs(20)).await;
+    assert_eq!(a.file("box2", "stdout").await.1, "done\n");
+
+    // An image in use cannot be removed; a missing one is a clear start error.
+    a.launch(oci("holder", "sleep 30")).await;
+    let (ok, _, err) = cli(&a, &["image", "rm", "busybox:latest"]);
+    assert!(!ok && err.contains("image_in_use"), "{err}");
+    let mut missing = oci("missing", "true");
+    missing["runtime"]["oci"]["image"] = json!("nope:1");
+    let (code, v) = a.launch(missing).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("cairn image import"),
+        "{v}"
+    );
+    a.kill("holder").await;
+    a.wait_state("holder", Duration::from_secs(20)).await;
+    let (ok, out, err) = cli(&a, &["image", "rm", "busybox:latest"]);
+    assert!(ok, "{out} {err}");
+    let (_, out, _) = cli(&a, &["image", "list", "--json"]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+    // A broken archive is refused with a clear error.
+    let bad = a._dir.path().join("bad.tar");
+    std::fs::write(&bad, b"not a tar").unwrap();
+    let (ok, _, err) = cli(&a, &["image", "import", bad.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("not an OCI image layout archive"),
+        "{err}"
+    );
 }

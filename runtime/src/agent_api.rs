@@ -2,6 +2,7 @@
 //! (list, read by offset/length), all behind the cluster token.
 
 use crate::agent::AgentInfo;
+use crate::images::{Image, ImageError};
 use crate::sandbox::{self, SandboxError};
 use crate::task::{reason, TaskSpec, TaskStatus};
 use crate::tasks::{LaunchError, TaskManager};
@@ -12,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use cairn_kernel::error::{ApiError, JsonBody};
+use futures::StreamExt;
 use serde::Deserialize;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 struct Ctx {
@@ -32,6 +35,13 @@ pub fn router(info: Arc<Mutex<AgentInfo>>, tasks: Arc<TaskManager>, token: Strin
         .route("/api/v1/tasks/{id}/kill", post(kill))
         .route("/api/v1/tasks/{id}/files", get(files))
         .route("/api/v1/tasks/{id}/browse", get(browse))
+        .route(
+            "/api/v1/images",
+            get(images_list)
+                .post(images_import)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/images/{*name}", get(images_show).delete(images_rm))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
         })
@@ -164,4 +174,95 @@ async fn browse(
     let sb = ctx.tasks.sandbox(&id).ok_or_else(|| no_task(&id))?;
     let entries = sandbox::list(&sb, q.path.as_deref().unwrap_or(".")).map_err(sandbox_err)?;
     Ok(Json(entries).into_response())
+}
+
+/// Largest image archive an agent accepts.
+pub const MAX_IMAGE_BYTES: u64 = 4 << 30;
+
+fn image_err(e: ImageError) -> ApiError {
+    match e {
+        ImageError::Layout(_) | ImageError::Digest(_) => {
+            ApiError::bad_request("body", format!("{e}"))
+        }
+        ImageError::NotFound(_) => ApiError::not_found(e.to_string()).field("name"),
+        ImageError::InUse(..) => {
+            ApiError::new(StatusCode::CONFLICT, "image_in_use", e.to_string()).field("name")
+        }
+        ImageError::Io(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
+    }
+}
+
+async fn images_list(ctx: C) -> Json<Vec<Image>> {
+    Json(ctx.tasks.images().list())
+}
+
+async fn images_show(ctx: C, Path(name): Path<String>) -> Result<Json<Image>, ApiError> {
+    ctx.tasks
+        .images()
+        .get(&name)
+        .map(Json)
+        .ok_or_else(|| image_err(ImageError::NotFound(name)))
+}
+
+async fn images_rm(ctx: C, Path(name): Path<String>) -> Result<Json<Image>, ApiError> {
+    let tasks = ctx.tasks.clone();
+    tokio::task::spawn_blocking(move || {
+        tasks
+            .images()
+            .remove(&name, |img| tasks.image_user(img))
+            .map(Json)
+            .map_err(image_err)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    name: Option<String>,
+}
+
+/// `POST /api/v1/images?name=NAME` with an OCI image-layout tar as the body. The body is
+/// spooled to a file (never held in memory), then imported.
+async fn images_import(
+    ctx: C,
+    q: Result<Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let name = q
+        .map(|Query(q)| q.name)
+        .map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let spool = tempfile::NamedTempFile::new_in(ctx.tasks.images().tmp_dir())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    let mut file = spool
+        .reopen()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("body", e.to_string()))?;
+        total += chunk.len() as u64;
+        if total > MAX_IMAGE_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("image archives are limited to {MAX_IMAGE_BYTES} bytes"),
+            )
+            .field("body"));
+        }
+        file.write_all(&chunk)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?;
+    }
+    let tasks = ctx.tasks.clone();
+    let imported = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(spool.path())?;
+        tasks
+            .images()
+            .import(std::io::BufReader::new(f), name.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(image_err)?;
+    Ok((StatusCode::CREATED, Json(imported)).into_response())
 }

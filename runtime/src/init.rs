@@ -34,7 +34,24 @@ pub struct InitSpec {
     pub cgroup_procs: Vec<PathBuf>,
     pub network_none: bool,
     pub log_max_bytes: u64,
+    /// Set for OCI tasks: PID 1 pivots into an overlay of this image.
+    #[serde(default)]
+    pub container: Option<ContainerFs>,
 }
+
+/// The root filesystem of an OCI task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContainerFs {
+    /// The image's read-only root filesystem (the overlay's lower dir).
+    pub image_rootfs: PathBuf,
+    /// Working directory inside the container.
+    pub workdir: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Where a container sees its sandbox.
+pub const CONTAINER_SANDBOX: &str = "/mnt/sandbox";
 
 /// How the command ended.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +185,12 @@ pub fn pid1(spec_path: &Path) -> i32 {
 
 fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     let spec = read_spec(spec_path)?;
+    if spec.container.is_some() {
+        // pivot_root moves every process of the mount namespace whose root is the old root:
+        // a namespace of our own keeps the supervisor (__init) on the host's root.
+        unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| anyhow::anyhow!("unshare the container mount namespace: {e}"))?;
+    }
     // Pids written to cgroup.procs are read in the writer's PID namespace; "0" means the
     // writing process itself, in v1 and v2 alike.
     for f in &spec.cgroup_procs {
@@ -182,24 +205,14 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         None::<&str>,
     )
     .map_err(|e| anyhow::anyhow!("making mounts private: {e}"))?;
-    mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| anyhow::anyhow!("mounting /proc: {e}"))?;
     let tmp = spec.sandbox.join("tmp");
     std::fs::create_dir_all(&tmp)?;
-    mount(
-        Some(&tmp),
-        "/tmp",
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| anyhow::anyhow!("mounting private /tmp: {e}"))?;
+    if let Some(fs) = &spec.container {
+        enter_container(&spec, fs)?;
+    } else {
+        mount_proc(Path::new("/proc"))?;
+        bind(&tmp, Path::new("/tmp"))?;
+    }
     nix::unistd::sethostname(&spec.hostname).map_err(|e| anyhow::anyhow!("sethostname: {e}"))?;
 
     let mut signals = signal_hook::iterator::Signals::new([
@@ -210,13 +223,24 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         signal_hook::consts::SIGUSR1,
         signal_hook::consts::SIGUSR2,
     ])?;
-    let child = Command::new(&spec.cmd)
+    let mut command = Command::new(&spec.cmd);
+    command
         .args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.sandbox)
-        .stdin(Stdio::null())
-        .spawn();
+        .stdin(Stdio::null());
+    if let Some(fs) = &spec.container {
+        use std::os::unix::process::CommandExt;
+        command.current_dir(&fs.workdir);
+        if let Some(g) = fs.gid {
+            command.gid(g);
+        }
+        if let Some(u) = fs.uid {
+            command.uid(u);
+        }
+    }
+    let child = command.spawn();
     let child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -225,10 +249,7 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
                 code: Some(127),
                 signal: None,
             };
-            write_atomic(
-                &state_dir(&spec.sandbox).join("exit.json"),
-                &serde_json::to_vec(&info)?,
-            )?;
+            write_atomic(&exit_path(&spec), &serde_json::to_vec(&info)?)?;
             return Ok(127);
         }
     };
@@ -260,9 +281,123 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
             Err(e) => anyhow::bail!("waitpid: {e}"),
         }
     };
-    write_atomic(
-        &state_dir(&spec.sandbox).join("exit.json"),
-        &serde_json::to_vec(&info)?,
-    )?;
+    write_atomic(&exit_path(&spec), &serde_json::to_vec(&info)?)?;
     Ok(info.code.unwrap_or(128 + info.signal.unwrap_or(0)))
+}
+
+/// Where PID 1 records the command's exit: the sandbox as PID 1 sees it after any pivot.
+fn exit_path(spec: &InitSpec) -> PathBuf {
+    match spec.container {
+        Some(_) => Path::new(CONTAINER_SANDBOX).join(".cairn/exit.json"),
+        None => state_dir(&spec.sandbox).join("exit.json"),
+    }
+}
+
+fn mount_proc(at: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(at)?;
+    mount(
+        Some("proc"),
+        at,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("mounting {}: {e}", at.display()))
+}
+
+fn bind(from: &Path, to: &Path) -> anyhow::Result<()> {
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| anyhow::anyhow!("bind-mounting {} on {}: {e}", from.display(), to.display()))
+}
+
+/// Builds an OCI task's root filesystem and pivots into it: an overlay of the image (upper
+/// and work dirs in the sandbox, so writes count against the sandbox disk), a private /proc
+/// for the new PID namespace, a minimal /dev, the sandbox's tmp on /tmp and the sandbox on
+/// `/mnt/sandbox`. Runs in the task's fresh mount namespace, so it all vanishes with it.
+fn enter_container(spec: &InitSpec, fs: &ContainerFs) -> anyhow::Result<()> {
+    let st = state_dir(&spec.sandbox);
+    let (upper, work, root) = (st.join("upper"), st.join("work"), st.join("rootfs"));
+    for d in [&upper, &work, &root] {
+        std::fs::create_dir_all(d)?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        fs.image_rootfs.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| anyhow::anyhow!("mounting the image overlay: {e}"))?;
+    mount_proc(&root.join("proc"))?;
+
+    let dev = root.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| anyhow::anyhow!("mounting /dev: {e}"))?;
+    for n in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let host = Path::new("/dev").join(n);
+        if host.exists() {
+            std::fs::File::create(dev.join(n))?;
+            bind(&host, &dev.join(n))?;
+        }
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link))?;
+    }
+    std::fs::create_dir_all(dev.join("pts"))?;
+    let _ = mount(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    std::fs::create_dir_all(dev.join("shm"))?;
+    mount(
+        Some("shm"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| anyhow::anyhow!("mounting /dev/shm: {e}"))?;
+
+    std::fs::create_dir_all(root.join("tmp"))?;
+    bind(&spec.sandbox.join("tmp"), &root.join("tmp"))?;
+    let sb = root.join(CONTAINER_SANDBOX.trim_start_matches('/'));
+    std::fs::create_dir_all(&sb)?;
+    bind(&spec.sandbox, &sb)?;
+    // Name resolution as on the host (host network); the files land in the overlay's upper.
+    std::fs::create_dir_all(root.join("etc"))?;
+    if let Ok(r) = std::fs::read("/etc/resolv.conf") {
+        let _ = std::fs::write(root.join("etc/resolv.conf"), r);
+    }
+    let _ = std::fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname));
+
+    // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves only the
+    // container's root (runc does the same).
+    nix::unistd::chdir(&root).map_err(|e| anyhow::anyhow!("chdir rootfs: {e}"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| anyhow::anyhow!("pivot_root: {e}"))?;
+    nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| anyhow::anyhow!("detaching the host root: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| anyhow::anyhow!("chdir /: {e}"))?;
+    Ok(())
 }

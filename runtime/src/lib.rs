@@ -7,6 +7,7 @@ pub mod agent_api;
 pub mod cgroups;
 pub mod converge;
 pub mod detect;
+pub mod images;
 pub mod init;
 pub mod sandbox;
 pub mod task;

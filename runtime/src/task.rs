@@ -141,11 +141,19 @@ impl TaskSpec {
                     );
                 }
             }
-            RuntimeSpec::Oci { .. } => {
-                return bad(
-                    "runtime.oci",
-                    "OCI images are not supported by this agent yet; use native or wasm",
-                );
+            RuntimeSpec::Oci { image, cmd } => {
+                if image.is_empty() || image.len() > 255 {
+                    return bad(
+                        "runtime.oci.image",
+                        "give the name or digest of an image imported with `cairn image import`",
+                    );
+                }
+                if cmd.len() > 1024 || cmd.iter().any(|a| a.contains('\0')) {
+                    return bad(
+                        "runtime.oci.cmd",
+                        "at most 1024 arguments, none containing NUL",
+                    );
+                }
             }
         }
         let r = &self.resources;

@@ -4,7 +4,8 @@
 //! after the agent restarts.
 
 use crate::cgroups::{Hierarchy, Limits, TaskCgroup};
-use crate::init::{state_dir, ExitInfo, InitSpec};
+use crate::images::ImageStore;
+use crate::init::{state_dir, ContainerFs, ExitInfo, InitSpec};
 use crate::sandbox;
 use crate::task::{reason, Network, TaskSpec, TaskStatus, TaskUsage};
 use crate::wasm::{WasmOutcome, WasmRuntime, WasmTask};
@@ -29,6 +30,16 @@ impl Executor for NativeExecutor {
     }
     fn can_handle(&self, spec: &TaskSpec) -> bool {
         matches!(spec.runtime, RuntimeSpec::Native { .. })
+    }
+}
+
+pub struct OciExecutor;
+impl Executor for OciExecutor {
+    fn name(&self) -> &'static str {
+        "oci"
+    }
+    fn can_handle(&self, spec: &TaskSpec) -> bool {
+        matches!(spec.runtime, RuntimeSpec::Oci { .. })
     }
 }
 
@@ -89,6 +100,7 @@ pub struct TaskManager {
     sandboxes: PathBuf,
     cgroups: Option<Hierarchy>,
     wasm: Option<Arc<WasmRuntime>>,
+    images: Arc<ImageStore>,
     host: String,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
@@ -146,18 +158,41 @@ impl TaskManager {
                 None
             }
         };
+        let images = Arc::new(ImageStore::open(&data_dir.join("images"))?);
         let mgr = Arc::new(Self {
             sandboxes,
             cgroups,
             wasm,
+            images,
             host: host.to_string(),
             db: tree,
             tasks: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::channel(0).0,
-            executors: vec![Box::new(NativeExecutor), Box::new(WasmExecutor)],
+            executors: vec![
+                Box::new(NativeExecutor),
+                Box::new(OciExecutor),
+                Box::new(WasmExecutor),
+            ],
         });
         mgr.recover()?;
         Ok(mgr)
+    }
+
+    pub fn images(&self) -> &Arc<ImageStore> {
+        &self.images
+    }
+
+    /// A running task that uses the image, if any.
+    pub fn image_user(&self, image: &crate::images::Image) -> Option<String> {
+        let tasks = self.tasks.lock().expect("tasks");
+        tasks
+            .values()
+            .find(|e| {
+                !e.status.state.is_terminal()
+                    && matches!(&e.spec.runtime, RuntimeSpec::Oci { image: i, .. }
+                        if self.images.get(i).is_some_and(|x| x.digest == image.digest))
+            })
+            .map(|e| e.spec.id.clone())
     }
 
     /// A receiver that changes whenever any task's status changes.
@@ -260,7 +295,7 @@ impl TaskManager {
             .map_err(|e| LaunchError::Start(e.to_string()))?;
         let mut status = Self::status_for(&spec, runtime);
         let result = match runtime {
-            "native" => self.start_native(&spec, &sandbox),
+            "native" | "oci" => self.start_native(&spec, &sandbox),
             _ => self.start_wasm(&spec, &sandbox),
         };
         let (control, child, start_ticks) = match result {
@@ -320,8 +355,47 @@ impl TaskManager {
         spec: &TaskSpec,
         sandbox: &Path,
     ) -> Result<(Control, Child, Option<u64>), String> {
-        let RuntimeSpec::Native { cmd, args } = &spec.runtime else {
-            unreachable!("checked by can_handle")
+        let mut env = spec.task_env(&sandbox.display().to_string(), &self.host);
+        let (cmd, args, container) = match &spec.runtime {
+            RuntimeSpec::Native { cmd, args } => (cmd.clone(), args.clone(), None),
+            RuntimeSpec::Oci { image, cmd } => {
+                let img = self.images.get(image).ok_or_else(|| {
+                    format!("no image {image:?} on this agent; import it with `cairn image import`")
+                })?;
+                let c = &img.config;
+                let mut argv = c.entrypoint.clone();
+                argv.extend(if cmd.is_empty() {
+                    c.cmd.clone()
+                } else {
+                    cmd.clone()
+                });
+                if argv.is_empty() {
+                    return Err(format!(
+                        "image {image:?} has no entrypoint or cmd; give runtime.oci.cmd"
+                    ));
+                }
+                let (uid, gid) = parse_user(&c.user)?;
+                // The image's environment first; the task's own variables win.
+                let mut e: Vec<(String, String)> = c
+                    .env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.into(), v.into())))
+                    .collect();
+                e.extend(spec.task_env(crate::init::CONTAINER_SANDBOX, &self.host));
+                env = e;
+                let fs = ContainerFs {
+                    image_rootfs: self.images.rootfs(&img),
+                    workdir: if c.working_dir.is_empty() {
+                        "/".into()
+                    } else {
+                        c.working_dir.clone()
+                    },
+                    uid,
+                    gid,
+                };
+                (argv[0].clone(), argv[1..].to_vec(), Some(fs))
+            }
+            RuntimeSpec::Wasm { .. } => unreachable!("checked by can_handle"),
         };
         let cgroup = match &self.cgroups {
             Some(h) => {
@@ -338,14 +412,15 @@ impl TaskManager {
             None => None,
         };
         let init = InitSpec {
-            cmd: cmd.clone(),
-            args: args.clone(),
-            env: spec.task_env(&sandbox.display().to_string(), &self.host),
+            cmd,
+            args,
+            env,
             sandbox: sandbox.to_path_buf(),
             hostname: spec.id.chars().take(63).collect(),
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
             network_none: spec.network == Network::None,
             log_max_bytes: spec.log_max_bytes,
+            container,
         };
         let spec_path = state_dir(sandbox).join("init.json");
         std::fs::write(
@@ -699,7 +774,7 @@ impl TaskManager {
             let mut control = Control::Done;
             if !status.state.is_terminal() {
                 match status.runtime.as_str() {
-                    "native" => {
+                    "native" | "oci" => {
                         let cgroup = self.cgroups.as_ref().map(|h| h.open(&cp.spec.id));
                         control = Control::Native {
                             supervisor: status.pid.unwrap_or(0),
@@ -739,4 +814,20 @@ impl TaskManager {
 enum Child {
     Native(tokio::process::Child),
     Wasm(tokio::sync::oneshot::Receiver<WasmOutcome>),
+}
+
+/// An image's `User` as numeric uid[:gid] (empty: root).
+fn parse_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    if user.is_empty() {
+        return Ok((None, None));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("image user {user:?}: only numeric uid[:gid] is supported"))
+    };
+    Ok((Some(num(u)?), g.map(num).transpose()?))
 }
