@@ -27,10 +27,12 @@ if command -v rustup >/dev/null; then
 fi
 
 echo "== building Wasm test guests (tests/guests)"
-for t in wasm32-wasip1 wasm32-wasip2; do
-  CARGO_TARGET_DIR="$PWD/target/guests" cargo build --release --locked \
-    --manifest-path tests/guests/Cargo.toml --target "$t"
-done
+# Core modules and CLI components from the root package; the wasi:http component
+# (tests/guests/http-hello) for wasip2 only.
+CARGO_TARGET_DIR="$PWD/target/guests" cargo build --release --locked \
+  --manifest-path tests/guests/Cargo.toml --target wasm32-wasip1
+CARGO_TARGET_DIR="$PWD/target/guests" cargo build --release --locked \
+  --manifest-path tests/guests/Cargo.toml --target wasm32-wasip2 --workspace
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

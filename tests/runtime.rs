@@ -717,3 +717,69 @@ async fn oci_busybox_container_is_isolated() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_http_component_serves_its_port() {
+    let a = agent().await;
+    let port = cairn_installer::lab::free_port();
+    let spec = json!({"id": "web", "runtime": {"wasm": {"file": guest("wasm32-wasip2", "http_hello"), "args": []}},
+                      "resources": {"cpus": 1.0, "mem": 64, "disk": 0},
+                      "ports": [{"name": "http", "number": port}]});
+    let (code, v) = a.launch(spec.clone()).await;
+    assert_eq!(code, 201, "{v}");
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let body = eventually(Duration::from_secs(10), "wasm HTTP answers", || async {
+        let r = http.get(format!("{url}/hi?x=1")).send().await.ok()?;
+        r.status().is_success().then_some(())?;
+        r.text().await.ok()
+    })
+    .await;
+    assert_eq!(body, "hello from wasm GET /hi?x=1 task=web");
+    // A body goes through; many requests each get a fresh instance.
+    for i in 0..50 {
+        let r = http
+            .post(format!("{url}/echo"))
+            .body(format!("n{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.text().await.unwrap(),
+            format!("hello from wasm POST /echo task=web body=n{i}")
+        );
+    }
+    // No outgoing HTTP without the network grant.
+    let r = http.get(format!("{url}/fetch")).send().await.unwrap();
+    assert!(r.text().await.unwrap().ends_with("fetch=denied"));
+    // A request spinning in the guest is stopped when the task is killed.
+    let spinning = tokio::spawn({
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(format!("{url}/spin")).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.status("web").await["state"], "running");
+    a.kill("web").await;
+    let st = a.wait_state("web", Duration::from_secs(10)).await;
+    assert_eq!(st["state"], "killed", "{st}");
+    let r = spinning.await.unwrap();
+    assert!(
+        r.is_err() || r.unwrap().status() == 500,
+        "a spinning request outlived its task"
+    );
+    eventually(Duration::from_secs(10), "port closed", || async {
+        http.get(&url).send().await.is_err().then_some(())
+    })
+    .await;
+    // An HTTP component needs a port.
+    let mut noport = spec.clone();
+    noport["id"] = json!("noport");
+    noport["ports"] = json!([]);
+    let (code, v) = a.launch(noport).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("ports"), "{v}");
+}

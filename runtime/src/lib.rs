@@ -13,3 +13,4 @@ pub mod sandbox;
 pub mod task;
 pub mod tasks;
 pub mod wasm;
+pub mod wasm_http;

@@ -484,6 +484,7 @@ impl TaskManager {
             memory_bytes: mem,
             allow_network: spec.network == Network::Host
                 && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
+            port: spec.ports.first().map(|p| p.number),
         };
         let (killed, handle) = rt.start(bytes, task).map_err(|e| format!("{e:#}"))?;
         Ok((Control::Wasm { killed }, Child::Wasm(handle), None))

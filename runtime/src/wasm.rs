@@ -33,9 +33,18 @@ pub enum WasmOutcome {
 }
 
 /// Caps linear memory; records that the cap was hit so the task reports `memory_limit`.
-struct MemLimiter {
+pub(crate) struct MemLimiter {
     max_bytes: usize,
     exceeded: bool,
+}
+
+impl MemLimiter {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            exceeded: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemLimiter {
@@ -90,6 +99,8 @@ pub struct WasmTask<'a> {
     pub sandbox: &'a Path,
     pub memory_bytes: usize,
     pub allow_network: bool,
+    /// The task's first port: where an HTTP component is served.
+    pub port: Option<u16>,
 }
 
 /// The agent's wasmtime engine and linkers.
@@ -100,6 +111,7 @@ pub struct WasmRuntime {
     compiled: std::sync::Mutex<std::collections::HashMap<[u8; 32], Compiled>>,
     p1: Linker<P1State>,
     p2: wasmtime::component::Linker<P2State>,
+    http: wasmtime::component::Linker<crate::wasm_http::HttpState>,
     stop: Arc<AtomicBool>,
 }
 
@@ -172,11 +184,13 @@ impl WasmRuntime {
                     }
                 })?;
         }
+        let http = crate::wasm_http::linker(&engine)?;
         Ok(Self {
             engine,
             compiled: Default::default(),
             p1,
             p2,
+            http,
             stop,
         })
     }
@@ -214,10 +228,7 @@ impl WasmRuntime {
         task: WasmTask,
     ) -> anyhow::Result<(Arc<AtomicBool>, tokio::sync::oneshot::Receiver<WasmOutcome>)> {
         let killed = Arc::new(AtomicBool::new(false));
-        let limiter = MemLimiter {
-            max_bytes: task.memory_bytes,
-            exceeded: false,
-        };
+        let limiter = MemLimiter::new(task.memory_bytes);
         let builder = Self::wasi_builder(&task);
         let mut builder = builder?;
         let this = self.clone();
@@ -229,6 +240,30 @@ impl WasmRuntime {
             let Compiled::Component(component) = self.compile(&bytes)? else {
                 anyhow::bail!("internal: cached code is not a component");
             };
+            if crate::wasm_http::is_http_component(&component) {
+                let port = task.port.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "ports: this component exports wasi:http/incoming-handler and is served \
+                         on the task's first port; give one in ports"
+                    )
+                })?;
+                let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+                    .map_err(|e| anyhow::anyhow!("ports: cannot listen on port {port}: {e}"))?;
+                let rx = crate::wasm_http::serve(
+                    &self.http,
+                    &component,
+                    listener,
+                    crate::wasm_http::HttpTask {
+                        args: task.args,
+                        env: task.env,
+                        sandbox: task.sandbox.to_path_buf(),
+                        memory_bytes: task.memory_bytes,
+                        allow_network: task.allow_network,
+                    },
+                    killed.clone(),
+                )?;
+                return Ok((killed, rx));
+            }
             let state = P2State {
                 ctx: builder.build(),
                 table: ResourceTable::new(),

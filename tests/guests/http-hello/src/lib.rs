@@ -1,0 +1,57 @@
+//! `GET /anything` → `hello from wasm GET /anything task=<CAIRN_TASK_ID>`;
+//! `POST` echoes the body; `/spin` loops forever (for deadline and kill tests);
+//! `/fetch` tries an outgoing request (denied without the network grant).
+
+use std::io::{Read as _, Write as _};
+use wasi::http::types::{
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
+
+struct Hello;
+
+impl wasi::exports::http::incoming_handler::Guest for Hello {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let path = request.path_with_query().unwrap_or_default();
+        let method = match request.method() {
+            Method::Get => "GET".to_string(),
+            Method::Post => "POST".to_string(),
+            m => format!("{m:?}"),
+        };
+        if path.starts_with("/spin") {
+            let mut i = 0u64;
+            loop {
+                i = std::hint::black_box(i + 1);
+            }
+        }
+        let mut body_in = Vec::new();
+        if let Ok(b) = request.consume() {
+            if let Ok(mut s) = b.stream() {
+                let _ = s.read_to_end(&mut body_in);
+            }
+        }
+        let task = std::env::var("CAIRN_TASK_ID").unwrap_or_default();
+        let mut text = format!("hello from wasm {method} {path} task={task}");
+        if !body_in.is_empty() {
+            text.push_str(&format!(" body={}", String::from_utf8_lossy(&body_in)));
+        }
+        if path.starts_with("/fetch") {
+            let req = wasi::http::types::OutgoingRequest::new(Fields::new());
+            let _ = req.set_authority(Some("127.0.0.1:9"));
+            let r = wasi::http::outgoing_handler::handle(req, None);
+            text.push_str(&format!(" fetch={}", if r.is_err() { "denied" } else { "allowed" }));
+        }
+        let headers =
+            Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())]).unwrap();
+        let resp = OutgoingResponse::new(headers);
+        resp.set_status_code(200).unwrap();
+        let body = resp.body().unwrap();
+        ResponseOutparam::set(out, Ok(resp));
+        let mut w = body.write().unwrap();
+        w.write_all(text.as_bytes()).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        OutgoingBody::finish(body, None).unwrap();
+    }
+}
+
+wasi::http::proxy::export!(Hello);
