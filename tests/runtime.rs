@@ -453,6 +453,42 @@ async fn wasm_tasks_run_contained_and_killable() {
     a.kill("spin").await;
     let st = a.wait_state("spin", Duration::from_secs(5)).await;
     assert_eq!(st["state"], "killed");
+    // So is a guest waiting in a host call (an hour-long sleep).
+    for (id, target) in [("idle1", "wasm32-wasip1"), ("idle2", "wasm32-wasip2")] {
+        a.launch(wasm(id, target, "idle", 64)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.kill(id).await;
+        let st = a.wait_state(id, Duration::from_secs(5)).await;
+        assert_eq!(st["state"], "killed", "{id}: {st}");
+    }
+    // CPU: a spinning guest limited to 0.2 cpus costs the agent about 0.2 cores, and its
+    // run time is reported.
+    let agent_pid = a.lab.agents[0].child.as_ref().unwrap().id();
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{agent_pid}/stat")).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let mut slow = wasm("slow-spin", "wasm32-wasip1", "spin", 64);
+    slow["resources"]["cpus"] = json!(0.2);
+    a.launch(slow).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (t0, c0) = (std::time::Instant::now(), cpu_ticks());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // clock ticks are 1/100 s on Linux.
+    let cores = (cpu_ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    let st = a.status("slow-spin").await;
+    a.kill("slow-spin").await;
+    assert!(
+        cores < 0.45,
+        "a guest limited to 0.2 cpus used {cores:.2} cores"
+    );
+    let ran = st["usage"]["cpu_usec"].as_u64().unwrap();
+    assert!(
+        (300_000..1_500_000).contains(&ran),
+        "reported {ran} us of run time in 3.5 s at 0.2 cpus: {st}"
+    );
+    assert!(st["usage"]["memory_bytes"].as_u64().unwrap() > 0, "{st}");
     // A memory bomb traps at its limit.
     for (id, target) in [("bomb1", "wasm32-wasip1"), ("bomb2", "wasm32-wasip2")] {
         a.launch(wasm(id, target, "membomb", 32)).await;

@@ -8,12 +8,12 @@ use crate::images::ImageStore;
 use crate::init::{state_dir, ContainerFs, ExitInfo, InitSpec};
 use crate::sandbox;
 use crate::task::{reason, Network, TaskSpec, TaskStatus, TaskUsage};
-use crate::wasm::{WasmOutcome, WasmRuntime, WasmTask};
+use crate::wasm::{KillSwitch, WasmOutcome, WasmRuntime, WasmTask, WasmUsage};
 use cairn_kernel::model::{RuntimeSpec, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,7 +69,8 @@ enum Control {
         cgroup: Option<TaskCgroup>,
     },
     Wasm {
-        killed: Arc<AtomicBool>,
+        killed: Arc<KillSwitch>,
+        usage: Arc<WasmUsage>,
     },
     Done,
 }
@@ -485,9 +486,10 @@ impl TaskManager {
             allow_network: spec.network == Network::Host
                 && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
             port: spec.ports.first().map(|p| p.number),
+            cpus: spec.resources.cpus,
         };
-        let (killed, handle) = rt.start(bytes, task).map_err(|e| format!("{e:#}"))?;
-        Ok((Control::Wasm { killed }, Child::Wasm(handle), None))
+        let (killed, usage, handle) = rt.start(bytes, task).map_err(|e| format!("{e:#}"))?;
+        Ok((Control::Wasm { killed, usage }, Child::Wasm(handle), None))
     }
 
     /// Asks a task to stop: SIGTERM (native) or interrupt (Wasm), then SIGKILL after the grace.
@@ -540,7 +542,7 @@ impl TaskManager {
                     }
                 });
             }
-            Control::Wasm { killed } => killed.store(true, Ordering::Relaxed),
+            Control::Wasm { killed, .. } => killed.kill(),
             Control::Done => {}
         }
         let snapshot = Entry {
@@ -562,7 +564,7 @@ impl TaskManager {
     /// and the walk (Mesos' `disk/du`) runs only every `DISK_EVERY` ticks.
     fn check_limits(&self, id: &str, started: Instant, tick: u64) -> Option<&'static str> {
         let (cgroup, sandbox_dir, timeout_ms, disk_mib) = {
-            let tasks = self.tasks.lock().expect("tasks");
+            let mut tasks = self.tasks.lock().expect("tasks");
             let e = tasks.get(id)?;
             if e.kill_reason.is_some() {
                 return None;
@@ -573,6 +575,16 @@ impl TaskManager {
                 } => Some(cg.clone()),
                 _ => None,
             };
+            if let Control::Wasm { usage, .. } = &e.control {
+                let (cpu, mem) = (
+                    usage.cpu_usec.load(Ordering::Relaxed),
+                    usage.memory_bytes.load(Ordering::Relaxed),
+                );
+                let e = tasks.get_mut(id)?;
+                e.status.usage.cpu_usec = cpu;
+                e.status.usage.memory_bytes = mem;
+            }
+            let e = tasks.get(id)?;
             (
                 cg,
                 e.sandbox.clone(),

@@ -5,9 +5,9 @@
 //! memory limit that traps.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -36,6 +36,7 @@ pub enum WasmOutcome {
 pub(crate) struct MemLimiter {
     max_bytes: usize,
     exceeded: bool,
+    usage: Option<Arc<WasmUsage>>,
 }
 
 impl MemLimiter {
@@ -43,7 +44,12 @@ impl MemLimiter {
         Self {
             max_bytes,
             exceeded: false,
+            usage: None,
         }
+    }
+    fn with_usage(mut self, usage: Arc<WasmUsage>) -> Self {
+        self.usage = Some(usage);
+        self
     }
 }
 
@@ -58,6 +64,9 @@ impl ResourceLimiter for MemLimiter {
             self.exceeded = true;
             wasmtime::bail!("memory limit of {} bytes exceeded", self.max_bytes);
         }
+        if let Some(u) = &self.usage {
+            u.memory_bytes.fetch_max(desired as u64, Ordering::Relaxed);
+        }
         Ok(true)
     }
     fn table_growing(
@@ -70,17 +79,60 @@ impl ResourceLimiter for MemLimiter {
     }
 }
 
+/// A Wasm task's kill switch: interrupts its guest at the next epoch tick and cancels a guest
+/// waiting in a host call (its future is dropped).
+pub struct KillSwitch {
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for KillSwitch {
+    fn default() -> Self {
+        Self {
+            tx: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl KillSwitch {
+    pub fn kill(&self) {
+        self.tx.send_replace(true);
+    }
+    pub fn is_killed(&self) -> bool {
+        *self.tx.borrow()
+    }
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|k| *k).await;
+    }
+}
+
+/// What a Wasm task has used: guest run time (measured at epoch ticks) and linear memory.
+#[derive(Default)]
+pub struct WasmUsage {
+    pub cpu_usec: AtomicU64,
+    pub memory_bytes: AtomicU64,
+}
+
+/// What every guest store carries besides WASI.
+struct Guest {
+    limiter: MemLimiter,
+    kill: Arc<KillSwitch>,
+    usage: Arc<WasmUsage>,
+    /// CPU share (0 = unlimited; 1 or more cannot be exceeded by one guest anyway).
+    cpus: f64,
+    /// When the guest last resumed after an epoch callback.
+    resumed: Instant,
+}
+
 struct P1State {
     wasi: WasiP1Ctx,
-    limiter: MemLimiter,
-    killed: Arc<AtomicBool>,
+    guest: Guest,
 }
 
 struct P2State {
     ctx: WasiCtx,
     table: ResourceTable,
-    limiter: MemLimiter,
-    killed: Arc<AtomicBool>,
+    guest: Guest,
 }
 
 impl WasiView for P2State {
@@ -101,6 +153,8 @@ pub struct WasmTask<'a> {
     pub allow_network: bool,
     /// The task's first port: where an HTTP component is served.
     pub port: Option<u16>,
+    /// CPU share of one core (0: unlimited).
+    pub cpus: f64,
 }
 
 /// The agent's wasmtime engine and linkers.
@@ -112,12 +166,20 @@ pub struct WasmRuntime {
     p1: Linker<P1State>,
     p2: wasmtime::component::Linker<P2State>,
     http: wasmtime::component::Linker<crate::wasm_http::HttpState>,
+    /// The threads every guest runs on, apart from the agent's own runtime (an agent API
+    /// call never waits behind a busy guest).
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
 }
 
 impl Drop for WasmRuntime {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Dropping a runtime blocks; from inside another runtime that would panic.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -166,10 +228,10 @@ impl WasmRuntime {
             }
         };
         let mut p1 = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut p1, |s: &mut P1State| &mut s.wasi)
+        wasmtime_wasi::p1::add_to_linker_async(&mut p1, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| anyhow::anyhow!("wasi p1 linker: {e}"))?;
         let mut p2 = wasmtime::component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut p2)
+        wasmtime_wasi::p2::add_to_linker_async(&mut p2)
             .map_err(|e| anyhow::anyhow!("wasi p2 linker: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         {
@@ -185,7 +247,19 @@ impl WasmRuntime {
                 })?;
         }
         let http = crate::wasm_http::linker(&engine)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            )
+            .thread_name("wasm")
+            .thread_stack_size(TASK_STACK)
+            .enable_all()
+            .build()?;
         Ok(Self {
+            handle: rt.handle().clone(),
+            rt: Some(rt),
             engine,
             compiled: Default::default(),
             p1,
@@ -220,27 +294,30 @@ impl WasmRuntime {
         Ok(b)
     }
 
-    /// Compiles (or loads from the cache) and runs a module or component on a new thread.
-    /// Returns the kill switch and the thread that yields the outcome.
+    /// Compiles (or loads from the cache) and starts a module or component as a future on
+    /// the Wasm runtime's threads (no thread per task). Returns the kill switch, the usage
+    /// counters, and a channel that yields the outcome.
     pub fn start(
         self: &Arc<Self>,
         bytes: Vec<u8>,
         task: WasmTask,
-    ) -> anyhow::Result<(Arc<AtomicBool>, tokio::sync::oneshot::Receiver<WasmOutcome>)> {
-        let killed = Arc::new(AtomicBool::new(false));
-        let limiter = MemLimiter::new(task.memory_bytes);
-        let builder = Self::wasi_builder(&task);
-        let mut builder = builder?;
-        let this = self.clone();
-        let k = killed.clone();
-        // The outcome comes back on a channel, so no thread waits on a guest's thread (a
-        // blocking-pool join per task would cap an agent at the pool's size).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let _thread = if is_component(&bytes) {
-            let Compiled::Component(component) = self.compile(&bytes)? else {
-                anyhow::bail!("internal: cached code is not a component");
-            };
-            if crate::wasm_http::is_http_component(&component) {
+    ) -> anyhow::Result<(
+        Arc<KillSwitch>,
+        Arc<WasmUsage>,
+        tokio::sync::oneshot::Receiver<WasmOutcome>,
+    )> {
+        let kill = Arc::new(KillSwitch::default());
+        let usage = Arc::new(WasmUsage::default());
+        let guest = Guest {
+            limiter: MemLimiter::new(task.memory_bytes).with_usage(usage.clone()),
+            kill: kill.clone(),
+            usage: usage.clone(),
+            cpus: task.cpus,
+            resumed: Instant::now(),
+        };
+        let compiled = self.compile(&bytes)?;
+        if let Compiled::Component(component) = &compiled {
+            if crate::wasm_http::is_http_component(component) {
                 let port = task.port.ok_or_else(|| {
                     anyhow::anyhow!(
                         "ports: this component exports wasi:http/incoming-handler and is served \
@@ -250,8 +327,9 @@ impl WasmRuntime {
                 let listener = std::net::TcpListener::bind(("0.0.0.0", port))
                     .map_err(|e| anyhow::anyhow!("ports: cannot listen on port {port}: {e}"))?;
                 let rx = crate::wasm_http::serve(
+                    &self.handle,
                     &self.http,
-                    &component,
+                    component,
                     listener,
                     crate::wasm_http::HttpTask {
                         args: task.args,
@@ -260,39 +338,45 @@ impl WasmRuntime {
                         memory_bytes: task.memory_bytes,
                         allow_network: task.allow_network,
                     },
-                    killed.clone(),
+                    kill.clone(),
                 )?;
-                return Ok((killed, rx));
+                return Ok((kill, usage, rx));
             }
-            let state = P2State {
-                ctx: builder.build(),
-                table: ResourceTable::new(),
-                limiter,
-                killed: k,
-            };
-            std::thread::Builder::new()
-                .name("wasm-task".into())
-                .stack_size(TASK_STACK)
-                .spawn(move || {
-                    let _ = tx.send(this.run_component(component, state));
-                })?
-        } else {
-            let Compiled::Module(module) = self.compile(&bytes)? else {
-                anyhow::bail!("internal: cached code is not a module");
-            };
-            let state = P1State {
-                wasi: builder.build_p1(),
-                limiter,
-                killed: k,
-            };
-            std::thread::Builder::new()
-                .name("wasm-task".into())
-                .stack_size(TASK_STACK)
-                .spawn(move || {
-                    let _ = tx.send(this.run_module(module, state));
-                })?
-        };
-        Ok((killed, rx))
+        }
+        let mut builder = Self::wasi_builder(&task)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let k = kill.clone();
+        match compiled {
+            Compiled::Component(component) => {
+                let state = P2State {
+                    ctx: builder.build(),
+                    table: ResourceTable::new(),
+                    guest,
+                };
+                self.handle.spawn(async move {
+                    let run = this.run_component(component, state);
+                    let _ = tx.send(tokio::select! {
+                        o = run => o,
+                        _ = k.wait() => WasmOutcome::Killed,
+                    });
+                });
+            }
+            Compiled::Module(module) => {
+                let state = P1State {
+                    wasi: builder.build_p1(),
+                    guest,
+                };
+                self.handle.spawn(async move {
+                    let run = this.run_module(module, state);
+                    let _ = tx.send(tokio::select! {
+                        o = run => o,
+                        _ = k.wait() => WasmOutcome::Killed,
+                    });
+                });
+            }
+        }
+        Ok((kill, usage, rx))
     }
 
     /// Compiles `bytes` once per process (and once per machine through the on-disk cache).
@@ -320,85 +404,102 @@ impl WasmRuntime {
         Ok(c)
     }
 
-    fn run_module(&self, module: Module, state: P1State) -> WasmOutcome {
+    async fn run_module(&self, module: Module, state: P1State) -> WasmOutcome {
         let mut store = new_store(&self.engine, state);
-        let r = (|| -> wasmtime::Result<i32> {
-            let instance = self.p1.instantiate(&mut store, &module)?;
+        let r = async {
+            let instance = self.p1.instantiate_async(&mut store, &module).await?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call(&mut store, ())?;
+            start.call_async(&mut store, ()).await?;
             Ok(0)
-        })();
+        }
+        .await;
         finish(&store, r)
     }
 
-    fn run_component(&self, component: Component, state: P2State) -> WasmOutcome {
+    async fn run_component(&self, component: Component, state: P2State) -> WasmOutcome {
         let mut store = new_store(&self.engine, state);
-        let r = (|| -> wasmtime::Result<i32> {
-            let cmd = wasmtime_wasi::p2::bindings::sync::Command::instantiate(
+        let r = async {
+            let cmd = wasmtime_wasi::p2::bindings::Command::instantiate_async(
                 &mut store, &component, &self.p2,
-            )?;
-            Ok(match cmd.wasi_cli_run().call_run(&mut store)? {
+            )
+            .await?;
+            Ok(match cmd.wasi_cli_run().call_run(&mut store).await? {
                 Ok(()) => 0,
                 Err(()) => 1,
             })
-        })();
+        }
+        .await;
         finish(&store, r)
     }
 }
 
-/// What both kinds of guest state give the store: the limiter and the kill switch.
+/// Both kinds of guest state give the store their `Guest`.
 trait GuestState: Send + 'static {
-    fn limiter(&mut self) -> &mut MemLimiter;
-    fn killed(&self) -> &AtomicBool;
-    fn mem_exceeded(&self) -> bool;
+    fn guest(&self) -> &Guest;
+    fn guest_mut(&mut self) -> &mut Guest;
 }
 
 impl GuestState for P1State {
-    fn limiter(&mut self) -> &mut MemLimiter {
-        &mut self.limiter
+    fn guest(&self) -> &Guest {
+        &self.guest
     }
-    fn killed(&self) -> &AtomicBool {
-        &self.killed
-    }
-    fn mem_exceeded(&self) -> bool {
-        self.limiter.exceeded
+    fn guest_mut(&mut self) -> &mut Guest {
+        &mut self.guest
     }
 }
 
 impl GuestState for P2State {
-    fn limiter(&mut self) -> &mut MemLimiter {
-        &mut self.limiter
+    fn guest(&self) -> &Guest {
+        &self.guest
     }
-    fn killed(&self) -> &AtomicBool {
-        &self.killed
-    }
-    fn mem_exceeded(&self) -> bool {
-        self.limiter.exceeded
+    fn guest_mut(&mut self) -> &mut Guest {
+        &mut self.guest
     }
 }
 
-/// A store with the memory limiter and an epoch callback that interrupts a killed guest.
+/// How long a guest that ran for `ran` must pause to stay within `cpus` of one core.
+pub(crate) fn cpu_pause(ran: Duration, cpus: f64) -> Duration {
+    if cpus <= 0.0 || cpus >= 1.0 {
+        return Duration::ZERO;
+    }
+    ran.mul_f64((1.0 - cpus) / cpus)
+}
+
+/// A store with the memory limiter and an epoch callback that, every tick the guest runs,
+/// counts its run time, pauses it to hold its CPU share, yields to the other guests, and
+/// interrupts it once killed.
 fn new_store<T: GuestState>(engine: &Engine, state: T) -> Store<T> {
     let mut store = Store::new(engine, state);
-    store.limiter(|s: &mut T| -> &mut dyn ResourceLimiter { s.limiter() });
+    store.limiter(|s: &mut T| -> &mut dyn ResourceLimiter { &mut s.guest_mut().limiter });
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|ctx| {
-        if ctx.data().killed().load(Ordering::Relaxed) {
-            Ok(UpdateDeadline::Interrupt)
+    store.epoch_deadline_callback(|mut ctx| {
+        let g = ctx.data_mut().guest_mut();
+        if g.kill.is_killed() {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        let now = Instant::now();
+        // Time spent waiting in host calls is not run time: count at most two ticks.
+        let ran = now.saturating_duration_since(g.resumed).min(EPOCH_TICK * 2);
+        g.usage
+            .cpu_usec
+            .fetch_add(ran.as_micros() as u64, Ordering::Relaxed);
+        let pause = cpu_pause(ran, g.cpus);
+        g.resumed = now + pause;
+        if pause.is_zero() {
+            Ok(UpdateDeadline::Yield(1))
         } else {
-            Ok(UpdateDeadline::Continue(1))
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::time::sleep(pause)),
+            ))
         }
     });
     store
 }
 
 fn finish<T: GuestState>(store: &Store<T>, r: wasmtime::Result<i32>) -> WasmOutcome {
-    let data = store.data();
-    outcome(
-        r,
-        data.mem_exceeded(),
-        data.killed().load(Ordering::Relaxed),
-    )
+    let g = store.data().guest();
+    outcome(r, g.limiter.exceeded, g.kill.is_killed())
 }
 
 fn outcome(r: wasmtime::Result<i32>, mem_exceeded: bool, killed: bool) -> WasmOutcome {

@@ -5,14 +5,13 @@
 //! epoch interruption that also stops a killed task's guests mid-loop. Outgoing HTTP from the
 //! guest is denied unless the task is granted the network.
 
-use crate::wasm::{MemLimiter, WasmOutcome};
+use crate::wasm::{KillSwitch, MemLimiter, WasmOutcome};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -124,11 +123,12 @@ pub struct HttpTask {
 
 /// Serves `component` on `listener` until `killed`; the outcome is `Killed` then.
 pub fn serve(
+    handle: &tokio::runtime::Handle,
     linker: &Linker<HttpState>,
     component: &Component,
     listener: std::net::TcpListener,
     task: HttpTask,
-    killed: Arc<AtomicBool>,
+    killed: Arc<KillSwitch>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<WasmOutcome>> {
     let pre = ProxyPre::new(
         linker
@@ -137,8 +137,6 @@ pub fn serve(
     )
     .map_err(|e| anyhow::anyhow!("the component is not a wasi:http proxy: {e:#}"))?;
     listener.set_nonblocking(true)?;
-    let handle = tokio::runtime::Handle::try_current()
-        .map_err(|_| anyhow::anyhow!("internal: no tokio runtime to serve HTTP on"))?;
     let listener = {
         let _g = handle.enter();
         tokio::net::TcpListener::from_std(listener)?
@@ -147,11 +145,11 @@ pub fn serve(
     let task = Arc::new(task);
     handle.spawn(async move {
         loop {
-            if killed.load(Ordering::Relaxed) {
-                break;
-            }
-            let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
-            let Ok(Ok((sock, _))) = accepted else {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = killed.wait() => break,
+            };
+            let Ok((sock, _)) = accepted else {
                 continue;
             };
             let _ = sock.set_nodelay(true);
@@ -162,7 +160,7 @@ pub fn serve(
                     async move {
                         // A killed task's kept-alive connections serve nothing more: the
                         // error makes hyper close them.
-                        if killed.load(Ordering::Relaxed) {
+                        if killed.is_killed() {
                             return Err(std::io::Error::other("task killed"));
                         }
                         Ok(match handle_request(pre, &task, killed, req).await {
@@ -225,7 +223,7 @@ fn state(task: &HttpTask) -> anyhow::Result<HttpState> {
 async fn handle_request(
     pre: ProxyPre<HttpState>,
     task: &HttpTask,
-    killed: Arc<AtomicBool>,
+    killed: Arc<KillSwitch>,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> anyhow::Result<hyper::Response<HyperOutgoingBody>> {
     let mut store = Store::new(pre.engine(), state(task)?);
@@ -233,7 +231,7 @@ async fn handle_request(
     store.set_epoch_deadline(1);
     let deadline = Instant::now() + REQUEST_DEADLINE;
     store.epoch_deadline_callback(move |_| {
-        if killed.load(Ordering::Relaxed) {
+        if killed.is_killed() {
             return Ok(UpdateDeadline::Interrupt);
         }
         if Instant::now() >= deadline {
