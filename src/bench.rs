@@ -49,6 +49,9 @@ pub enum BenchCmd {
         wasm_file: Option<PathBuf>,
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// OCI image-layout archive for --kind oci (tests/images/busybox.sh builds one).
+        #[arg(long)]
+        image_tar: Option<PathBuf>,
         /// The OCI runtime binary for --kind crun (crun refuses hybrid cgroup hosts; runc works).
         #[arg(long, default_value = "crun")]
         oci_runtime: String,
@@ -60,6 +63,31 @@ pub enum BenchCmd {
         count: usize,
         #[arg(long)]
         wasm_file: PathBuf,
+    },
+    /// HTTP requests/s of a Wasm HTTP component (served by an agent's runtime) and of a native
+    /// hyper hello server, each in its own process, side by side; reports the servers' CPU.
+    Http {
+        /// The wasi:http component (tests/guests http_hello.wasm).
+        #[arg(long)]
+        wasm_file: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// (used by `bench http`) Serve a Wasm HTTP component on PORT through a TaskManager.
+    #[command(hide = true)]
+    ServeWasm {
+        #[arg(long)]
+        wasm_file: PathBuf,
+        #[arg(long)]
+        port: u16,
+    },
+    /// (used by `bench http`) A native hyper hello server on PORT.
+    #[command(hide = true)]
+    ServeNative {
+        #[arg(long)]
+        port: u16,
     },
     /// Leader failover: kill -9 the leader, time until the next write is committed.
     Failover {
@@ -478,12 +506,24 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             count,
             wasm_file,
             bundle,
+            image_tar,
             oci_runtime,
         } => {
             println!("| kind | tasks | p50 ms | p99 ms | mean ms |");
             println!("|---|---|---|---|---|");
-            tasks(kind, count, wasm_file, bundle, &oci_runtime).await
+            tasks(kind, count, wasm_file, bundle, image_tar, &oci_runtime).await
         }
+        BenchCmd::Http {
+            wasm_file,
+            connections,
+            duration,
+        } => {
+            println!("| server | connections | req/s | p50 ms | p99 ms | server cores | req/s per core |");
+            println!("|---|---|---|---|---|---|---|");
+            http_bench(&wasm_file, connections, duration).await
+        }
+        BenchCmd::ServeWasm { wasm_file, port } => serve_wasm(&wasm_file, port).await,
+        BenchCmd::ServeNative { port } => serve_native(port).await,
         BenchCmd::Density { count, wasm_file } => {
             println!("| launched | running | launch time | RSS growth | per task |");
             println!("|---|---|---|---|---|");
@@ -504,6 +544,8 @@ pub enum TaskKind {
     Native,
     /// A Wasm module or component given with --wasm-file.
     Wasm,
+    /// `/bin/true` in the busybox image given with --image-tar (overlay + pivot_root).
+    Oci,
     /// `crun run` (or `--oci-runtime runc`) of an OCI bundle given with --bundle (its process
     /// should exit at once).
     Crun,
@@ -515,6 +557,7 @@ pub async fn tasks(
     count: usize,
     wasm_file: Option<PathBuf>,
     bundle: Option<PathBuf>,
+    image_tar: Option<PathBuf>,
     oci_runtime: &str,
 ) -> anyhow::Result<()> {
     use cairn_kernel::model::{RuntimeSpec, TaskState};
@@ -522,6 +565,14 @@ pub async fn tasks(
     let mut h = Histogram::<u64>::new(3)?;
     let mgr =
         cairn_runtime::tasks::TaskManager::open(&dir, Path::new("/sys/fs/cgroup"), "127.0.0.1")?;
+    let mut image = String::new();
+    if kind == TaskKind::Oci {
+        let tar = image_tar.context("--image-tar FILE is required for --kind oci")?;
+        let f = std::fs::File::open(&tar).with_context(|| format!("opening {}", tar.display()))?;
+        image = mgr.images().import(std::io::BufReader::new(f), None)?[0]
+            .name
+            .clone();
+    }
     let bar = indicatif::ProgressBar::new(count as u64);
     for i in 0..count {
         let t = Instant::now();
@@ -543,11 +594,15 @@ pub async fn tasks(
                     })?;
                 anyhow::ensure!(st.success(), "{oci_runtime} run failed: {st}");
             }
-            TaskKind::Native | TaskKind::Wasm => {
+            TaskKind::Native | TaskKind::Wasm | TaskKind::Oci => {
                 let runtime = match kind {
                     TaskKind::Native => RuntimeSpec::Native {
                         cmd: "/bin/true".into(),
                         args: vec![],
+                    },
+                    TaskKind::Oci => RuntimeSpec::Oci {
+                        image: image.clone(),
+                        cmd: vec!["/bin/true".into()],
                     },
                     _ => RuntimeSpec::Wasm {
                         file: wasm_file
@@ -644,6 +699,7 @@ pub async fn density(count: usize, wasm_file: PathBuf) -> anyhow::Result<()> {
         .filter(|s| s.state == TaskState::Running)
         .count();
     let after = rss_kib();
+    eprintln!("RSS before {before} KiB, after {after} KiB");
     println!(
         "| {} | {} | {:.1} s | {} MiB | {:.1} KiB |",
         running,
@@ -655,4 +711,132 @@ pub async fn density(count: usize, wasm_file: PathBuf) -> anyhow::Result<()> {
     // Idle guests sleep inside a host call, which epoch interruption cannot cut short; exit
     // rather than wait for them.
     std::process::exit(0)
+}
+
+/// CPU time (user + system) of a process, in seconds.
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(i) = stat.rfind(')') else { return 0.0 };
+    let f: Vec<&str> = stat[i + 2..].split(' ').collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Serves a Wasm HTTP component through a real TaskManager until killed.
+async fn serve_wasm(wasm_file: &Path, port: u16) -> anyhow::Result<()> {
+    let (dir, _tmp) = workdir(None)?;
+    let mgr =
+        cairn_runtime::tasks::TaskManager::open(&dir, Path::new("/sys/fs/cgroup"), "127.0.0.1")?;
+    let spec: cairn_runtime::task::TaskSpec = serde_json::from_value(serde_json::json!({
+        "id": "http",
+        "runtime": {"wasm": {"file": wasm_file.display().to_string(), "args": []}},
+        "resources": {"cpus": 0.0, "mem": 64, "disk": 0},
+        "ports": [{"name": "http", "number": port}]
+    }))?;
+    let m = mgr.clone();
+    tokio::task::spawn_blocking(move || m.launch(spec)).await??;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The native peer: a hyper hello server, as small as the Wasm guest.
+async fn serve_native(port: u16) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let _ = sock.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let body = format!("hello from native {} {}", req.method(), req.uri());
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    bytes::Bytes::from(body),
+                )))
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                .await;
+        });
+    }
+}
+
+/// Requests/s and the server's CPU for the Wasm component and the native server in turn.
+async fn http_bench(
+    wasm_file: &Path,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    for server in ["wasm", "native"] {
+        let port = free_port();
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench");
+        if server == "wasm" {
+            cmd.args(["serve-wasm", "--wasm-file"]).arg(wasm_file);
+        } else {
+            cmd.arg("serve-native");
+        }
+        let mut child = cmd
+            .args(["--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the server")?;
+        let url = format!("http://127.0.0.1:{port}/hello");
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(&url).send().await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "{server} server did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = child.id();
+        let (c0, t0) = (proc_cpu_secs(pid), Instant::now());
+        let end = t0 + duration;
+        let mut workers = Vec::new();
+        for _ in 0..connections {
+            let (http, url) = (http.clone(), url.clone());
+            workers.push(tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let mut errors = 0u64;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            let _ = h.record(t.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (h, errors)
+            }));
+        }
+        let mut h = Histogram::<u64>::new(3)?;
+        let mut errors = 0;
+        for w in workers {
+            let (wh, e) = w.await?;
+            h.add(wh)?;
+            errors += e;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cores = (proc_cpu_secs(pid) - c0) / secs;
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::ensure!(errors == 0, "{server}: {errors} failed requests");
+        let rps = h.len() as f64 / secs;
+        println!(
+            "| {server} | {connections} | {rps:.0} | {:.2} | {:.2} | {cores:.2} | {:.0} |",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            rps / cores.max(0.01)
+        );
+    }
+    Ok(())
 }

@@ -7,4 +7,5 @@ pub mod liveness;
 pub mod master;
 pub mod model;
 pub mod resources;
+pub mod scheduler;
 pub mod state;

@@ -135,6 +135,7 @@ pub fn proc_start_ticks(pid: u32) -> Option<u64> {
 impl TaskManager {
     /// Opens the checkpoint store and the executors, and recovers checkpointed tasks.
     pub fn open(data_dir: &Path, cgroup_root: &Path, host: &str) -> anyhow::Result<Arc<Self>> {
+        raise_fd_limit();
         let sandboxes = data_dir.join("sandboxes");
         std::fs::create_dir_all(&sandboxes)?;
         let db = sled::Config::new()
@@ -843,4 +844,17 @@ fn parse_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
             .map_err(|_| format!("image user {user:?}: only numeric uid[:gid] is supported"))
     };
     Ok((Some(num(u)?), g.map(num).transpose()?))
+}
+
+/// Every Wasm task holds its stdout, stderr and sandbox open: lift the soft open-files limit
+/// to the hard one (and, as root, the hard one to 1,048,576) so 10,000 tasks fit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = hard.max(1 << 20);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() && soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }

@@ -189,6 +189,77 @@ enum Compiled {
     Component(Component),
 }
 
+/// A task's stdout or stderr file, opened on the first write: an idle guest holds no file
+/// descriptor for its logs (10,000 idle tasks would otherwise need 20,000).
+#[derive(Clone)]
+pub(crate) struct LazyLog {
+    path: Arc<std::path::PathBuf>,
+    file: Arc<std::sync::Mutex<Option<std::fs::File>>>,
+}
+
+impl LazyLog {
+    /// Creates the (empty) file now, so it exists for the sandbox API.
+    pub(crate) fn new(path: std::path::PathBuf) -> std::io::Result<Self> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        Ok(Self::existing(Arc::new(path)))
+    }
+
+    /// For a file already created (HTTP requests share their task's log paths).
+    pub(crate) fn existing(path: Arc<std::path::PathBuf>) -> Self {
+        Self {
+            path,
+            file: Default::default(),
+        }
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for LazyLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for LazyLog {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for LazyLog {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        let mut f = self.file.lock().expect("log file");
+        if f.is_none() {
+            *f = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&*self.path)?,
+            );
+        }
+        std::task::Poll::Ready(f.as_mut().expect("opened").write(buf))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Whether `bytes` are a component (layer 1) rather than a core module.
 pub fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[6..8] == [1, 0]
@@ -214,7 +285,11 @@ impl WasmRuntime {
             .total_core_instances(POOL_SLOTS)
             .total_component_instances(POOL_SLOTS)
             .total_stacks(POOL_SLOTS)
-            .max_memory_size(1 << 30);
+            .max_memory_size(1 << 30)
+            // Reset reused slots with memset instead of fresh page faults for the first MiB
+            // (HTTP components instantiate per request).
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
         let mut pooled = cfg.clone();
         pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         // Fall back to on-demand allocation where the host cannot reserve the pool.
@@ -272,16 +347,8 @@ impl WasmRuntime {
     fn wasi_builder(t: &WasmTask) -> anyhow::Result<WasiCtxBuilder> {
         let mut b = WasiCtxBuilder::new();
         b.args(&t.args).envs(&t.env);
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(t.sandbox.join("stdout"))?;
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(t.sandbox.join("stderr"))?;
-        b.stdout(wasmtime_wasi::cli::OutputFile::new(out));
-        b.stderr(wasmtime_wasi::cli::OutputFile::new(err));
+        b.stdout(LazyLog::new(t.sandbox.join("stdout"))?);
+        b.stderr(LazyLog::new(t.sandbox.join("stderr"))?);
         b.preopened_dir(t.sandbox, ".", FsPerms::ReadWrite)
             .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
         if t.allow_network {
@@ -332,6 +399,8 @@ impl WasmRuntime {
                     component,
                     listener,
                     crate::wasm_http::HttpTask {
+                        stdout: Arc::new(task.sandbox.join("stdout")),
+                        stderr: Arc::new(task.sandbox.join("stderr")),
                         args: task.args,
                         env: task.env,
                         sandbox: task.sandbox.to_path_buf(),

@@ -5,7 +5,7 @@
 //! epoch interruption that also stops a killed task's guests mid-loop. Outgoing HTTP from the
 //! guest is denied unless the task is granted the network.
 
-use crate::wasm::{KillSwitch, MemLimiter, WasmOutcome};
+use crate::wasm::{KillSwitch, LazyLog, MemLimiter, WasmOutcome};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
@@ -114,6 +114,8 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<HttpState>> {
 
 /// One HTTP service task.
 pub struct HttpTask {
+    pub stdout: Arc<PathBuf>,
+    pub stderr: Arc<PathBuf>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub sandbox: PathBuf,
@@ -142,6 +144,9 @@ pub fn serve(
         tokio::net::TcpListener::from_std(listener)?
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
+    for f in [&task.stdout, &task.stderr] {
+        LazyLog::new(f.to_path_buf())?;
+    }
     let task = Arc::new(task);
     handle.spawn(async move {
         loop {
@@ -192,14 +197,8 @@ fn text(status: u16, s: String) -> hyper::Response<HyperOutgoingBody> {
 fn state(task: &HttpTask) -> anyhow::Result<HttpState> {
     let mut b = WasiCtx::builder();
     b.args(&task.args).envs(&task.env);
-    let open = |name: &str| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(task.sandbox.join(name))
-    };
-    b.stdout(wasmtime_wasi::cli::OutputFile::new(open("stdout")?));
-    b.stderr(wasmtime_wasi::cli::OutputFile::new(open("stderr")?));
+    b.stdout(LazyLog::existing(task.stdout.clone()));
+    b.stderr(LazyLog::existing(task.stderr.clone()));
     b.preopened_dir(&task.sandbox, ".", FsPerms::ReadWrite)
         .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
     if task.allow_network {
