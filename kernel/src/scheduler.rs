@@ -246,6 +246,8 @@ impl Node {
 pub struct Snapshot {
     nodes: Vec<Node>,
     index: HashMap<String, usize>,
+    /// Agents running tasks of each workload.
+    by_workload: HashMap<String, Vec<usize>>,
 }
 
 /// Why an ask could not be (fully) placed.
@@ -294,10 +296,43 @@ impl Snapshot {
                 if let Some(p) = pool {
                     p.take(al.cpus, al.mem, al.disk, &al.ports);
                 }
-                *n.tasks.entry(al.workload).or_default() += 1;
+                let c = n.tasks.entry(al.workload.clone()).or_default();
+                *c += 1;
+                if *c == 1 {
+                    s.by_workload.entry(al.workload).or_default().push(i);
+                }
             }
         }
         s
+    }
+
+    /// Tasks of `ask.workload` per value of each constraint's field. Only agents that run the
+    /// workload are visited, except for GROUP_BY, which balances over every value.
+    fn counts_per_value(&self, ask: &Ask) -> Vec<HashMap<String, u32>> {
+        let running = self.by_workload.get(&ask.workload);
+        ask.constraints
+            .iter()
+            .map(|c| {
+                let mut m: HashMap<String, u32> = HashMap::new();
+                if c.op == ConstraintOp::GroupBy {
+                    for node in &self.nodes {
+                        if let Some(v) = node.field(&c.field) {
+                            if !m.contains_key(v) {
+                                m.insert(v.to_string(), 0);
+                            }
+                        }
+                    }
+                }
+                for &i in running.into_iter().flatten() {
+                    let node = &self.nodes[i];
+                    if let Some(v) = node.field(&c.field) {
+                        *m.entry(v.to_string()).or_default() +=
+                            node.tasks.get(&ask.workload).copied().unwrap_or(0);
+                    }
+                }
+                m
+            })
+            .collect()
     }
 
     pub fn agents(&self) -> usize {
@@ -324,20 +359,7 @@ impl Snapshot {
             })
             .collect();
         // Tasks of this workload per value of each constrained field.
-        let mut per_value: Vec<HashMap<String, u32>> = ask
-            .constraints
-            .iter()
-            .map(|c| {
-                let mut m: HashMap<String, u32> = HashMap::new();
-                for node in &self.nodes {
-                    if let Some(v) = node.field(&c.field) {
-                        let e = m.entry(v.to_string()).or_default();
-                        *e += node.tasks.get(&ask.workload).copied().unwrap_or(0);
-                    }
-                }
-                m
-            })
-            .collect();
+        let mut per_value = self.counts_per_value(ask);
         for (ci, c) in ask.constraints.iter().enumerate() {
             if c.op == ConstraintOp::GroupBy {
                 if let Some(Ok(want)) = c.value.as_deref().map(str::parse::<usize>) {
@@ -410,7 +432,14 @@ impl Snapshot {
                 None => &mut node.unreserved,
             };
             p.take(ask.cpus, ask.mem, ask.disk, &ports);
-            *node.tasks.entry(ask.workload.clone()).or_default() += 1;
+            let count = node.tasks.entry(ask.workload.clone()).or_default();
+            *count += 1;
+            if *count == 1 {
+                self.by_workload
+                    .entry(ask.workload.clone())
+                    .or_default()
+                    .push(i);
+            }
             for (ci, c) in ask.constraints.iter().enumerate() {
                 if let Some(v) = node.field(&c.field) {
                     *per_value[ci].entry(v.to_string()).or_default() += 1;
@@ -541,20 +570,7 @@ pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(
                     .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok())
             })
             .collect();
-        let per_value: Vec<HashMap<String, u32>> = ask
-            .constraints
-            .iter()
-            .map(|c| {
-                let mut m: HashMap<String, u32> = HashMap::new();
-                for node in &s.nodes {
-                    if let Some(v) = node.field(&c.field) {
-                        *m.entry(v.to_string()).or_default() +=
-                            node.tasks.get(&ask.workload).copied().unwrap_or(0);
-                    }
-                }
-                m
-            })
-            .collect();
+        let per_value = s.counts_per_value(ask);
         let node = &s.nodes[i];
         if s.constraints_hold(node, ask, &regexes, &per_value).is_err() {
             return Err(k);
@@ -575,7 +591,14 @@ pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(
             None => &mut node.unreserved,
         };
         pool.take(ask.cpus, ask.mem, ask.disk, &p.ports);
-        *node.tasks.entry(ask.workload.clone()).or_default() += 1;
+        let count = node.tasks.entry(ask.workload.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            s.by_workload
+                .entry(ask.workload.clone())
+                .or_default()
+                .push(i);
+        }
     }
     Ok(())
 }
