@@ -116,6 +116,9 @@ struct RaftTuning {
     /// Agents silent this long are marked unreachable.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     agent_timeout: Duration,
+    /// Tasks of an agent unreachable this long are lost and rescheduled elsewhere.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    reschedule_after: Duration,
     /// Largest accepted API request body.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -372,6 +375,7 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         peers,
         join: a.join,
         agent_timeout: a.tuning.agent_timeout,
+        reschedule_after: a.tuning.reschedule_after,
         max_body: a.tuning.max_body_bytes,
     })
     .await?;
@@ -440,6 +444,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         keep_logs: 1_000,
         request_timeout: Duration::from_secs(10),
         agent_timeout: Duration::from_secs(10),
+        reschedule_after: Duration::from_secs(30),
         max_body_bytes: 1024 * 1024,
     };
     let node = node_config(
@@ -455,6 +460,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         peers: BTreeMap::from([(1, a.listen.to_string())]),
         join: false,
         agent_timeout: tuning.agent_timeout,
+        reschedule_after: tuning.reschedule_after,
         max_body: tuning.max_body_bytes,
     })
     .await?;

@@ -563,34 +563,16 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
     let (s, b) = post(
         "/api/v1/workloads",
         json!({"id": "svc", "kind": "service", "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "while :; do sleep 0.2; done"]}},
-               "resources": {"cpus": 0.5, "mem": 64, "disk": 0}}),
+               "resources": {"cpus": 0.5, "mem": 64, "disk": 0}, "restart": {"backoff": "200ms"}}),
     )
     .await;
-    assert_eq!(s, 200, "{b}");
+    assert_eq!(s, 201, "{b}");
     let (s, b) = post(
         "/api/v1/workloads",
         json!({"id": "job", "kind": "job", "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "echo done"]}}}),
     )
     .await;
-    assert_eq!(s, 200, "{b}");
-    assert_eq!(
-        post(
-            "/api/v1/tasks",
-            json!({"id": "svc-1", "workload": "svc", "agent": agent_id})
-        )
-        .await
-        .0,
-        201
-    );
-    assert_eq!(
-        post(
-            "/api/v1/tasks",
-            json!({"id": "job-1", "workload": "job", "agent": agent_id})
-        )
-        .await
-        .0,
-        201
-    );
+    assert_eq!(s, 201, "{b}");
     let master_state = |id: &'static str| {
         let (http, url) = (a.http.clone(), format!("http://{master}/api/v1/tasks"));
         async move {
@@ -608,20 +590,21 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
                 .and_then(|t| t["state"].as_str().map(str::to_string))
         }
     };
-    // The agent long-polls its assignments, starts both, and the masters learn their states.
+    // The leader's scheduler places both on the only agent; the agent long-polls its
+    // assignments, starts them, and the masters learn their states.
     eventually(
         Duration::from_secs(20),
         "service running on the masters' view",
-        || async { (master_state("svc-1").await.as_deref() == Some("running")).then_some(()) },
+        || async { (master_state("svc.0").await.as_deref() == Some("running")).then_some(()) },
     )
     .await;
     eventually(
         Duration::from_secs(20),
         "job finished on the masters' view",
-        || async { (master_state("job-1").await.as_deref() == Some("finished")).then_some(()) },
+        || async { (master_state("job.0").await.as_deref() == Some("finished")).then_some(()) },
     )
     .await;
-    assert_eq!(a.file("job-1", "stdout").await.1, "done\n");
+    assert_eq!(a.file("job.0", "stdout").await.1, "done\n");
     // The masters show the running task's usage, read live from its agent.
     eventually(
         Duration::from_secs(10),
@@ -629,7 +612,7 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
         || async {
             let v: Value = a
                 .http
-                .get(format!("http://{master}/api/v1/tasks/svc-1"))
+                .get(format!("http://{master}/api/v1/tasks/svc.0"))
                 .bearer_auth(TOKEN)
                 .send()
                 .await
@@ -642,13 +625,37 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
         },
     )
     .await;
-    // Killing through the masters: the task leaves the assignments and the agent kills it.
-    assert_eq!(post("/api/v1/tasks/svc-1/kill", json!(null)).await.0, 202);
+    // Killing through the masters: the task leaves the assignments, the agent kills it, and
+    // the service is restarted (after its backoff) as a new task.
+    assert_eq!(post("/api/v1/tasks/svc.0/kill", json!(null)).await.0, 202);
     eventually(Duration::from_secs(20), "service killed", || async {
-        (master_state("svc-1").await.as_deref() == Some("killed")).then_some(())
+        (master_state("svc.0").await.as_deref() == Some("killed")).then_some(())
     })
     .await;
-    assert_eq!(a.status("svc-1").await["state"], "killed");
+    assert_eq!(a.status("svc.0").await["state"], "killed");
+    eventually(Duration::from_secs(20), "service restarted", || async {
+        (master_state("svc.1").await.as_deref() == Some("running")).then_some(())
+    })
+    .await;
+    // Stopping the workload kills its tasks; the finished job is not run again.
+    assert_eq!(post("/api/v1/workloads/svc/stop", json!(null)).await.0, 200);
+    eventually(Duration::from_secs(20), "service stopped", || async {
+        (master_state("svc.1").await.as_deref() == Some("killed")).then_some(())
+    })
+    .await;
+    assert_eq!(master_state("job.1").await, None);
+    // The tasks ran on the agent that registered.
+    let v: Value = a
+        .http
+        .get(format!("http://{master}/api/v1/workloads/job"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["tasks"][0]["agent"], json!(agent_id), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,6 +106,10 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/kv",
     "/api/v1/kv/{key}",
     "/api/v1/workloads",
+    "/api/v1/workloads/{id}",
+    "/api/v1/workloads/{id}/scale",
+    "/api/v1/workloads/{id}/stop",
+    "/api/v1/workloads/{id}/start",
     "/api/v1/tasks",
     "/api/v1/tasks/{id}",
     "/api/v1/tasks/{id}/kill",
@@ -137,7 +141,14 @@ pub fn router(api: Arc<Api>) -> Router {
             get(get_kv).put(put_kv).delete(delete_kv),
         )
         .route("/api/v1/workloads", get(list_workloads).post(put_workload))
-        .route("/api/v1/tasks", get(list_tasks).post(place_task))
+        .route(
+            "/api/v1/workloads/{id}",
+            get(get_workload).delete(delete_workload),
+        )
+        .route("/api/v1/workloads/{id}/scale", post(scale_workload))
+        .route("/api/v1/workloads/{id}/stop", post(stop_workload))
+        .route("/api/v1/workloads/{id}/start", post(start_workload))
+        .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/kill", post(kill_task))
         .route("/api/v1/agents/{id}/assignments", get(assignments))
@@ -670,99 +681,127 @@ async fn list_tasks(
     Ok(with_index(index, all))
 }
 
-/// A workload as clients submit it (the version is assigned by the masters).
+fn done_index(out: Outcome) -> Result<u64, ApiError> {
+    match out {
+        Outcome::Done { index } => Ok(index),
+        Outcome::Rejected {
+            code,
+            field,
+            message,
+        } => Err(ApiError::new(
+            if code == "not_found" {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::CONFLICT
+            },
+            &code,
+            message,
+        )
+        .field(&field)),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected",
+            format!("{other:?}"),
+        )),
+    }
+}
+
+/// Declares or changes a workload from its spec (`spec::WorkloadSpec`, the same schema as
+/// `cairn run app.toml`). An unchanged spec keeps its version.
+async fn put_workload(
+    ctx: Ctx,
+    JsonBody(spec): JsonBody<crate::spec::WorkloadSpec>,
+) -> Result<Response, ApiError> {
+    let w = spec
+        .validate()
+        .map_err(|e| ApiError::bad_request(&e.field, e.message))?;
+    let id = w.id.clone();
+    let index = done_index(
+        ctx.propose(Command::PutWorkload {
+            workload: w,
+            at: now_ms(),
+        })
+        .await?,
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        with_index(index, serde_json::json!({ "id": id, "version": index })),
+    )
+        .into_response())
+}
+
+/// A workload and its tasks.
+async fn get_workload(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx
+        .prepare_read(&p, |s| s.indexes.workloads.max(s.indexes.tasks))
+        .await?;
+    let v = ctx
+        .read(|s| {
+            s.workloads.get(&id).map(|w| {
+                let tasks: Vec<&Task> = s.tasks.values().filter(|t| t.workload == id).collect();
+                serde_json::json!({ "workload": w, "tasks": tasks })
+            })
+        })
+        .ok_or_else(|| ApiError::not_found(format!("no workload {id:?}")).field("id"))?;
+    Ok(with_index(index, v))
+}
+
+async fn delete_workload(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let index = done_index(ctx.propose(Command::RemoveWorkload { id }).await?)?;
+    Ok(with_index(index, serde_json::json!({ "index": index })))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WorkloadBody {
-    id: String,
-    kind: crate::model::WorkloadKind,
-    runtime: crate::model::RuntimeSpec,
-    #[serde(default)]
-    resources: crate::model::TaskResources,
-    #[serde(default = "one")]
+struct ScaleBody {
     instances: u32,
-    #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
 }
 
-fn one() -> u32 {
-    1
-}
-
-async fn put_workload(ctx: Ctx, JsonBody(b): JsonBody<WorkloadBody>) -> Result<Response, ApiError> {
-    if !valid_id(&b.id) {
-        return Err(ApiError::bad_request(
-            "id",
-            "workload ids are 1-128 letters, digits, '-', '_', '.'",
-        ));
-    }
+async fn scale_workload(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ScaleBody>,
+) -> Result<Response, ApiError> {
     if b.instances > 10_000 {
         return Err(ApiError::bad_request(
             "instances",
             "at most 10000 instances",
         ));
     }
-    if !(b.resources.cpus.is_finite() && (0.0..=1024.0).contains(&b.resources.cpus)) {
-        return Err(ApiError::bad_request(
-            "resources.cpus",
-            "cpus must be between 0 and 1024",
-        ));
-    }
-    if b.env.len() > 1024 {
-        return Err(ApiError::bad_request("env", "at most 1024 variables"));
-    }
-    let w = Workload {
-        id: b.id,
-        kind: b.kind,
-        runtime: b.runtime,
-        resources: b.resources,
-        instances: b.instances,
-        env: b.env,
-        version: 0,
-    };
-    let out = ctx.propose(Command::PutWorkload { workload: w }).await?;
-    let index = match out {
-        Outcome::Done { index } => index,
-        _ => 0,
-    };
+    let index = done_index(
+        ctx.propose(Command::ScaleWorkload {
+            id,
+            instances: b.instances,
+            at: now_ms(),
+        })
+        .await?,
+    )?;
     Ok(with_index(index, serde_json::json!({ "index": index })))
 }
 
-/// An explicit placement: run one task of `workload` on `agent`. (The scheduler places tasks
-/// itself; this is the primitive it builds on, and what tests and operators use directly.)
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlaceBody {
-    id: String,
-    workload: String,
-    agent: String,
+async fn set_stopped(ctx: Ctx, id: String, stopped: bool) -> Result<Response, ApiError> {
+    let index = done_index(
+        ctx.propose(Command::SetWorkloadStopped {
+            id,
+            stopped,
+            at: now_ms(),
+        })
+        .await?,
+    )?;
+    Ok(with_index(index, serde_json::json!({ "index": index })))
 }
 
-async fn place_task(ctx: Ctx, JsonBody(b): JsonBody<PlaceBody>) -> Result<Response, ApiError> {
-    if !valid_id(&b.id) {
-        return Err(ApiError::bad_request(
-            "id",
-            "task ids are 1-128 letters, digits, '-', '_', '.'",
-        ));
-    }
-    let task = Task {
-        id: b.id,
-        workload: b.workload,
-        agent: b.agent,
-        state: crate::model::TaskState::Staging,
-        reason: None,
-        updated_at: now_ms(),
-    };
-    let out = ctx.propose(Command::AddTask { task }).await?;
-    let index = match out {
-        Outcome::Done { index } => index,
-        _ => 0,
-    };
-    Ok((
-        StatusCode::CREATED,
-        with_index(index, serde_json::json!({ "index": index })),
-    )
-        .into_response())
+async fn stop_workload(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    set_stopped(ctx, id, true).await
+}
+
+async fn start_workload(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    set_stopped(ctx, id, false).await
 }
 
 /// One task, with its live usage fetched from the agent that runs it (usage is the agent's

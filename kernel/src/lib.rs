@@ -2,10 +2,12 @@
 //! agent liveness, and the master's HTTP API. Knows nothing of HTML, cgroups or wasmtime.
 
 pub mod api;
+pub mod controller;
 pub mod error;
 pub mod liveness;
 pub mod master;
 pub mod model;
 pub mod resources;
 pub mod scheduler;
+pub mod spec;
 pub mod state;

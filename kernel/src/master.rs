@@ -24,6 +24,8 @@ pub struct MasterConfig {
     pub join: bool,
     /// An agent silent this long is committed as unreachable.
     pub agent_timeout: Duration,
+    /// Tasks of an agent unreachable this long are `lost` and run elsewhere.
+    pub reschedule_after: Duration,
     pub max_body: usize,
 }
 
@@ -75,7 +77,18 @@ impl Master {
                 tracing::info!(peers = ?cfg.peers, "bootstrapped a new cluster");
             }
         }
-        tokio::spawn(liveness_loop(api.clone(), cfg.agent_timeout, stop_rx));
+        tokio::spawn(liveness_loop(
+            api.clone(),
+            cfg.agent_timeout,
+            stop_rx.clone(),
+        ));
+        tokio::spawn(controller_loop(
+            api.clone(),
+            crate::controller::Config {
+                lost_after_ms: cfg.reschedule_after.as_millis() as u64,
+            },
+            stop_rx,
+        ));
         Ok(Master {
             api,
             addr,
@@ -126,6 +139,50 @@ async fn liveness_loop(api: Arc<Api>, timeout: Duration, mut stop: watch::Receiv
                 .await
             {
                 tracing::warn!("committing agent status: {}", e.message);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// While this master leads, runs the pure controller (`controller::reconcile`) whenever state
+/// changes (and at least every 500 ms, for timers: backoff, cron, lost agents) and commits
+/// what it decides. After a read barrier, so a new leader decides on everything committed.
+async fn controller_loop(
+    api: Arc<Api>,
+    cfg: crate::controller::Config,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut applied = api.node.applied.clone();
+    loop {
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // Coalesce bursts of applied entries.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if !api.node.is_leader() {
+            continue;
+        }
+        if api.node.read_barrier().await.is_err() {
+            continue;
+        }
+        let cmds = {
+            let g = api.node.app.read().expect("state lock");
+            crate::controller::reconcile(&g.state, now_ms(), &cfg)
+        };
+        for c in cmds {
+            let what = format!("{c:?}").chars().take(120).collect::<String>();
+            match api.propose(c).await {
+                Ok(_) => tracing::debug!("controller: {what}"),
+                Err(e) => tracing::debug!("controller: {what}: {}", e.message),
             }
         }
     }

@@ -79,22 +79,68 @@ pub enum WorkloadKind {
 
 /// How a task's code runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RuntimeSpec {
-    Native { cmd: String, args: Vec<String> },
-    Oci { image: String, cmd: Vec<String> },
-    Wasm { file: String, args: Vec<String> },
+    Native {
+        cmd: String,
+        #[serde(default)]
+        args: Vec<String>,
+    },
+    Oci {
+        image: String,
+        #[serde(default)]
+        cmd: Vec<String>,
+    },
+    Wasm {
+        file: String,
+        #[serde(default)]
+        args: Vec<String>,
+    },
 }
 
-/// Resources one task asks for.
+/// Resources one task asks for (cpus, and MiB of memory and sandbox disk).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TaskResources {
     pub cpus: f64,
     pub mem: u64,
     pub disk: u64,
 }
 
-/// A declared workload (desired state).
+/// A port a workload asks for: `number` 0 takes any free port of the agent's ranges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortAsk {
+    pub name: String,
+    pub number: u16,
+}
+
+/// Exponential restart backoff: `base_ms * factor^(failures-1)`, at most `max_ms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub base_ms: u64,
+    pub factor: f64,
+    pub max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            base_ms: 1_000,
+            factor: 2.0,
+            max_ms: 60_000,
+        }
+    }
+}
+
+/// When a cron workload runs: a 5-field cron expression in a time zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub cron: String,
+    pub timezone: String,
+}
+
+/// A declared workload (desired state), as validated from a spec (`spec::WorkloadSpec`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Workload {
     pub id: String,
@@ -103,8 +149,31 @@ pub struct Workload {
     pub resources: TaskResources,
     pub instances: u32,
     pub env: BTreeMap<String, String>,
-    /// Raft index of the last change.
+    pub ports: Vec<PortAsk>,
+    pub constraints: Vec<crate::scheduler::Constraint>,
+    /// Resources reserved for this role are used first (`None`: unreserved only).
+    pub role: Option<String>,
+    pub strategy: crate::scheduler::Strategy,
+    pub restart: RestartPolicy,
+    /// Jobs: failed runs retried at most this many times.
+    pub max_retries: u32,
+    pub kill_grace_ms: u64,
+    /// Jobs: wall-clock limit of one run.
+    pub timeout_ms: Option<u64>,
+    /// `host` (default) or `none` (an empty network namespace).
+    pub network: String,
+    pub schedule: Option<Schedule>,
+    pub labels: BTreeMap<String, String>,
+    /// Stopped workloads keep their spec but run no tasks.
+    pub stopped: bool,
+    /// Raft index of the last change (tasks carry the version they were placed with).
     pub version: u64,
+    /// Leader clock when the spec last changed.
+    pub updated_at: u64,
+    /// Sequence number of the next task id (`<workload>.<seq>`).
+    pub next_seq: u64,
+    /// Cron: the last schedule tick handled (run or skipped).
+    pub last_tick: u64,
 }
 
 /// Task states, after Mesos.
@@ -161,7 +230,8 @@ impl TaskState {
     }
 }
 
-/// One running instance of a workload.
+/// One running instance of a workload. It carries what its agent needs to run it, as of the
+/// workload version it was placed with (a rolling change runs old and new side by side).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
@@ -170,6 +240,63 @@ pub struct Task {
     pub state: TaskState,
     pub reason: Option<String>,
     pub updated_at: u64,
+    pub created_at: u64,
+    /// The workload version this task runs.
+    pub version: u64,
+    pub runtime: RuntimeSpec,
+    pub resources: TaskResources,
+    pub env: BTreeMap<String, String>,
+    /// Ports given on the agent, in the order of the workload's `ports`.
+    pub ports: Vec<PortAsk>,
+    /// The role pool the resources come from (`None`: unreserved).
+    pub pool: Option<String>,
+    pub kill_grace_ms: u64,
+    pub timeout_ms: Option<u64>,
+    pub network: String,
+}
+
+impl Task {
+    /// A new task of `w` (in `staging`) on `agent`, with the given port numbers.
+    pub fn of(
+        w: &Workload,
+        id: String,
+        agent: String,
+        ports: &[u16],
+        pool: Option<String>,
+        at: u64,
+    ) -> Task {
+        Task {
+            id,
+            workload: w.id.clone(),
+            agent,
+            state: TaskState::Staging,
+            reason: None,
+            updated_at: at,
+            created_at: at,
+            version: w.version,
+            runtime: w.runtime.clone(),
+            resources: w.resources.clone(),
+            env: w.env.clone(),
+            ports: w
+                .ports
+                .iter()
+                .zip(ports)
+                .map(|(p, &n)| PortAsk {
+                    name: p.name.clone(),
+                    number: n,
+                })
+                .collect(),
+            pool,
+            kill_grace_ms: w.kill_grace_ms,
+            timeout_ms: w.timeout_ms,
+            network: w.network.clone(),
+        }
+    }
+
+    /// Whether the task holds resources and counts toward its workload's instances.
+    pub fn is_live(&self) -> bool {
+        !self.state.is_terminal()
+    }
 }
 
 /// A cluster variable (a small replicated key/value, like Nomad variables).

@@ -552,6 +552,42 @@ fn stable_hash(s: &str) -> u64 {
     })
 }
 
+impl Snapshot {
+    /// Active agents of the cluster state, with what its live tasks hold.
+    pub fn from_state(state: &crate::state::State) -> Snapshot {
+        Snapshot::new(
+            state.agents.values(),
+            state.tasks.values().filter(|t| t.is_live()).map(|t| {
+                (
+                    t.agent.as_str(),
+                    Allocation {
+                        pool: t.pool.clone(),
+                        cpus: t.resources.cpus,
+                        mem: t.resources.mem,
+                        disk: t.resources.disk,
+                        ports: t.ports.iter().map(|p| p.number).collect(),
+                        workload: t.workload.clone(),
+                    },
+                )
+            }),
+        )
+    }
+}
+
+/// What one task of a workload asks of the scheduler.
+pub fn ask_for(w: &crate::model::Workload) -> Ask {
+    Ask {
+        workload: w.id.clone(),
+        role: w.role.clone(),
+        cpus: w.resources.cpus,
+        mem: w.resources.mem,
+        disk: w.resources.disk,
+        ports: w.ports.iter().map(|p| p.number).collect(),
+        constraints: w.constraints.clone(),
+        strategy: w.strategy,
+    }
+}
+
 /// Re-checks a plan computed on an older snapshot against the current one (the leader does
 /// this before committing): every placement must still fit and satisfy the constraints.
 /// Returns the index of the first placement that no longer holds.

@@ -42,11 +42,40 @@ pub enum Command {
         status: AgentStatus,
         at: u64,
     },
+    /// Declare or change a workload. An unchanged spec changes nothing (no new version).
     PutWorkload {
         workload: Workload,
+        at: u64,
     },
     RemoveWorkload {
         id: String,
+    },
+    /// Change the instance count (no new version: running tasks stay).
+    ScaleWorkload {
+        id: String,
+        instances: u32,
+        at: u64,
+    },
+    /// Stop (its tasks are killed) or start a workload again.
+    SetWorkloadStopped {
+        id: String,
+        stopped: bool,
+        at: u64,
+    },
+    /// A cron tick passed while the previous run was still going: it is skipped.
+    SkipCronTick {
+        id: String,
+        tick: u64,
+    },
+    /// A plan from the scheduler: new tasks `<workload>.<seq>`, `<workload>.<seq+1>`, ... in
+    /// `staging`. Re-checked here against the current state (the plan may have been computed
+    /// on an older one): a stale plan is rejected whole and the controller plans again.
+    PlaceTasks {
+        workload: String,
+        version: u64,
+        seq: u64,
+        placements: Vec<crate::scheduler::Placement>,
+        at: u64,
     },
     /// A placement: a new task in `staging`.
     AddTask {
@@ -140,9 +169,92 @@ pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 Outcome::Agent(a.clone())
             }
         },
-        Command::PutWorkload { mut workload } => {
+        Command::PutWorkload { mut workload, at } => {
+            if let Some(old) = state.workloads.get(&workload.id) {
+                let mut same = workload.clone();
+                same.version = old.version;
+                same.updated_at = old.updated_at;
+                same.next_seq = old.next_seq;
+                same.stopped = old.stopped;
+                if same == *old && !old.stopped {
+                    return Outcome::Done { index: old.version };
+                }
+                workload.next_seq = old.next_seq;
+            }
             workload.version = index;
+            workload.updated_at = at;
+            workload.stopped = false;
             state.workloads.insert(workload.id.clone(), workload);
+            state.indexes.workloads = index;
+            Outcome::Done { index }
+        }
+        Command::ScaleWorkload { id, instances, at } => match state.workloads.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no workload {id:?}")),
+            Some(w) if w.kind == crate::model::WorkloadKind::System => rejected(
+                "invalid",
+                "instances",
+                "system workloads run one task per agent and cannot be scaled",
+            ),
+            Some(w) => {
+                w.instances = instances;
+                w.updated_at = at;
+                state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::SetWorkloadStopped { id, stopped, at } => match state.workloads.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no workload {id:?}")),
+            Some(w) => {
+                w.stopped = stopped;
+                w.updated_at = at;
+                state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::SkipCronTick { id, tick } => match state.workloads.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no workload {id:?}")),
+            Some(w) => {
+                w.last_tick = w.last_tick.max(tick);
+                Outcome::Done { index }
+            }
+        },
+        Command::PlaceTasks {
+            workload,
+            version,
+            seq,
+            placements,
+            at,
+        } => {
+            let Some(w) = state.workloads.get(&workload) else {
+                return rejected("not_found", "workload", format!("no workload {workload:?}"));
+            };
+            if w.version != version || w.next_seq != seq || w.stopped {
+                return rejected(
+                    "stale_plan",
+                    "version",
+                    format!("workload {workload:?} changed since the plan was made"),
+                );
+            }
+            let snap = crate::scheduler::Snapshot::from_state(state);
+            let ask = crate::scheduler::ask_for(w);
+            if let Err(k) = crate::scheduler::check_plan(&snap, &ask, &placements) {
+                return rejected(
+                    "stale_plan",
+                    "placements",
+                    format!("placement {k} no longer fits"),
+                );
+            }
+            let w = w.clone();
+            let n = placements.len() as u64;
+            for (i, p) in placements.into_iter().enumerate() {
+                let id = format!("{}.{}", w.id, seq + i as u64);
+                let t = Task::of(&w, id.clone(), p.agent, &p.ports, p.pool, at);
+                state.tasks.insert(id, t);
+            }
+            if let Some(w) = state.workloads.get_mut(&workload) {
+                w.next_seq = seq + n;
+            }
+            state.indexes.tasks = index;
             state.indexes.workloads = index;
             Outcome::Done { index }
         }
@@ -272,22 +384,12 @@ mod tests {
     }
 
     fn workload(id: &str) -> Workload {
-        Workload {
-            id: id.into(),
-            kind: WorkloadKind::Service,
-            runtime: RuntimeSpec::Native {
-                cmd: "/bin/true".into(),
-                args: vec![],
-            },
-            resources: TaskResources {
-                cpus: 0.1,
-                mem: 32,
-                disk: 0,
-            },
-            instances: 1,
-            env: BTreeMap::new(),
-            version: 0,
-        }
+        crate::spec::from_toml(&format!(
+            "id = \"{id}\"\n[runtime.native]\ncmd = \"/bin/true\"\nargs = []\n[resources]\ncpus = 0.1\nmem = 32\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap()
     }
 
     /// Applies commands in order from index 1 and renders each outcome on one line.
@@ -389,13 +491,10 @@ mod tests {
 
     #[test]
     fn workloads_and_tasks() {
-        let task = |id: &str, w: &str, a: &str| Task {
-            id: id.into(),
-            workload: w.into(),
-            agent: a.into(),
-            state: TaskState::Staging,
-            reason: None,
-            updated_at: 0,
+        let task = |id: &str, w: &str, a: &str| {
+            let mut wl = workload(w);
+            wl.id = w.into();
+            Task::of(&wl, id.into(), a.into(), &[], None, 0)
         };
         let upd = |id: &str, st| Command::UpdateTaskState {
             id: id.into(),
@@ -410,6 +509,7 @@ mod tests {
             },
             Command::PutWorkload {
                 workload: workload("web"),
+                at: 1,
             },
             Command::AddTask {
                 task: task("t1", "web", "a1"),

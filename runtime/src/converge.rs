@@ -24,12 +24,17 @@ fn masters(cfg: &AgentConfig, info: &Arc<Mutex<AgentInfo>>) -> Vec<String> {
 
 /// Builds the task spec for an assignment from its workload.
 pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
+    let t = &a.task;
     serde_json::from_value(serde_json::json!({
-        "id": a.task.id,
-        "workload": a.workload.id,
-        "runtime": a.workload.runtime,
-        "resources": a.workload.resources,
-        "env": a.workload.env,
+        "id": t.id,
+        "workload": t.workload,
+        "runtime": t.runtime,
+        "resources": t.resources,
+        "env": t.env,
+        "ports": t.ports,
+        "kill_grace_ms": t.kill_grace_ms,
+        "timeout_ms": t.timeout_ms,
+        "network": t.network,
         "assigned": true,
     }))
 }

@@ -1,0 +1,437 @@
+//! The workload spec as users write it, in TOML (`cairn run app.toml`) or JSON (the API): one
+//! schema, unknown fields refused, and every error naming the field and the fix.
+
+use crate::model::{
+    PortAsk, RestartPolicy, RuntimeSpec, Schedule, TaskResources, Workload, WorkloadKind,
+};
+use crate::scheduler::{Constraint, Strategy};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A workload spec. Durations are strings (`"500ms"`, `"10s"`, `"1m"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub id: String,
+    #[serde(default = "service")]
+    pub kind: WorkloadKind,
+    pub runtime: RuntimeSpec,
+    #[serde(default)]
+    pub resources: TaskResources,
+    pub instances: Option<u32>,
+    #[serde(default)]
+    pub ports: Vec<PortAsk>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub constraints: Vec<Vec<String>>,
+    pub role: Option<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub restart: Option<RestartSpec>,
+    #[serde(default)]
+    pub max_retries: u32,
+    pub kill_grace: Option<String>,
+    pub timeout: Option<String>,
+    pub network: Option<String>,
+    pub schedule: Option<ScheduleSpec>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSpec {
+    pub backoff: Option<String>,
+    pub factor: Option<f64>,
+    pub max: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub cron: String,
+    #[serde(default = "utc")]
+    pub timezone: String,
+}
+
+fn service() -> WorkloadKind {
+    WorkloadKind::Service
+}
+fn utc() -> String {
+    "UTC".into()
+}
+
+/// A spec error: the field (dotted path) and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+/// Parses a TOML spec (unknown fields and wrong types are errors that name the key).
+pub fn from_toml(text: &str) -> Result<WorkloadSpec, SpecError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| SpecError {
+        field: e.path().to_string(),
+        message: e.inner().message().trim().to_string(),
+    })
+}
+
+fn duration(field: &str, s: &str) -> Result<Duration, SpecError> {
+    humantime::parse_duration(s).or_else(|e| {
+        err(
+            field,
+            format!("{s:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"1m\""),
+        )
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        && !id.starts_with('-')
+}
+
+/// The next time a schedule fires strictly after `after_ms` (Unix ms), in its time zone.
+pub fn next_fire(s: &Schedule, after_ms: u64) -> Option<u64> {
+    use chrono::TimeZone;
+    let tz: chrono_tz::Tz = s.timezone.parse().ok()?;
+    let cron = croner::Cron::new(&s.cron).parse().ok()?;
+    let t = tz.timestamp_millis_opt(after_ms as i64).single()?;
+    let next = cron.find_next_occurrence(&t, false).ok()?;
+    u64::try_from(next.timestamp_millis()).ok()
+}
+
+impl WorkloadSpec {
+    /// Checks the spec and builds the workload (version and sequence are set by the masters).
+    pub fn validate(self) -> Result<Workload, SpecError> {
+        if !valid_id(&self.id) {
+            return err(
+                "id",
+                "use 1-64 letters, digits, '-' or '_' (not starting with '-'); task ids are <id>.<n>",
+            );
+        }
+        match &self.runtime {
+            RuntimeSpec::Native { cmd, args } => {
+                if cmd.is_empty() {
+                    return err(
+                        "runtime.native.cmd",
+                        "give the command to run, e.g. \"/bin/sh\"",
+                    );
+                }
+                if args.len() > 1024 {
+                    return err("runtime.native.args", "at most 1024 arguments");
+                }
+            }
+            RuntimeSpec::Oci { image, cmd } => {
+                if image.is_empty() {
+                    return err(
+                        "runtime.oci.image",
+                        "name an image imported with `cairn image import`",
+                    );
+                }
+                if cmd.len() > 1024 {
+                    return err("runtime.oci.cmd", "at most 1024 arguments");
+                }
+            }
+            RuntimeSpec::Wasm { file, args } => {
+                if file.is_empty() {
+                    return err(
+                        "runtime.wasm.file",
+                        "give the path of a .wasm module or component",
+                    );
+                }
+                if args.len() > 1024 {
+                    return err("runtime.wasm.args", "at most 1024 arguments");
+                }
+            }
+        }
+        let r = &self.resources;
+        if !(r.cpus.is_finite() && (0.0..=1024.0).contains(&r.cpus)) {
+            return err("resources.cpus", "cpus is between 0 and 1024");
+        }
+        if r.mem > 1 << 24 {
+            return err("resources.mem", "mem is in MiB, at most 16 TiB");
+        }
+        if r.disk > 1 << 30 {
+            return err("resources.disk", "disk is in MiB, at most 1 PiB");
+        }
+        let instances = match (self.kind, self.instances) {
+            (WorkloadKind::System, Some(_)) => {
+                return err(
+                    "instances",
+                    "system workloads run one task per agent; remove instances",
+                )
+            }
+            (WorkloadKind::System, None) => 0,
+            (_, None) => 1,
+            (_, Some(n)) if n > 10_000 => return err("instances", "at most 10000 instances"),
+            (_, Some(n)) => n,
+        };
+        if self.ports.len() > 64 {
+            return err("ports", "at most 64 ports");
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.name.is_empty()
+                || p.name.len() > 32
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return err(
+                    format!("ports[{i}].name"),
+                    "use 1-32 letters, digits, '_' or '-'",
+                );
+            }
+            if self.ports[..i].iter().any(|q| q.name == p.name) {
+                return err(format!("ports[{i}].name"), "port names are unique");
+            }
+            if p.number != 0 && self.ports[..i].iter().any(|q| q.number == p.number) {
+                return err(format!("ports[{i}].number"), "the same port twice");
+            }
+        }
+        if self.env.len() > 1024
+            || self.env.iter().any(|(k, v)| {
+                k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0')
+            })
+        {
+            return err(
+                "env",
+                "at most 1024 variables; names non-empty without '=' or NUL",
+            );
+        }
+        if self.constraints.len() > 32 {
+            return err("constraints", "at most 32 constraints");
+        }
+        let mut constraints = Vec::new();
+        for (i, c) in self.constraints.iter().enumerate() {
+            constraints
+                .push(Constraint::parse(c).or_else(|m| err(format!("constraints[{i}]"), m))?);
+        }
+        if let Some(role) = &self.role {
+            if role.is_empty() || role.len() > 64 || role.contains(['(', ')', ':', ';']) {
+                return err("role", "a role is 1-64 characters without ( ) : ;");
+            }
+        }
+        let mut restart = RestartPolicy::default();
+        if let Some(rs) = &self.restart {
+            if let Some(b) = &rs.backoff {
+                restart.base_ms = duration("restart.backoff", b)?.as_millis() as u64;
+            }
+            if let Some(f) = rs.factor {
+                if !(1.0..=10.0).contains(&f) {
+                    return err("restart.factor", "factor is between 1 and 10");
+                }
+                restart.factor = f;
+            }
+            if let Some(m) = &rs.max {
+                restart.max_ms = duration("restart.max", m)?.as_millis() as u64;
+            }
+            if restart.max_ms < restart.base_ms {
+                return err("restart.max", "max must be at least the backoff");
+            }
+        }
+        if self.max_retries > 1000 {
+            return err("max_retries", "at most 1000");
+        }
+        let kill_grace_ms = match &self.kill_grace {
+            Some(g) => duration("kill_grace", g)?.as_millis() as u64,
+            None => 5_000,
+        };
+        if kill_grace_ms > 3_600_000 {
+            return err("kill_grace", "at most 1h");
+        }
+        let timeout_ms = match &self.timeout {
+            Some(t) => Some(duration("timeout", t)?.as_millis() as u64),
+            None => None,
+        };
+        let network = self.network.clone().unwrap_or_else(|| "host".into());
+        if network != "host" && network != "none" {
+            return err("network", "use \"host\" (default) or \"none\"");
+        }
+        let schedule = match (self.kind, &self.schedule) {
+            (WorkloadKind::Cron, None) => {
+                return err(
+                    "schedule",
+                    "cron workloads need schedule = { cron = \"*/5 * * * *\" }",
+                )
+            }
+            (WorkloadKind::Cron, Some(s)) => {
+                if s.timezone.parse::<chrono_tz::Tz>().is_err() {
+                    return err(
+                        "schedule.timezone",
+                        format!(
+                            "unknown time zone {:?}; use an IANA name like \"Europe/Paris\"",
+                            s.timezone
+                        ),
+                    );
+                }
+                if let Err(e) = croner::Cron::new(&s.cron).parse() {
+                    return err(
+                        "schedule.cron",
+                        format!("bad cron expression {:?}: {e}; use 5 fields: minute hour day month weekday", s.cron),
+                    );
+                }
+                Some(Schedule {
+                    cron: s.cron.clone(),
+                    timezone: s.timezone.clone(),
+                })
+            }
+            (_, Some(_)) => return err("schedule", "only cron workloads have a schedule"),
+            (_, None) => None,
+        };
+        if self.labels.len() > 64 {
+            return err("labels", "at most 64 labels");
+        }
+        Ok(Workload {
+            id: self.id,
+            kind: self.kind,
+            runtime: self.runtime,
+            resources: self.resources,
+            instances,
+            env: self.env,
+            ports: self.ports,
+            constraints,
+            role: self.role,
+            strategy: self.strategy,
+            restart,
+            max_retries: self.max_retries,
+            kill_grace_ms,
+            timeout_ms,
+            network,
+            schedule,
+            labels: self.labels,
+            stopped: false,
+            version: 0,
+            updated_at: 0,
+            next_seq: 0,
+            last_tick: 0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "web"
+kind = "service"
+instances = 3
+constraints = [["@zone", "GROUP_BY"], ["rack", "MAX_PER", "2"]]
+kill_grace = "2s"
+[runtime.native]
+cmd = "/bin/sh"
+args = ["-c", "sleep 100"]
+[resources]
+cpus = 0.5
+mem = 128
+disk = 10
+[[ports]]
+name = "http"
+number = 0
+[restart]
+backoff = "500ms"
+factor = 2.0
+max = "30s"
+"#;
+
+    #[test]
+    fn a_good_spec_validates() {
+        let w = from_toml(GOOD).unwrap().validate().unwrap();
+        assert_eq!(w.instances, 3);
+        assert_eq!(w.constraints.len(), 2);
+        assert_eq!(w.restart.base_ms, 500);
+        assert_eq!(w.kill_grace_ms, 2000);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("unknown field", "colour = \"red\"", "colour"),
+            ("wrong type", "instances = \"three\"", "instances"),
+            (
+                "bad regex",
+                "constraints = [[\"@hostname\", \"LIKE\", \"(\"]]",
+                "constraints[0]",
+            ),
+            (
+                "unknown operator",
+                "constraints = [[\"@hostname\", \"NEAR\"]]",
+                "constraints[0]",
+            ),
+            (
+                "impossible resources",
+                "[resources]\ncpus = -1.0",
+                "resources.cpus",
+            ),
+            ("bad duration", "kill_grace = \"soon\"", "kill_grace"),
+        ];
+        for (what, extra, field) in cases {
+            let text =
+                format!("id = \"w\"\n{extra}\n[runtime.native]\ncmd = \"/bin/true\"\nargs = []\n");
+            // TOML tables must come last: put `extra` first unless it is a table.
+            let text = if extra.starts_with('[') {
+                format!("id = \"w\"\n[runtime.native]\ncmd = \"/bin/true\"\nargs = []\n{extra}\n")
+            } else {
+                text
+            };
+            let e = match from_toml(&text) {
+                Err(e) => e,
+                Ok(s) => s.validate().unwrap_err(),
+            };
+            assert!(e.field.starts_with(field), "{what}: {e}");
+        }
+        let cron = |c: &str, tz: &str| {
+            from_toml(&format!(
+                "id = \"c\"\nkind = \"cron\"\nschedule = {{ cron = \"{c}\", timezone = \"{tz}\" }}\n[runtime.native]\ncmd = \"/bin/true\"\nargs = []\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        assert_eq!(
+            cron("61 * * * *", "UTC").unwrap_err().field,
+            "schedule.cron"
+        );
+        assert_eq!(
+            cron("* * * * *", "Mars/Olympus").unwrap_err().field,
+            "schedule.timezone"
+        );
+        assert!(cron("*/5 * * * *", "Europe/Paris").is_ok());
+    }
+
+    #[test]
+    fn cron_fires_in_its_time_zone() {
+        let s = Schedule {
+            cron: "0 9 * * *".into(),
+            timezone: "Europe/Paris".into(),
+        };
+        // 2026-01-01T00:00:00Z; 09:00 in Paris (UTC+1 in winter) is 08:00Z.
+        let jan1 = 1_767_225_600_000u64;
+        assert_eq!(next_fire(&s, jan1), Some(jan1 + 8 * 3_600_000));
+        let every_minute = Schedule {
+            cron: "* * * * *".into(),
+            timezone: "UTC".into(),
+        };
+        assert_eq!(next_fire(&every_minute, jan1 + 1), Some(jan1 + 60_000));
+    }
+}
