@@ -8,7 +8,7 @@ use serde_json::Value;
 pub struct Client {
     what: &'static str,
     base: String,
-    token: String,
+    pub token: String,
     http: reqwest::Client,
 }
 
@@ -314,6 +314,229 @@ pub async fn image_list(c: &Client, json: bool) -> anyhow::Result<()> {
             i["layers"].as_array().map_or(0, |l| l.len()).to_string(),
             s(&i["size"]),
             cmd.join(" "),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// Builds the JSON spec of `cairn run` from a spec file, a Wasm file, or a command.
+pub fn run_spec(
+    file: Option<&std::path::Path>,
+    wasm: Option<&str>,
+    id: Option<&str>,
+    command: &[String],
+) -> anyhow::Result<Value> {
+    let id = id
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("run-{}", &uuid_like()[..8]));
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        if f.extension().is_some_and(|e| e == "json") {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", f.display()));
+        }
+        // Check locally first: errors name the key in the file.
+        cairn_kernel::spec::from_toml(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let v: toml::Value = toml::from_str(&text)?;
+        return Ok(serde_json::to_value(v)?);
+    }
+    if let Some(w) = wasm {
+        let path = std::fs::canonicalize(w).with_context(|| format!("no Wasm file {w}"))?;
+        return Ok(serde_json::json!({
+            "id": id, "kind": "job",
+            "runtime": {"wasm": {"file": path.display().to_string(), "args": command}},
+            "resources": {"cpus": 0.1, "mem": 128, "disk": 0}
+        }));
+    }
+    let Some((cmd, args)) = command.split_first() else {
+        anyhow::bail!(
+            "give a spec file, --wasm FILE, or a command after `--` (cairn run -- echo hi)"
+        );
+    };
+    Ok(serde_json::json!({
+        "id": id, "kind": "job",
+        "runtime": {"native": {"cmd": cmd, "args": args}},
+        "resources": {"cpus": 0.1, "mem": 128, "disk": 0}
+    }))
+}
+
+fn uuid_like() -> String {
+    use rand::Rng;
+    let mut r = rand::thread_rng();
+    (0..16)
+        .map(|_| format!("{:x}", r.gen_range(0..16)))
+        .collect()
+}
+
+/// Submits a workload and (unless `detach`) waits with a live status line until its tasks run
+/// (services, system) or end (jobs); a quick job's output is printed.
+pub async fn run(
+    c: &Client,
+    spec: Value,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let v = c.post("/api/v1/workloads", &spec).await?;
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    println!("workload {id} version {}", v["version"]);
+    if detach {
+        return Ok(());
+    }
+    let kind = spec["kind"].as_str().unwrap_or("service").to_string();
+    let want = spec["instances"].as_u64().unwrap_or(1) as usize;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let w = c.get(&format!("/api/v1/workloads/{id}")).await?;
+        let version = w["workload"]["version"].as_u64().unwrap_or(0);
+        let tasks: Vec<&Value> = w["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["version"].as_u64() == Some(version))
+            .collect();
+        let count = |st: &str| tasks.iter().filter(|t| t["state"] == st).count();
+        let (running, finished, failed) = (count("running"), count("finished"), count("failed"));
+        bar.set_message(format!(
+            "{id}: {} placed, {running} running, {finished} finished, {failed} failed",
+            tasks.len()
+        ));
+        let done = match kind.as_str() {
+            "job" => finished >= want || (failed > 0 && tasks.iter().all(|t| is_terminal(t))),
+            "cron" => true,
+            "system" => !tasks.is_empty() && running == tasks.len(),
+            _ => running >= want,
+        };
+        if done {
+            bar.finish_and_clear();
+            println!("{id}: {running} running, {finished} finished, {failed} failed");
+            if kind == "job" {
+                print_job_output(c, &tasks).await;
+            }
+            return if failed > 0 && finished < want {
+                Err(anyhow::anyhow!("{id}: the job failed"))
+            } else {
+                Ok(())
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            bar.finish_and_clear();
+            anyhow::bail!(
+                "{id}: not {} after {timeout:?}; see `cairn ps --workload {id}`",
+                if kind == "job" { "done" } else { "running" }
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+fn is_terminal(t: &Value) -> bool {
+    matches!(
+        t["state"].as_str(),
+        Some("finished" | "failed" | "killed" | "lost")
+    )
+}
+
+/// Prints the stdout of a job's last task, read from its agent's sandbox.
+async fn print_job_output(c: &Client, tasks: &[&Value]) {
+    let Some(t) = tasks.iter().max_by_key(|t| t["created_at"].as_u64()) else {
+        return;
+    };
+    let agents = c.get("/api/v1/agents").await.unwrap_or(Value::Null);
+    let addr = agents
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["id"] == t["agent"])
+        .and_then(|a| a["addr"].as_str());
+    if let (Some(addr), Some(id)) = (addr, t["id"].as_str()) {
+        let _ = logs(addr, &c.token, id, "stdout", false).await;
+    }
+}
+
+pub async fn ps(c: &Client, workload: Option<&str>, all: bool, json: bool) -> anyhow::Result<()> {
+    let v = c.get("/api/v1/tasks").await?;
+    let tasks: Vec<&Value> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| workload.is_none_or(|w| t["workload"] == w))
+        .filter(|t| all || !is_terminal(t))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tasks)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header([
+        "TASK", "WORKLOAD", "VERSION", "AGENT", "STATE", "REASON", "PORTS",
+    ]);
+    for x in tasks {
+        let ports: Vec<String> = x["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}={}", s(&p["name"]), p["number"]))
+            .collect();
+        t.add_row([
+            s(&x["id"]),
+            s(&x["workload"]),
+            s(&x["version"]),
+            s(&x["agent"]).chars().take(12).collect(),
+            s(&x["state"]),
+            s(&x["reason"]),
+            ports.join(","),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn workload_list(c: &Client, json: bool) -> anyhow::Result<()> {
+    let w = c.get("/api/v1/workloads").await?;
+    if json {
+        println!("{w:#}");
+        return Ok(());
+    }
+    let tasks = c.get("/api/v1/tasks").await?;
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header([
+        "WORKLOAD",
+        "KIND",
+        "INSTANCES",
+        "RUNNING",
+        "VERSION",
+        "STATUS",
+    ]);
+    for x in w.as_array().into_iter().flatten() {
+        let running = tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["workload"] == x["id"] && t["state"] == "running")
+            .count();
+        t.add_row([
+            s(&x["id"]),
+            s(&x["kind"]),
+            if x["kind"] == "system" {
+                "per agent".to_string()
+            } else {
+                s(&x["instances"])
+            },
+            running.to_string(),
+            s(&x["version"]),
+            if x["stopped"] == true {
+                "stopped"
+            } else {
+                "active"
+            }
+            .to_string(),
         ]);
     }
     println!("{t}");

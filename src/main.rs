@@ -59,6 +59,25 @@ enum Cmd {
         #[arg(long, env = "CAIRN_TOKEN", default_value = "", hide_env_values = true)]
         token: String,
     },
+    /// Run a workload: `cairn run app.toml`, `cairn run --wasm app.wasm [-- ARGS]`, or a quick
+    /// native job `cairn run -- CMD ARGS`. Waits until its tasks run (jobs: finish) unless
+    /// --detach.
+    Run(RunArgs),
+    /// List tasks (all, or of one workload).
+    Ps {
+        #[arg(long)]
+        workload: Option<String>,
+        /// Include tasks that ended.
+        #[arg(short, long)]
+        all: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect and change workloads.
+    Workload {
+        #[command(subcommand)]
+        cmd: WorkloadCmd,
+    },
     /// Manage the OCI images of an agent (imported offline from image-layout archives).
     Image {
         #[command(subcommand)]
@@ -230,6 +249,69 @@ enum ClusterCmd {
     RemoveMaster {
         #[arg(long)]
         id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A workload spec (TOML; JSON if it ends in .json).
+    spec: Option<PathBuf>,
+    /// Run this Wasm module or component as a job.
+    #[arg(long, conflicts_with = "spec")]
+    wasm: Option<String>,
+    /// Workload id for --wasm and quick commands (default: run-<random>).
+    #[arg(long)]
+    id: Option<String>,
+    /// Return once the workload is accepted.
+    #[arg(short, long)]
+    detach: bool,
+    /// How long to wait for the tasks.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The command of a quick native job (after `--`), or the Wasm guest's arguments.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum WorkloadCmd {
+    /// All workloads with their live task counts.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A workload's spec and tasks (JSON).
+    Show {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change the number of instances (running tasks stay).
+    Scale {
+        id: String,
+        instances: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop a workload: its tasks are killed, the spec stays.
+    Stop {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Start a stopped workload.
+    Start {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a workload and kill its tasks.
+    Rm {
+        id: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -507,7 +589,7 @@ fn main() -> anyhow::Result<()> {
     }
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.cmd {
             Cmd::Master(a) => {
                 init_tracing("info,openraft=warn,sled=warn");
@@ -611,6 +693,81 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Cmd::Run(r) => {
+                init_tracing("warn");
+                let c = Client::new(&r.client.master, &r.client.token)?;
+                let spec = client::run_spec(
+                    r.spec.as_deref(),
+                    r.wasm.as_deref(),
+                    r.id.as_deref(),
+                    &r.command,
+                )?;
+                client::run(&c, spec, r.detach, r.timeout).await
+            }
+            Cmd::Ps {
+                workload,
+                all,
+                client,
+            } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                client::ps(&c, workload.as_deref(), all, client.json).await
+            }
+            Cmd::Workload { cmd } => {
+                init_tracing("warn");
+                match cmd {
+                    WorkloadCmd::List { client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        client::workload_list(&c, client.json).await
+                    }
+                    WorkloadCmd::Show { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        let v = c.get(&format!("/api/v1/workloads/{id}")).await?;
+                        println!("{v:#}");
+                        Ok(())
+                    }
+                    WorkloadCmd::Scale {
+                        id,
+                        instances,
+                        client,
+                    } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.post(
+                            &format!("/api/v1/workloads/{id}/scale"),
+                            &serde_json::json!({ "instances": instances }),
+                        )
+                        .await?;
+                        println!("{id}: {instances} instances");
+                        Ok(())
+                    }
+                    WorkloadCmd::Stop { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.post(
+                            &format!("/api/v1/workloads/{id}/stop"),
+                            &serde_json::Value::Null,
+                        )
+                        .await?;
+                        println!("{id}: stopped");
+                        Ok(())
+                    }
+                    WorkloadCmd::Start { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.post(
+                            &format!("/api/v1/workloads/{id}/start"),
+                            &serde_json::Value::Null,
+                        )
+                        .await?;
+                        println!("{id}: started");
+                        Ok(())
+                    }
+                    WorkloadCmd::Rm { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        c.delete(&format!("/api/v1/workloads/{id}")).await?;
+                        println!("{id}: removed");
+                        Ok(())
+                    }
+                }
+            }
             Cmd::Image { cmd } => {
                 init_tracing("warn");
                 match cmd {
@@ -635,7 +792,13 @@ fn main() -> anyhow::Result<()> {
                 bench::run(cmd).await
             }
         }
-    })
+    });
+    // Errors as one line of causes, without a backtrace (RUST_BACKTRACE may be set).
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -185,12 +185,15 @@ pub fn pid1(spec_path: &Path) -> i32 {
 
 fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     let spec = read_spec(spec_path)?;
-    if spec.container.is_some() {
-        // pivot_root moves every process of the mount namespace whose root is the old root:
-        // a namespace of our own keeps the supervisor (__init) on the host's root.
-        unshare(CloneFlags::CLONE_NEWNS)
-            .map_err(|e| anyhow::anyhow!("unshare the container mount namespace: {e}"))?;
-    }
+    // A mount namespace of PID 1's own: the private /tmp (which may shadow the sandbox's own
+    // path when the data dir is under /tmp) and pivot_root (which moves every process of the
+    // namespace whose root is the old root) stay out of the supervisor's view.
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| anyhow::anyhow!("unshare the task's mount namespace: {e}"))?;
+    // Enter the sandbox before /tmp is replaced: the working directory stays valid even if
+    // its path is shadowed.
+    nix::unistd::chdir(&spec.sandbox)
+        .map_err(|e| anyhow::anyhow!("entering the sandbox {}: {e}", spec.sandbox.display()))?;
     // Pids written to cgroup.procs are read in the writer's PID namespace; "0" means the
     // writing process itself, in v1 and v2 alike.
     for f in &spec.cgroup_procs {
@@ -224,11 +227,11 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         signal_hook::consts::SIGUSR2,
     ])?;
     let mut command = Command::new(&spec.cmd);
+    // The command inherits PID 1's working directory: the sandbox (native tasks).
     command
         .args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.sandbox)
         .stdin(Stdio::null());
     if let Some(fs) = &spec.container {
         use std::os::unix::process::CommandExt;
@@ -289,7 +292,8 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
 fn exit_path(spec: &InitSpec) -> PathBuf {
     match spec.container {
         Some(_) => Path::new(CONTAINER_SANDBOX).join(".cairn/exit.json"),
-        None => state_dir(&spec.sandbox).join("exit.json"),
+        // Relative to the sandbox, PID 1's working directory (its path may be shadowed).
+        None => PathBuf::from(".cairn/exit.json"),
     }
 }
 
