@@ -153,7 +153,6 @@ struct Pool {
     total_cpus: f64,
     total_mem: u64,
     ranges: Vec<PortRange>,
-    used_ports: Vec<u16>,
 }
 
 impl Pool {
@@ -165,41 +164,17 @@ impl Pool {
             total_cpus: r.cpus,
             total_mem: r.mem,
             ranges: r.ports.clone(),
-            used_ports: Vec::new(),
         }
-    }
-
-    fn has_port(&self, p: u16) -> bool {
-        self.ranges.iter().any(|r| r.begin <= p && p <= r.end) && !self.used_ports.contains(&p)
-    }
-
-    /// The ports `want` resolves to on this pool (0 = the lowest free port), if all are free.
-    fn ports_for(&self, want: &[u16]) -> Option<Vec<u16>> {
-        let fixed: Vec<u16> = want.iter().copied().filter(|&w| w != 0).collect();
-        for (i, &w) in fixed.iter().enumerate() {
-            if !self.has_port(w) || fixed[..i].contains(&w) {
-                return None;
-            }
-        }
-        let mut free = self
-            .ranges
-            .iter()
-            .flat_map(|r| r.begin..=r.end)
-            .filter(|p| !self.used_ports.contains(p) && !fixed.contains(p));
-        want.iter()
-            .map(|&w| if w == 0 { free.next() } else { Some(w) })
-            .collect()
     }
 
     fn fits(&self, a: &Ask) -> bool {
         self.cpus + 1e-9 >= a.cpus && self.mem >= a.mem && self.disk >= a.disk
     }
 
-    fn take(&mut self, cpus: f64, mem: u64, disk: u64, ports: &[u16]) {
+    fn take(&mut self, cpus: f64, mem: u64, disk: u64) {
         self.cpus -= cpus;
         self.mem = self.mem.saturating_sub(mem);
         self.disk = self.disk.saturating_sub(disk);
-        self.used_ports.extend_from_slice(ports);
     }
 
     /// Used fraction after placing `a` (0..=2, cpu + mem).
@@ -228,6 +203,42 @@ struct Node {
     reserved: BTreeMap<String, Pool>,
     /// Tasks per workload on this agent.
     tasks: HashMap<String, u32>,
+    /// Ports in use on the host, whichever pool they came from.
+    used_ports: Vec<u16>,
+}
+
+impl Node {
+    /// The port ranges `role` may use: its reservation's first, then the unreserved ones.
+    fn ranges_for<'a>(&'a self, role: Option<&str>) -> impl Iterator<Item = &'a PortRange> + 'a {
+        role.and_then(|r| self.reserved.get(r))
+            .into_iter()
+            .flat_map(|p| p.ranges.iter())
+            .chain(self.unreserved.ranges.iter())
+    }
+
+    fn has_port(&self, role: Option<&str>, p: u16) -> bool {
+        self.ranges_for(role).any(|r| r.begin <= p && p <= r.end) && !self.used_ports.contains(&p)
+    }
+
+    /// The ports `want` resolves to (0 = the lowest free port), if all are free.
+    fn ports_for(&self, role: Option<&str>, want: &[u16]) -> Option<Vec<u16>> {
+        if want.is_empty() {
+            return Some(Vec::new());
+        }
+        let fixed: Vec<u16> = want.iter().copied().filter(|&w| w != 0).collect();
+        for (i, &w) in fixed.iter().enumerate() {
+            if !self.has_port(role, w) || fixed[..i].contains(&w) {
+                return None;
+            }
+        }
+        let mut free = self
+            .ranges_for(role)
+            .flat_map(|r| r.begin..=r.end)
+            .filter(|p| !self.used_ports.contains(p) && !fixed.contains(p));
+        want.iter()
+            .map(|&w| if w == 0 { free.next() } else { Some(w) })
+            .collect()
+    }
 }
 
 impl Node {
@@ -284,6 +295,7 @@ impl Snapshot {
                     .map(|(r, res)| (r.clone(), Pool::new(res)))
                     .collect(),
                 tasks: HashMap::new(),
+                used_ports: Vec::new(),
             });
         }
         for (agent, al) in allocations {
@@ -294,8 +306,9 @@ impl Snapshot {
                     None => Some(&mut n.unreserved),
                 };
                 if let Some(p) = pool {
-                    p.take(al.cpus, al.mem, al.disk, &al.ports);
+                    p.take(al.cpus, al.mem, al.disk);
                 }
+                n.used_ports.extend_from_slice(&al.ports);
                 let c = n.tasks.entry(al.workload.clone()).or_default();
                 *c += 1;
                 if *c == 1 {
@@ -431,7 +444,8 @@ impl Snapshot {
                 Some(r) => node.reserved.get_mut(r).expect("pool exists"),
                 None => &mut node.unreserved,
             };
-            p.take(ask.cpus, ask.mem, ask.disk, &ports);
+            p.take(ask.cpus, ask.mem, ask.disk);
+            node.used_ports.extend_from_slice(&ports);
             let count = node.tasks.entry(ask.workload.clone()).or_default();
             *count += 1;
             if *count == 1 {
@@ -517,24 +531,20 @@ impl Snapshot {
     }
 }
 
-/// The pool a task of `ask` fits in on `node` (role pool first), its ports, and the load after.
+/// The pool a task of `ask` fits in on `node` (role pool first), its ports (from the role's
+/// ranges, then the unreserved ones), and the load after.
 fn fit(node: &Node, ask: &Ask) -> Option<(Option<String>, Vec<u16>, f64)> {
-    if let Some(role) = ask.role.as_deref().filter(|r| *r != "*") {
+    let role = ask.role.as_deref().filter(|r| *r != "*");
+    let ports = node.ports_for(role, &ask.ports)?;
+    if let Some(role) = role {
         if let Some(p) = node.reserved.get(role) {
             if p.fits(ask) {
-                if let Some(ports) = p.ports_for(&ask.ports) {
-                    return Some((Some(role.to_string()), ports, p.load_after(ask)));
-                }
+                return Some((Some(role.to_string()), ports, p.load_after(ask)));
             }
         }
     }
     let p = &node.unreserved;
-    if p.fits(ask) {
-        if let Some(ports) = p.ports_for(&ask.ports) {
-            return Some((None, ports, p.load_after(ask)));
-        }
-    }
-    None
+    p.fits(ask).then(|| (None, ports, p.load_after(ask)))
 }
 
 fn unplaced(placed: usize, wanted: usize, reason: &str) -> Unplaced {
@@ -618,7 +628,8 @@ pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(
             },
             None => &node.unreserved,
         };
-        if !pool.fits(ask) || p.ports.iter().any(|&port| !pool.has_port(port)) {
+        let role = ask.role.as_deref().filter(|r| *r != "*");
+        if !pool.fits(ask) || p.ports.iter().any(|&port| !node.has_port(role, port)) {
             return Err(k);
         }
         let node = &mut s.nodes[i];
@@ -626,7 +637,8 @@ pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(
             Some(r) => node.reserved.get_mut(r).expect("checked"),
             None => &mut node.unreserved,
         };
-        pool.take(ask.cpus, ask.mem, ask.disk, &p.ports);
+        pool.take(ask.cpus, ask.mem, ask.disk);
+        node.used_ports.extend_from_slice(&p.ports);
         let count = node.tasks.entry(ask.workload.clone()).or_default();
         *count += 1;
         if *count == 1 {
