@@ -7,7 +7,7 @@ use serde_json::Value;
 /// Talks to one master with the cluster token.
 pub struct Client {
     what: &'static str,
-    base: String,
+    pub(crate) base: String,
     pub token: String,
     http: reqwest::Client,
 }
@@ -70,8 +70,8 @@ impl Client {
         Ok(c)
     }
 
-    /// The same client without the request timeout (uploads of large archives).
-    fn http_untimed(&self) -> anyhow::Result<reqwest::Client> {
+    /// The same client without the request timeout (uploads, event streams).
+    pub(crate) fn http_untimed(&self) -> anyhow::Result<reqwest::Client> {
         Ok(reqwest::Client::builder().build()?)
     }
 
@@ -540,5 +540,59 @@ pub async fn workload_list(c: &Client, json: bool) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
+    Ok(())
+}
+
+/// Streams `/api/v1/events` and prints one line per event (or its JSON).
+pub async fn events(
+    c: &Client,
+    topic: Option<&str>,
+    index: Option<u64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut req = c
+        .http_untimed()?
+        .get(format!("{}/api/v1/events", c.base))
+        .bearer_auth(&c.token);
+    if let Some(t) = topic {
+        req = req.query(&[("topic", t)]);
+    }
+    if let Some(i) = index {
+        req = req.query(&[("index", i)]);
+    }
+    let r = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the master at {}", c.base))?;
+    if !r.status().is_success() {
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        anyhow::bail!("{status}: {}", v["message"].as_str().unwrap_or("error"));
+    }
+    let mut body = r.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(nl) = buf.find('\n') {
+            let line: String = buf.drain(..=nl).collect();
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            if json {
+                println!("{}", data.trim());
+                continue;
+            }
+            let e: Value = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
+            println!(
+                "{:>8} {:<9} {:<24} {:<12} {}",
+                e["index"],
+                s(&e["topic"]),
+                s(&e["id"]),
+                s(&e["kind"]),
+                s(&e["detail"])
+            );
+        }
+    }
     Ok(())
 }

@@ -73,6 +73,17 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Follow state changes (task states, workloads, agents) as they are committed.
+    Events {
+        /// Comma-separated topics: task, workload, agent, kv.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Replay from after this Raft index.
+        #[arg(long)]
+        index: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Inspect and change workloads.
     Workload {
         #[command(subcommand)]
@@ -712,6 +723,15 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 let c = Client::new(&client.master, &client.token)?;
                 client::ps(&c, workload.as_deref(), all, client.json).await
+            }
+            Cmd::Events {
+                topic,
+                index,
+                client,
+            } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                client::events(&c, topic.as_deref(), index, client.json).await
             }
             Cmd::Workload { cmd } => {
                 init_tracing("warn");

@@ -159,6 +159,33 @@ impl Cluster {
         .await
     }
 
+    /// What `/api/v1/events` replays from the start for `topic`, read for one second.
+    async fn events(&self, topic: &str) -> Vec<Value> {
+        use futures::StreamExt;
+        let r = self
+            .http
+            .get(format!("http://{}/api/v1/events", self.master()))
+            .query(&[("topic", topic), ("index", "0")])
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        let mut body = r.bytes_stream();
+        let mut text = String::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(end, body.next()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| serde_json::from_str(d.trim()).unwrap())
+            .collect()
+    }
+
     fn agent_index(&self, id: &Value) -> usize {
         self.ids.iter().position(|x| id == x).expect("known agent")
     }
@@ -209,6 +236,15 @@ async fn constraints_roles_and_strategies() {
     ))
     .await;
     assert_eq!(agents_of(&c, &c.running("uniq", 3).await), [0, 1, 2]);
+    // The event stream has each task's way from staging to running, and only tasks.
+    let ev = c.events("task").await;
+    assert!(ev.iter().all(|e| e["topic"] == "task"), "{ev:?}");
+    for kind in ["staging", "running"] {
+        assert!(
+            ev.iter().any(|e| e["id"] == "uniq.0" && e["kind"] == kind),
+            "no {kind} event for uniq.0: {ev:?}"
+        );
+    }
     // CLUSTER on an attribute, IS on the zone, LIKE and UNLIKE on attributes.
     c.run(sleeper(
         "r2",

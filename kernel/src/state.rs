@@ -26,6 +26,25 @@ pub struct State {
     pub indexes: Indexes,
     /// Index of the last applied command.
     pub applied: u64,
+    /// The most recent changes, oldest first (at most `EVENTS_KEPT`), for `/api/v1/events`.
+    pub events: std::collections::VecDeque<Event>,
+}
+
+/// How many events the state keeps for subscribers that reconnect.
+pub const EVENTS_KEPT: usize = 10_000;
+
+/// One change to cluster state, as `/api/v1/events` streams it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub index: u64,
+    /// `task`, `workload`, `agent` or `kv`.
+    pub topic: String,
+    pub id: String,
+    /// What happened: a task state, `registered`, `updated`, `scaled`, ...
+    pub kind: String,
+    pub detail: String,
+    /// Proposer's clock (Unix ms), when the command carries one.
+    pub at: u64,
 }
 
 /// Every change to cluster state.
@@ -122,8 +141,182 @@ fn rejected(code: &str, field: &str, message: impl Into<String>) -> Outcome {
     }
 }
 
-/// Applies one committed command at `index`. The only writer of `State`.
+/// Applies one committed command at `index` and records what changed as events. The only
+/// writer of `State`.
 pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
+    let before = match &cmd {
+        Command::UpdateTaskState { id, .. } => state.tasks.get(id).map(|t| t.state),
+        _ => None,
+    };
+    let described = describe(&cmd);
+    let outcome = apply_command(state, index, cmd);
+    if matches!(outcome, Outcome::Rejected { .. }) {
+        return outcome;
+    }
+    let mut push = |topic: &str, id: String, kind: String, detail: String, at: u64| {
+        state.events.push_back(Event {
+            index,
+            topic: topic.into(),
+            id,
+            kind,
+            detail,
+            at,
+        });
+    };
+    match described {
+        Described::Task {
+            id,
+            state: to,
+            detail,
+            at,
+        } => {
+            if before != Some(to) {
+                push("task", id, format!("{to:?}").to_lowercase(), detail, at);
+            }
+        }
+        Described::Placed {
+            workload,
+            seq,
+            agents,
+            at,
+        } => {
+            for (i, a) in agents.into_iter().enumerate() {
+                push(
+                    "task",
+                    format!("{workload}.{}", seq + i as u64),
+                    "staging".into(),
+                    format!("on agent {a}"),
+                    at,
+                );
+            }
+        }
+        Described::Other {
+            topic,
+            id,
+            kind,
+            detail,
+            at,
+        } => {
+            // An unchanged spec keeps its version and is no event.
+            let unchanged =
+                kind == "updated" && !matches!(outcome, Outcome::Done { index: i } if i == index);
+            if !unchanged {
+                push(topic, id, kind, detail, at);
+            }
+        }
+    }
+    while state.events.len() > EVENTS_KEPT {
+        state.events.pop_front();
+    }
+    outcome
+}
+
+enum Described {
+    Task {
+        id: String,
+        state: TaskState,
+        detail: String,
+        at: u64,
+    },
+    Placed {
+        workload: String,
+        seq: u64,
+        agents: Vec<String>,
+        at: u64,
+    },
+    Other {
+        topic: &'static str,
+        id: String,
+        kind: String,
+        detail: String,
+        at: u64,
+    },
+}
+
+fn describe(cmd: &Command) -> Described {
+    let other = |topic, id: &str, kind: &str, detail: String, at| Described::Other {
+        topic,
+        id: id.to_string(),
+        kind: kind.to_string(),
+        detail,
+        at,
+    };
+    match cmd {
+        Command::RegisterAgent { reg, at } => {
+            other("agent", &reg.id, "registered", reg.addr.clone(), *at)
+        }
+        Command::SetAgentStatus { id, status, at } => other(
+            "agent",
+            id,
+            &format!("{status:?}").to_lowercase(),
+            String::new(),
+            *at,
+        ),
+        Command::PutWorkload { workload, at } => other(
+            "workload",
+            &workload.id,
+            "updated",
+            format!("{:?}, {} instances", workload.kind, workload.instances).to_lowercase(),
+            *at,
+        ),
+        Command::RemoveWorkload { id } => other("workload", id, "removed", String::new(), 0),
+        Command::ScaleWorkload { id, instances, at } => other(
+            "workload",
+            id,
+            "scaled",
+            format!("{instances} instances"),
+            *at,
+        ),
+        Command::SetWorkloadStopped { id, stopped, at } => other(
+            "workload",
+            id,
+            if *stopped { "stopped" } else { "started" },
+            String::new(),
+            *at,
+        ),
+        Command::SkipCronTick { id, tick } => other(
+            "workload",
+            id,
+            "cron_tick_skipped",
+            "the previous run is still going".into(),
+            *tick,
+        ),
+        Command::PlaceTasks {
+            workload,
+            seq,
+            placements,
+            at,
+            ..
+        } => Described::Placed {
+            workload: workload.clone(),
+            seq: *seq,
+            agents: placements.iter().map(|p| p.agent.clone()).collect(),
+            at: *at,
+        },
+        Command::AddTask { task } => other(
+            "task",
+            &task.id,
+            "staging",
+            format!("on agent {}", task.agent),
+            task.created_at,
+        ),
+        Command::UpdateTaskState {
+            id,
+            state,
+            reason,
+            at,
+        } => Described::Task {
+            id: id.clone(),
+            state: *state,
+            detail: reason.clone().unwrap_or_default(),
+            at: *at,
+        },
+        Command::KvPut { key, .. } => other("kv", key, "put", String::new(), 0),
+        Command::KvDelete { key } => other("kv", key, "deleted", String::new(), 0),
+    }
+}
+
+fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
     state.applied = index;
     match cmd {
         Command::RegisterAgent { reg, at } => {
