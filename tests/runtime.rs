@@ -265,8 +265,9 @@ async fn native_limits_trigger_and_are_reported() {
         "{st}"
     );
 
-    // pids: a fork bomb stays inside its limit.
-    let mut bomb = sh("bomb", "b() { b | b & }; b; sleep 3");
+    // pids: a fork bomb stays inside its limit. (The shell then execs, so it needs no fork to
+    // keep running until it is killed.)
+    let mut bomb = sh("bomb", "b() { b | b & }; b; exec sleep 30");
     bomb["pids_max"] = json!(24);
     bomb["kill_grace_ms"] = json!(100);
     a.launch(bomb).await;
