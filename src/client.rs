@@ -405,11 +405,45 @@ pub async fn run(
             "{id}: {} placed, {running} running, {finished} finished, {failed} failed",
             tasks.len()
         ));
+        let deployment = if matches!(kind.as_str(), "service" | "system") {
+            c.get(&format!("/api/v1/deployments/{id}@{version}"))
+                .await
+                .ok()
+        } else {
+            None
+        };
+        if let Some(d) = &deployment {
+            bar.set_message(format!(
+                "{id}@{version}: {} of {} ready, {}",
+                d["ready"],
+                if kind == "system" {
+                    "all".to_string()
+                } else {
+                    want.to_string()
+                },
+                s(&d["deployment"]["state"])
+            ));
+            match d["deployment"]["state"].as_str() {
+                Some("running") | None => {}
+                Some("succeeded") => {
+                    bar.finish_and_clear();
+                    println!("{id}@{version}: deployed, {} ready", d["ready"]);
+                    return Ok(());
+                }
+                Some(other) => {
+                    bar.finish_and_clear();
+                    anyhow::bail!(
+                        "{id}@{version}: {other}: {}",
+                        s(&d["deployment"]["message"])
+                    );
+                }
+            }
+        }
         let done = match kind.as_str() {
             "job" => finished >= want || (failed > 0 && tasks.iter().all(|t| is_terminal(t))),
             "cron" => true,
-            "system" => !tasks.is_empty() && running == tasks.len(),
-            _ => running >= want,
+            "system" => deployment.is_none() && !tasks.is_empty() && running == tasks.len(),
+            _ => deployment.is_none() && running >= want,
         };
         if done {
             bar.finish_and_clear();
@@ -594,5 +628,30 @@ pub async fn events(
             );
         }
     }
+    Ok(())
+}
+
+pub async fn deployments(c: &Client, workload: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let path = match workload {
+        Some(w) => format!("/api/v1/deployments?workload={w}"),
+        None => "/api/v1/deployments".to_string(),
+    };
+    let v = c.get(&path).await?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    t.set_header(["DEPLOYMENT", "FROM", "STATE", "MESSAGE"]);
+    for d in v.as_array().into_iter().flatten() {
+        t.add_row([
+            s(&d["id"]),
+            s(&d["from_version"]),
+            s(&d["state"]),
+            s(&d["message"]),
+        ]);
+    }
+    println!("{t}");
     Ok(())
 }

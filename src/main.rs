@@ -84,6 +84,11 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Roll-outs of workload versions (rolling changes, restarts, rollbacks).
+    Deployment {
+        #[command(subcommand)]
+        cmd: DeploymentCmd,
+    },
     /// Inspect and change workloads.
     Workload {
         #[command(subcommand)]
@@ -322,6 +327,35 @@ enum WorkloadCmd {
     },
     /// Remove a workload and kill its tasks.
     Rm {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replace every task with a rolling deployment of the same spec.
+    Restart {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The workload's roll-outs, newest first.
+    History {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeploymentCmd {
+    /// Roll-outs, newest first.
+    List {
+        #[arg(long)]
+        workload: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One roll-out (`WORKLOAD@VERSION`) with its tasks.
+    Show {
         id: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -733,6 +767,21 @@ fn main() -> anyhow::Result<()> {
                 let c = Client::new(&client.master, &client.token)?;
                 client::events(&c, topic.as_deref(), index, client.json).await
             }
+            Cmd::Deployment { cmd } => {
+                init_tracing("warn");
+                match cmd {
+                    DeploymentCmd::List { workload, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        client::deployments(&c, workload.as_deref(), client.json).await
+                    }
+                    DeploymentCmd::Show { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        let v = c.get(&format!("/api/v1/deployments/{id}")).await?;
+                        println!("{v:#}");
+                        Ok(())
+                    }
+                }
+            }
             Cmd::Workload { cmd } => {
                 init_tracing("warn");
                 match cmd {
@@ -779,6 +828,21 @@ fn main() -> anyhow::Result<()> {
                         .await?;
                         println!("{id}: started");
                         Ok(())
+                    }
+                    WorkloadCmd::Restart { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        let v = c
+                            .post(
+                                &format!("/api/v1/workloads/{id}/restart"),
+                                &serde_json::Value::Null,
+                            )
+                            .await?;
+                        println!("{id}: restarting as version {}", v["version"]);
+                        Ok(())
+                    }
+                    WorkloadCmd::History { id, client } => {
+                        let c = Client::new(&client.master, &client.token)?;
+                        client::deployments(&c, Some(&id), client.json).await
                     }
                     WorkloadCmd::Rm { id, client } => {
                         let c = Client::new(&client.master, &client.token)?;

@@ -18,6 +18,8 @@ struct Cluster {
     http: reqwest::Client,
     /// Agent id by lab index.
     ids: Vec<String>,
+    /// First port of agent 0's range (agent n: base + 100 n).
+    base: u16,
 }
 
 /// Agents: 0 and 1 on rack r1, 2 on rack r2; agent 2 also reserves resources for role `prod`.
@@ -36,21 +38,29 @@ async fn cluster() -> Cluster {
     lab.wait_leader(Duration::from_secs(20))
         .await
         .expect("leader");
+    // Each cluster of this test binary gets its own host port ranges (tests run in parallel
+    // and tasks bind real ports): agent n offers [base+100n, base+100n+99].
+    static CLUSTERS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 21_000 + 400 * CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let range = |n: u16| format!("ports:[{}-{}]", base + 100 * n, base + 100 * n + 99);
     let specs = [
         (
-            "cpus:4;mem:4096;disk:10000;ports:[31000-31099]",
+            format!("cpus:4;mem:4096;disk:10000;{}", range(0)),
             "rack:r1;zone:a",
         ),
         (
-            "cpus:4;mem:4096;disk:10000;ports:[31100-31199]",
+            format!("cpus:4;mem:4096;disk:10000;{}", range(1)),
             "rack:r1;zone:b",
         ),
         (
-            "cpus:4;mem:4096;disk:10000;ports:[31200-31299];cpus(prod):2;mem(prod):512",
+            format!(
+                "cpus:4;mem:4096;disk:10000;{};cpus(prod):2;mem(prod):512",
+                range(2)
+            ),
             "rack:r2;zone:c",
         ),
     ];
-    for (res, attrs) in specs {
+    for (res, attrs) in &specs {
         lab.start_agent(&[
             "--resources",
             res,
@@ -88,6 +98,7 @@ async fn cluster() -> Cluster {
         lab,
         http,
         ids,
+        base,
     }
 }
 
@@ -304,7 +315,8 @@ async fn constraints_roles_and_strategies() {
     assert_eq!(agents_of(&c, &prod), [2, 2]);
     for t in &prod {
         let port = t["ports"][0]["number"].as_u64().unwrap();
-        assert!((31200..31300).contains(&port), "{t}");
+        let r2 = c.base as u64 + 200;
+        assert!((r2..r2 + 100).contains(&port), "{t}");
     }
     // Workloads without the role never use its reservation (1 of its 2 cpus is still free):
     // pinned to agent 2, whole-cpu tasks fill only its unreserved cpus.
@@ -467,7 +479,11 @@ async fn system_workloads_follow_new_agents_and_leader_loss_leaves_no_duplicates
     c.lab
         .start_agent(&[
             "--resources",
-            "cpus:2;mem:2048;disk:1000;ports:[31300-31399]",
+            &format!(
+                "cpus:2;mem:2048;disk:1000;ports:[{}-{}]",
+                c.base + 300,
+                c.base + 399
+            ),
             "--heartbeat-interval",
             "300ms",
         ])
@@ -500,4 +516,158 @@ async fn system_workloads_follow_new_agents_and_leader_loss_leaves_no_duplicates
         per_agent.insert(n, c.on_agent(n, "fifty").await.len());
     }
     assert_eq!(per_agent.values().sum::<usize>(), 50, "{per_agent:?}");
+}
+
+/// The newest deployment of a workload: (id, state).
+async fn deployment(c: &Cluster, w: &str) -> Option<(String, String)> {
+    let v = c
+        .lab
+        .get(&c.master(), &format!("/api/v1/deployments?workload={w}"))
+        .await?;
+    let d = v.as_array()?.first()?.clone();
+    Some((d["id"].as_str()?.into(), d["state"].as_str()?.into()))
+}
+
+async fn wait_deployment(c: &Cluster, w: &str, version_after: u64, state: &str) -> String {
+    eventually(
+        Duration::from_secs(60),
+        &format!("deployment of {w} {state}"),
+        || async {
+            let (id, st) = deployment(c, w).await?;
+            let v: u64 = id.rsplit('@').next()?.parse().ok()?;
+            (v > version_after && st == state).then_some(id)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_deploys_keep_min_healthy_and_a_failing_version_rolls_back() {
+    let c = cluster().await;
+    let web = |v: &str, cmd: &str| {
+        json!({"id": "web", "instances": 3, "strategy": "spread",
+               "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", cmd]}},
+               "resources": {"cpus": 0.1, "mem": 32},
+               "ports": [{"name": "http", "number": 0}],
+               "env": {"V": v},
+               "health_checks": [{"type": "http", "port": "http", "path": "/", "grace": "0s",
+                                  "interval": "300ms", "timeout": "500ms", "max_failures": 3}],
+               "upgrade": {"min_healthy": 0.66, "max_over": 0.33, "deadline": "30s"},
+               "kill_grace": "200ms", "restart": {"backoff": "200ms"}})
+    };
+    let serve = "mkdir -p www && echo v$V > www/index.html && exec /bin/busybox httpd -f -p $PORT_HTTP -h www";
+    c.run(web("1", serve)).await;
+    let v1 = wait_deployment(&c, "web", 0, "succeeded").await;
+    let v1: u64 = v1.rsplit('@').next().unwrap().parse().unwrap();
+
+    // A good version: never fewer than 2 of 3 ready, never more than 4 tasks.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (lab_addrs, http, watching) = (c.lab.running_addrs(), c.http.clone(), watching.clone());
+        tokio::spawn(async move {
+            let (mut min_ready, mut max_live) = (usize::MAX, 0);
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .get(format!("http://{}/api/v1/tasks", lab_addrs[0]))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await;
+                if let Ok(r) = r {
+                    let v: Vec<Value> = r.json().await.unwrap_or_default();
+                    let web: Vec<&Value> = v.iter().filter(|t| t["workload"] == "web").collect();
+                    let ready = web
+                        .iter()
+                        .filter(|t| t["state"] == "running" && t["healthy"] == true)
+                        .count();
+                    let live = web
+                        .iter()
+                        .filter(|t| {
+                            !matches!(
+                                t["state"].as_str(),
+                                Some("finished" | "failed" | "killed" | "lost")
+                            )
+                        })
+                        .count();
+                    min_ready = min_ready.min(ready);
+                    max_live = max_live.max(live);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (min_ready, max_live)
+        })
+    };
+    c.run(web("2", serve)).await;
+    wait_deployment(&c, "web", v1, "succeeded").await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (min_ready, max_live) = watcher.await.unwrap();
+    assert!(
+        min_ready >= 2,
+        "dropped to {min_ready} ready during the roll-out"
+    );
+    assert!(
+        max_live <= 4 + 1,
+        "{max_live} tasks at once (max_over 1, plus one being killed)"
+    );
+    let live = c.running("web", 3).await;
+    for t in &live {
+        let port = t["ports"][0]["number"].as_u64().unwrap();
+        let body = c
+            .http
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body.trim(), "v2");
+    }
+    let v2 = c
+        .lab
+        .get(&c.master(), "/api/v1/workloads/web")
+        .await
+        .unwrap()["workload"]["version"]
+        .as_u64()
+        .unwrap();
+
+    // A version that never becomes healthy: its new task is killed as unhealthy and the
+    // workload goes back to version 2's spec.
+    c.run(web("3", "exec sleep 600")).await;
+    eventually(Duration::from_secs(60), "version 3 rolled back", || async {
+        let v = c
+            .lab
+            .get(&c.master(), "/api/v1/deployments?workload=web")
+            .await?;
+        v.as_array()?
+            .iter()
+            .any(|d| d["state"] == "rolled_back" && d["version"].as_u64().unwrap_or(0) > v2)
+            .then_some(())
+    })
+    .await;
+    let w = c
+        .lab
+        .get(&c.master(), "/api/v1/workloads/web")
+        .await
+        .unwrap();
+    assert_eq!(w["workload"]["env"]["V"], "2", "{w}");
+    let failed = c
+        .tasks()
+        .await
+        .into_iter()
+        .any(|t| t["workload"] == "web" && t["env"]["V"] == "3" && t["reason"] == "unhealthy");
+    assert!(failed, "the bad version's task was killed as unhealthy");
+    // Service continues: three ready tasks of version 2's spec.
+    eventually(
+        Duration::from_secs(60),
+        "3 ready after rollback",
+        || async {
+            let live = c.live("web").await;
+            (live.len() == 3
+                && live.iter().all(|t| {
+                    t["state"] == "running" && t["healthy"] == true && t["env"]["V"] == "2"
+                }))
+            .then_some(())
+        },
+    )
+    .await;
 }

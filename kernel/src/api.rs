@@ -110,6 +110,9 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/workloads/{id}/scale",
     "/api/v1/workloads/{id}/stop",
     "/api/v1/workloads/{id}/start",
+    "/api/v1/workloads/{id}/restart",
+    "/api/v1/deployments",
+    "/api/v1/deployments/{id}",
     "/api/v1/tasks",
     "/api/v1/tasks/{id}",
     "/api/v1/tasks/{id}/kill",
@@ -149,6 +152,9 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/workloads/{id}/scale", post(scale_workload))
         .route("/api/v1/workloads/{id}/stop", post(stop_workload))
         .route("/api/v1/workloads/{id}/start", post(start_workload))
+        .route("/api/v1/workloads/{id}/restart", post(restart_workload))
+        .route("/api/v1/deployments", get(list_deployments))
+        .route("/api/v1/deployments/{id}", get(get_deployment))
         .route("/api/v1/tasks", get(list_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/kill", post(kill_task))
@@ -806,6 +812,67 @@ async fn start_workload(ctx: Ctx, Path(id): Path<String>) -> Result<Response, Ap
     set_stopped(ctx, id, false).await
 }
 
+/// Replaces every task through a rolling deployment of the same spec.
+async fn restart_workload(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let index = done_index(
+        ctx.propose(Command::RestartWorkload { id, at: now_ms() })
+            .await?,
+    )?;
+    Ok(with_index(
+        index,
+        serde_json::json!({ "index": index, "version": index }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentParams {
+    workload: Option<String>,
+    index: Option<u64>,
+    wait: Option<String>,
+    stale: Option<bool>,
+}
+
+/// Roll-outs, newest first (optionally of one workload): the workload's history.
+async fn list_deployments(
+    ctx: Ctx,
+    q: Result<Query<DeploymentParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let rp = ReadParams {
+        index: p.index,
+        wait: p.wait,
+        stale: p.stale,
+    };
+    let index = ctx.prepare_read(&rp, |s| s.indexes.workloads).await?;
+    let mut list: Vec<crate::model::Deployment> = ctx.read(|s| {
+        s.deployments
+            .values()
+            .filter(|d| p.workload.as_ref().is_none_or(|w| &d.workload == w))
+            .cloned()
+            .collect()
+    });
+    list.sort_by_key(|d| std::cmp::Reverse(d.version));
+    Ok(with_index(index, list))
+}
+
+async fn get_deployment(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let v = ctx
+        .read(|s| {
+            s.deployments.get(&id).map(|d| {
+                let tasks: Vec<&Task> = s
+                    .tasks
+                    .values()
+                    .filter(|t| t.workload == d.workload && t.version == d.version)
+                    .collect();
+                let ready = tasks.iter().filter(|t| t.is_ready()).count();
+                serde_json::json!({ "deployment": d, "ready": ready, "tasks": tasks })
+            })
+        })
+        .ok_or_else(|| ApiError::not_found(format!("no deployment {id:?}")).field("id"))?;
+    Ok(Json(v).into_response())
+}
+
 /// One task, with its live usage fetched from the agent that runs it (usage is the agent's
 /// observed state, not replicated; `usage` is null when the agent does not answer).
 async fn get_task(
@@ -914,6 +981,9 @@ pub struct TaskReport {
     pub id: String,
     pub state: crate::model::TaskState,
     pub reason: Option<String>,
+    /// What the task's health checks say (absent: no checks or no result yet).
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 /// Agents push task state changes here, in idempotent batches, until acknowledged.
@@ -927,11 +997,32 @@ async fn task_status(
     }
     let mut applied = 0;
     for r in reports {
-        let current = ctx.read(|s| s.tasks.get(&r.id).map(|t| (t.agent.clone(), t.state)));
-        let Some((owner, state)) = current else {
+        let current = ctx.read(|s| {
+            s.tasks
+                .get(&r.id)
+                .map(|t| (t.agent.clone(), t.state, t.healthy))
+        });
+        let Some((owner, state, healthy)) = current else {
             continue;
         };
-        if owner != agent || state == r.state || !state.can_transition(r.state) {
+        if owner != agent {
+            continue;
+        }
+        if healthy != r.healthy && !state.is_terminal() {
+            match ctx
+                .propose(Command::SetTaskHealth {
+                    id: r.id.clone(),
+                    healthy: r.healthy,
+                    at: now_ms(),
+                })
+                .await
+            {
+                Ok(_) => applied += 1,
+                Err(e) if e.status == StatusCode::NOT_FOUND => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if state == r.state || !state.can_transition(r.state) {
             continue;
         }
         let reason = r.reason.map(|s| s.chars().take(256).collect());
@@ -1025,13 +1116,15 @@ async fn events(
         .topic
         .map(|t| t.split(',').map(|s| s.trim().to_string()).collect());
     if let Some(ts) = &topics {
-        if let Some(bad) = ts
-            .iter()
-            .find(|t| !matches!(t.as_str(), "task" | "workload" | "agent" | "kv"))
-        {
+        if let Some(bad) = ts.iter().find(|t| {
+            !matches!(
+                t.as_str(),
+                "task" | "workload" | "agent" | "kv" | "deployment"
+            )
+        }) {
             return Err(ApiError::bad_request(
                 "topic",
-                format!("unknown topic {bad:?}: use task, workload, agent or kv"),
+                format!("unknown topic {bad:?}: use task, workload, agent, deployment or kv"),
             ));
         }
     }

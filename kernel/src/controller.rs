@@ -176,14 +176,87 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
             }
             WorkloadKind::System => 0,
         };
-        // Old versions go once the current version runs in full (or is not wanted at all).
-        let running_current = current
-            .iter()
-            .filter(|t| t.state == TaskState::Running)
-            .count();
-        if running_current >= want {
+        // A rolling change: old versions go as new tasks become ready, keeping at least
+        // `min_healthy` of the instances ready and at most `max_over` extra.
+        let ready_new = current.iter().filter(|t| t.is_ready()).count();
+        let mut room = usize::MAX;
+        if w.kind == WorkloadKind::Service && !old.is_empty() {
+            let n = want;
+            let min_ready = (w.upgrade.min_healthy * n as f64).ceil() as usize;
+            let mut max_over = (w.upgrade.max_over * n as f64).ceil() as usize;
+            if max_over == 0 && min_ready >= n {
+                max_over = 1; // otherwise nothing could ever move
+            }
+            let ready_old: Vec<&&Task> = old.iter().filter(|t| t.is_ready()).collect();
+            let mut killable = (ready_new + ready_old.len()).saturating_sub(min_ready);
+            if ready_new >= n {
+                killable = ready_old.len();
+            }
+            let mut kept_old = 0;
+            // Old tasks that are not ready hold no capacity worth keeping.
+            for t in old.iter().filter(|t| !t.is_ready()) {
+                out.push(set(t, TaskState::Killing, "replaced", now));
+            }
+            for t in ready_old {
+                if killable > 0 {
+                    killable -= 1;
+                    out.push(set(t, TaskState::Killing, "replaced", now));
+                } else {
+                    kept_old += 1;
+                }
+            }
+            room = (n + max_over).saturating_sub(current.len() + kept_old);
+        } else if w.kind != WorkloadKind::System && !old.is_empty() {
             for t in &old {
                 out.push(set(t, TaskState::Killing, "replaced", now));
+            }
+        }
+        // The roll-out of the current version: done, or failed (rolled back).
+        if let Some(d) = state
+            .deployments
+            .get(&format!("{}@{}", w.id, w.version))
+            .filter(|d| d.state == crate::model::DeploymentState::Running)
+        {
+            let failed_new = tasks
+                .iter()
+                .filter(|t| {
+                    t.version == w.version && matches!(t.state, TaskState::Failed | TaskState::Lost)
+                })
+                .count();
+            let overdue = now > d.started_at + w.upgrade.deadline_ms;
+            let done = match w.kind {
+                WorkloadKind::System => {
+                    !current.is_empty() && old.is_empty() && current.iter().all(|t| t.is_ready())
+                }
+                _ => old.is_empty() && ready_new >= want,
+            };
+            if done {
+                out.push(Command::FinishDeployment {
+                    id: d.id.clone(),
+                    state: crate::model::DeploymentState::Succeeded,
+                    message: String::new(),
+                    at: now,
+                });
+            } else if failed_new > 0 || overdue {
+                let reason = if overdue {
+                    format!("not ready within {} ms", w.upgrade.deadline_ms)
+                } else {
+                    format!("{failed_new} new task(s) failed")
+                };
+                out.push(match (&w.previous, d.from_version) {
+                    (Some(_), Some(_)) => Command::RollbackWorkload {
+                        id: w.id.clone(),
+                        version: w.version,
+                        reason,
+                        at: now,
+                    },
+                    _ => Command::FinishDeployment {
+                        id: d.id.clone(),
+                        state: crate::model::DeploymentState::Failed,
+                        message: reason,
+                        at: now,
+                    },
+                });
             }
         }
         if w.kind == WorkloadKind::System {
@@ -225,7 +298,7 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
                 out.push(set(t, TaskState::Killing, "scaled_down", now));
             }
         }
-        let need = want.saturating_sub(current.len());
+        let need = want.saturating_sub(current.len()).min(room);
         if need > 0 && backoff_ok {
             let (placements, _) = snap.place(&ask_for(w), need);
             if !placements.is_empty() {
@@ -379,6 +452,12 @@ mod tests {
         // Running the controller again changes nothing.
         assert_eq!(w.tick(2), 0);
         w.report("web", TaskState::Running, 3);
+        // The roll-out is recorded as done, then nothing more happens.
+        assert_eq!(w.tick(4), 1);
+        assert_eq!(
+            w.s.deployments[&format!("web@{}", w.s.workloads["web"].version)].state,
+            DeploymentState::Succeeded
+        );
         assert_eq!(w.tick(4), 0);
         // A plan computed on an old state (here: replayed after it applied) is rejected whole.
         w.apply(Command::ScaleWorkload {
@@ -507,6 +586,101 @@ mod tests {
     }
 
     #[test]
+    fn rolling_change_keeps_min_healthy_and_a_failing_version_rolls_back() {
+        let mut w = World::new(&["a1", "a2"]);
+        let spec = |v: &str| {
+            let mut s = crate::spec::from_toml(&format!(
+                "id = \"web\"\ninstances = 2\nports = [{{ name = \"http\", number = 0 }}]\n\
+                 health_checks = [{{ type = \"tcp\", grace = \"0s\" }}]\n\
+                 upgrade = {{ min_healthy = 1.0, max_over = 0.5 }}\nenv = {{ V = \"{v}\" }}\n\
+                 [runtime.native]\ncmd = \"/bin/true\"\n"
+            ))
+            .unwrap()
+            .validate()
+            .unwrap();
+            s.restart.base_ms = 0;
+            s
+        };
+        let ready = |w: &World| {
+            w.live("web")
+                .iter()
+                .filter(|t| t.is_ready() && t.state != TaskState::Killing)
+                .count()
+        };
+        let healthy = |w: &mut World, now: u64| {
+            w.report("web", TaskState::Running, now);
+            let ids: Vec<String> = w.live("web").iter().map(|t| t.id.clone()).collect();
+            for id in ids {
+                w.apply(Command::SetTaskHealth {
+                    id,
+                    healthy: Some(true),
+                    at: now,
+                });
+            }
+        };
+        w.apply(Command::PutWorkload {
+            workload: spec("1"),
+            at: 0,
+        });
+        w.tick(1);
+        healthy(&mut w, 2);
+        w.tick(3);
+        let v1 = w.s.workloads["web"].version;
+        assert_eq!(
+            w.s.deployments[&format!("web@{v1}")].state,
+            DeploymentState::Succeeded
+        );
+        // Version 2 rolls one task at a time (max_over 0.5 of 2 = 1 extra).
+        w.apply(Command::PutWorkload {
+            workload: spec("2"),
+            at: 10,
+        });
+        let v2 = w.s.workloads["web"].version;
+        for step in 0..6 {
+            w.tick(11 + step);
+            assert!(w.live("web").len() <= 3, "more than max_over extra");
+            assert!(ready(&w) >= 2, "below min_healthy at step {step}");
+            healthy(&mut w, 11 + step);
+        }
+        let live = w.live("web");
+        assert_eq!(live.len(), 2);
+        assert!(live.iter().all(|t| t.version == v2 && t.env["V"] == "2"));
+        w.tick(20);
+        assert_eq!(
+            w.s.deployments[&format!("web@{v2}")].state,
+            DeploymentState::Succeeded
+        );
+        // Version 3 fails its first new task: back to version 2's spec.
+        w.apply(Command::PutWorkload {
+            workload: spec("3"),
+            at: 30,
+        });
+        let v3 = w.s.workloads["web"].version;
+        w.tick(31);
+        let new: Vec<Task> = w
+            .live("web")
+            .into_iter()
+            .filter(|t| t.version == v3)
+            .collect();
+        assert_eq!(new.len(), 1);
+        w.apply(Command::UpdateTaskState {
+            id: new[0].id.clone(),
+            state: TaskState::Failed,
+            reason: Some("unhealthy".into()),
+            at: 32,
+        });
+        w.tick(33);
+        let wl = &w.s.workloads["web"];
+        assert_eq!(wl.env["V"], "2", "rolled back");
+        assert!(wl.version > v3);
+        assert_eq!(
+            w.s.deployments[&format!("web@{v3}")].state,
+            DeploymentState::RolledBack
+        );
+        assert!(ready(&w) >= 2, "the old tasks kept serving");
+    }
+
+    #[test]
     fn system_workloads_follow_agents() {
         let mut w = World::new(&["a1", "a2"]);
         w.apply(Command::PutWorkload {
@@ -535,11 +709,12 @@ mod tests {
         w.tick(1);
         w.report("web", TaskState::Running, 2);
         let v1: Vec<String> = w.live("web").iter().map(|t| t.id.clone()).collect();
-        // Same spec again: nothing changes.
+        // Same spec again: nothing changes (but the first roll-out is done).
         w.apply(Command::PutWorkload {
             workload: workload("web", WorkloadKind::Service, 2),
             at: 3,
         });
+        assert_eq!(w.tick(4), 1);
         assert_eq!(w.tick(4), 0);
         let mut v2 = workload("web", WorkloadKind::Service, 2);
         v2.env.insert("V".into(), "2".into());

@@ -133,6 +133,82 @@ impl Default for RestartPolicy {
     }
 }
 
+/// How a task's health is checked (by its agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    /// `GET http://HOST:PORT{path}` answers 2xx or 3xx.
+    Http,
+    /// A TCP connection to PORT opens.
+    Tcp,
+    /// The command exits 0 (run on the host, in the task's sandbox, with its environment).
+    Command,
+}
+
+/// One health check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// The task port (by name) for http and tcp checks.
+    pub port: String,
+    pub path: String,
+    pub command: Vec<String>,
+    /// No check counts before this much time after the task starts.
+    pub grace_ms: u64,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failures that make the task unhealthy (it is then killed and replaced).
+    pub max_failures: u32,
+}
+
+/// How a rolling change replaces tasks: at least `min_healthy` × instances stay healthy,
+/// at most `max_over` × instances extra run; new tasks not healthy within `deadline_ms` (or
+/// failing) roll the workload back to its previous version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpgradePolicy {
+    pub min_healthy: f64,
+    pub max_over: f64,
+    pub deadline_ms: u64,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> Self {
+        Self {
+            min_healthy: 1.0,
+            max_over: 1.0,
+            deadline_ms: 300_000,
+        }
+    }
+}
+
+/// Where a deployment (the roll-out of one workload version) stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    Running,
+    Succeeded,
+    /// New tasks failed or missed the deadline; the previous version was restored.
+    RolledBack,
+    /// Failed with no previous version to return to.
+    Failed,
+    /// A newer change replaced it before it finished.
+    Superseded,
+}
+
+/// The roll-out of one version of a workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// `<workload>@<version>`.
+    pub id: String,
+    pub workload: String,
+    pub version: u64,
+    pub from_version: Option<u64>,
+    pub state: DeploymentState,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    pub message: String,
+}
+
 /// When a cron workload runs: a 5-field cron expression in a time zone.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schedule {
@@ -164,6 +240,8 @@ pub struct Workload {
     pub network: String,
     pub schedule: Option<Schedule>,
     pub labels: BTreeMap<String, String>,
+    pub health_checks: Vec<HealthCheck>,
+    pub upgrade: UpgradePolicy,
     /// Stopped workloads keep their spec but run no tasks.
     pub stopped: bool,
     /// Raft index of the last change (tasks carry the version they were placed with).
@@ -174,6 +252,8 @@ pub struct Workload {
     pub next_seq: u64,
     /// Cron: the last schedule tick handled (run or skipped).
     pub last_tick: u64,
+    /// The spec before the last change, for an automatic rollback.
+    pub previous: Option<Box<Workload>>,
 }
 
 /// Task states, after Mesos.
@@ -253,9 +333,18 @@ pub struct Task {
     pub kill_grace_ms: u64,
     pub timeout_ms: Option<u64>,
     pub network: String,
+    pub health_checks: Vec<HealthCheck>,
+    /// What the agent's checks say (`None`: no checks, or none has passed yet).
+    pub healthy: Option<bool>,
 }
 
 impl Task {
+    /// Counts as ready: running, and healthy if it has health checks.
+    pub fn is_ready(&self) -> bool {
+        self.state == TaskState::Running
+            && (self.health_checks.is_empty() || self.healthy == Some(true))
+    }
+
     /// A new task of `w` (in `staging`) on `agent`, with the given port numbers.
     pub fn of(
         w: &Workload,
@@ -290,6 +379,8 @@ impl Task {
             kill_grace_ms: w.kill_grace_ms,
             timeout_ms: w.timeout_ms,
             network: w.network.clone(),
+            health_checks: w.health_checks.clone(),
+            healthy: None,
         }
     }
 

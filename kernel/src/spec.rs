@@ -38,6 +38,31 @@ pub struct WorkloadSpec {
     pub schedule: Option<ScheduleSpec>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health_checks: Vec<HealthCheckSpec>,
+    pub upgrade: Option<UpgradeSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    #[serde(rename = "type")]
+    pub kind: crate::model::HealthKind,
+    pub port: Option<String>,
+    pub path: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub grace: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub max_failures: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeSpec {
+    pub min_healthy: Option<f64>,
+    pub max_over: Option<f64>,
+    pub deadline: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -302,6 +327,79 @@ impl WorkloadSpec {
         if self.labels.len() > 64 {
             return err("labels", "at most 64 labels");
         }
+        if self.health_checks.len() > 8 {
+            return err("health_checks", "at most 8 health checks");
+        }
+        let mut health_checks = Vec::new();
+        for (i, h) in self.health_checks.iter().enumerate() {
+            let f = |name: &str| format!("health_checks[{i}].{name}");
+            let ms = |name: &str, v: &Option<String>, default: u64| -> Result<u64, SpecError> {
+                match v {
+                    Some(d) => Ok(duration(&f(name), d)?.as_millis() as u64),
+                    None => Ok(default),
+                }
+            };
+            use crate::model::HealthKind;
+            let port = match (h.kind, &h.port) {
+                (HealthKind::Command, Some(_)) => {
+                    return err(f("port"), "command checks take no port")
+                }
+                (HealthKind::Command, None) => String::new(),
+                (_, Some(p)) => p.clone(),
+                (_, None) => match self.ports.first() {
+                    Some(p) => p.name.clone(),
+                    None => {
+                        return err(
+                            f("port"),
+                            "http and tcp checks need a port: add one to ports",
+                        )
+                    }
+                },
+            };
+            if h.kind != HealthKind::Command && !self.ports.iter().any(|p| p.name == port) {
+                return err(f("port"), format!("no port named {port:?} in ports"));
+            }
+            let command = h.command.clone().unwrap_or_default();
+            if (h.kind == HealthKind::Command) == command.is_empty() {
+                return err(
+                    f("command"),
+                    "command checks (and only they) need a command",
+                );
+            }
+            let path = h.path.clone().unwrap_or_else(|| "/".into());
+            if h.kind == HealthKind::Http && !path.starts_with('/') {
+                return err(f("path"), "the path starts with /");
+            }
+            let check = crate::model::HealthCheck {
+                kind: h.kind,
+                port,
+                path,
+                command,
+                grace_ms: ms("grace", &h.grace, 10_000)?,
+                interval_ms: ms("interval", &h.interval, 5_000)?.max(100),
+                timeout_ms: ms("timeout", &h.timeout, 2_000)?.max(10),
+                max_failures: h.max_failures.unwrap_or(3).max(1),
+            };
+            health_checks.push(check);
+        }
+        let mut upgrade = crate::model::UpgradePolicy::default();
+        if let Some(u) = &self.upgrade {
+            if let Some(m) = u.min_healthy {
+                if !(0.0..=1.0).contains(&m) {
+                    return err("upgrade.min_healthy", "a fraction between 0 and 1");
+                }
+                upgrade.min_healthy = m;
+            }
+            if let Some(m) = u.max_over {
+                if !(0.0..=1.0).contains(&m) {
+                    return err("upgrade.max_over", "a fraction between 0 and 1");
+                }
+                upgrade.max_over = m;
+            }
+            if let Some(d) = &u.deadline {
+                upgrade.deadline_ms = duration("upgrade.deadline", d)?.as_millis() as u64;
+            }
+        }
         Ok(Workload {
             id: self.id,
             kind: self.kind,
@@ -320,11 +418,14 @@ impl WorkloadSpec {
             network,
             schedule,
             labels: self.labels,
+            health_checks,
+            upgrade,
             stopped: false,
             version: 0,
             updated_at: 0,
             next_seq: 0,
             last_tick: 0,
+            previous: None,
         })
     }
 }

@@ -26,9 +26,14 @@ pub struct State {
     pub indexes: Indexes,
     /// Index of the last applied command.
     pub applied: u64,
+    /// Roll-outs by id (`<workload>@<version>`); the newest `DEPLOYMENTS_KEPT` are kept.
+    pub deployments: BTreeMap<String, crate::model::Deployment>,
     /// The most recent changes, oldest first (at most `EVENTS_KEPT`), for `/api/v1/events`.
     pub events: std::collections::VecDeque<Event>,
 }
+
+/// How many deployments the state keeps.
+pub const DEPLOYMENTS_KEPT: usize = 1_000;
 
 /// How many events the state keeps for subscribers that reconnect.
 pub const EVENTS_KEPT: usize = 10_000;
@@ -79,6 +84,31 @@ pub enum Command {
     SetWorkloadStopped {
         id: String,
         stopped: bool,
+        at: u64,
+    },
+    /// Replace every task with a new version of the same spec (a rolling restart).
+    RestartWorkload {
+        id: String,
+        at: u64,
+    },
+    /// The current version's roll-out failed: return to the previous spec.
+    RollbackWorkload {
+        id: String,
+        version: u64,
+        reason: String,
+        at: u64,
+    },
+    /// A roll-out ended (succeeded, or failed without a previous version).
+    FinishDeployment {
+        id: String,
+        state: crate::model::DeploymentState,
+        message: String,
+        at: u64,
+    },
+    /// What a task's health checks say, as its agent reports it.
+    SetTaskHealth {
+        id: String,
+        healthy: Option<bool>,
         at: u64,
     },
     /// A cron tick passed while the previous run was still going: it is skipped.
@@ -274,6 +304,44 @@ fn describe(cmd: &Command) -> Described {
             String::new(),
             *at,
         ),
+        Command::RestartWorkload { id, at } => {
+            other("workload", id, "restarted", String::new(), *at)
+        }
+        Command::RollbackWorkload {
+            id,
+            version,
+            reason,
+            at,
+        } => other(
+            "workload",
+            id,
+            "rolled_back",
+            format!("version {version}: {reason}"),
+            *at,
+        ),
+        Command::FinishDeployment {
+            id,
+            state,
+            message,
+            at,
+        } => other(
+            "deployment",
+            id,
+            &format!("{state:?}").to_lowercase(),
+            message.clone(),
+            *at,
+        ),
+        Command::SetTaskHealth { id, healthy, at } => other(
+            "task",
+            id,
+            match healthy {
+                Some(true) => "healthy",
+                Some(false) => "unhealthy",
+                None => "health_unknown",
+            },
+            String::new(),
+            *at,
+        ),
         Command::SkipCronTick { id, tick } => other(
             "workload",
             id,
@@ -363,24 +431,102 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
             }
         },
         Command::PutWorkload { mut workload, at } => {
+            let mut from = None;
             if let Some(old) = state.workloads.get(&workload.id) {
                 let mut same = workload.clone();
                 same.version = old.version;
                 same.updated_at = old.updated_at;
                 same.next_seq = old.next_seq;
                 same.stopped = old.stopped;
+                same.last_tick = old.last_tick;
+                same.previous = old.previous.clone();
                 if same == *old && !old.stopped {
                     return Outcome::Done { index: old.version };
                 }
                 workload.next_seq = old.next_seq;
+                workload.last_tick = old.last_tick;
+                let mut prev = old.clone();
+                prev.previous = None;
+                from = Some(old.version);
+                workload.previous = Some(Box::new(prev));
             }
             workload.version = index;
             workload.updated_at = at;
             workload.stopped = false;
+            start_deployment(state, &workload, from, at, String::new());
             state.workloads.insert(workload.id.clone(), workload);
             state.indexes.workloads = index;
             Outcome::Done { index }
         }
+        Command::RestartWorkload { id, at } => match state.workloads.get(&id).cloned() {
+            None => rejected("not_found", "id", format!("no workload {id:?}")),
+            Some(mut w) => {
+                let from = w.version;
+                let mut prev = w.clone();
+                prev.previous = None;
+                w.previous = Some(Box::new(prev));
+                w.version = index;
+                w.updated_at = at;
+                w.stopped = false;
+                start_deployment(state, &w, Some(from), at, "restart".into());
+                state.workloads.insert(id, w);
+                state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::RollbackWorkload {
+            id,
+            version,
+            reason,
+            at,
+        } => match state.workloads.get(&id).cloned() {
+            None => rejected("not_found", "id", format!("no workload {id:?}")),
+            Some(w) if w.version != version || w.previous.is_none() => rejected(
+                "stale",
+                "version",
+                format!("workload {id:?} is not at version {version} with a previous one"),
+            ),
+            Some(w) => {
+                let mut back = *w.previous.clone().expect("checked");
+                back.version = index;
+                back.updated_at = at;
+                back.next_seq = w.next_seq;
+                back.last_tick = w.last_tick;
+                back.stopped = false;
+                back.previous = None;
+                finish_deployment(
+                    state,
+                    &format!("{id}@{version}"),
+                    crate::model::DeploymentState::RolledBack,
+                    reason.clone(),
+                    at,
+                );
+                start_deployment(
+                    state,
+                    &back,
+                    Some(version),
+                    at,
+                    format!("rollback of version {version}: {reason}"),
+                );
+                state.workloads.insert(id, back);
+                state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::FinishDeployment {
+            id,
+            state: to,
+            message,
+            at,
+        } => match state.deployments.get(&id) {
+            Some(d) if d.state == crate::model::DeploymentState::Running => {
+                finish_deployment(state, &id, to, message, at);
+                state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+            Some(_) => rejected("stale", "id", format!("deployment {id:?} already ended")),
+            None => rejected("not_found", "id", format!("no deployment {id:?}")),
+        },
         Command::ScaleWorkload { id, instances, at } => match state.workloads.get_mut(&id) {
             None => rejected("not_found", "id", format!("no workload {id:?}")),
             Some(w) if w.kind == crate::model::WorkloadKind::System => rejected(
@@ -401,6 +547,17 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 w.stopped = stopped;
                 w.updated_at = at;
                 state.indexes.workloads = index;
+                Outcome::Done { index }
+            }
+        },
+        Command::SetTaskHealth { id, healthy, at } => match state.tasks.get_mut(&id) {
+            None => rejected("not_found", "id", format!("no task {id:?}")),
+            Some(t) => {
+                if t.healthy != healthy {
+                    t.healthy = healthy;
+                    t.updated_at = at;
+                    state.indexes.tasks = index;
+                }
                 Outcome::Done { index }
             }
         },
@@ -557,6 +714,65 @@ impl cairn_raft::App for Machine {
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
         self.state = bincode::deserialize(data).map_err(|e| format!("bad state snapshot: {e}"))?;
         Ok(())
+    }
+}
+
+fn finish_deployment(
+    state: &mut State,
+    id: &str,
+    to: crate::model::DeploymentState,
+    message: String,
+    at: u64,
+) {
+    if let Some(d) = state.deployments.get_mut(id) {
+        if d.state == crate::model::DeploymentState::Running {
+            d.state = to;
+            d.finished_at = Some(at);
+            d.message = message;
+        }
+    }
+}
+
+/// Records the roll-out of `w` (at its new version); a running one of the workload is
+/// superseded. Only services and system workloads roll out.
+fn start_deployment(state: &mut State, w: &Workload, from: Option<u64>, at: u64, message: String) {
+    use crate::model::{Deployment, DeploymentState, WorkloadKind};
+    if !matches!(w.kind, WorkloadKind::Service | WorkloadKind::System) {
+        return;
+    }
+    let running: Vec<String> = state
+        .deployments
+        .values()
+        .filter(|d| d.workload == w.id && d.state == DeploymentState::Running)
+        .map(|d| d.id.clone())
+        .collect();
+    for id in running {
+        finish_deployment(state, &id, DeploymentState::Superseded, String::new(), at);
+    }
+    let id = format!("{}@{}", w.id, w.version);
+    state.deployments.insert(
+        id.clone(),
+        Deployment {
+            id,
+            workload: w.id.clone(),
+            version: w.version,
+            from_version: from,
+            state: DeploymentState::Running,
+            started_at: at,
+            finished_at: None,
+            message,
+        },
+    );
+    while state.deployments.len() > DEPLOYMENTS_KEPT {
+        let oldest = state
+            .deployments
+            .values()
+            .min_by_key(|d| d.version)
+            .map(|d| d.id.clone());
+        match oldest {
+            Some(id) => state.deployments.remove(&id),
+            None => break,
+        };
     }
 }
 

@@ -35,6 +35,7 @@ pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
         "kill_grace_ms": t.kill_grace_ms,
         "timeout_ms": t.timeout_ms,
         "network": t.network,
+        "health_checks": t.health_checks,
         "assigned": true,
     }))
 }
@@ -139,15 +140,18 @@ pub async fn status_loop(
         .timeout(Duration::from_secs(15))
         .build()
         .expect("http client");
-    let mut acked: HashMap<String, TaskState> = HashMap::new();
+    let mut acked: HashMap<String, (TaskState, Option<bool>)> = HashMap::new();
     let mut changed = tasks.watch();
     let mut cur = 0usize;
     loop {
         let batch: Vec<serde_json::Value> = tasks
             .specs()
             .into_iter()
-            .filter(|(s, st)| s.assigned && acked.get(&s.id) != Some(&st.state))
-            .map(|(_, st)| serde_json::json!({"id": st.id, "state": st.state, "reason": st.reason}))
+            .filter(|(s, st)| s.assigned && acked.get(&s.id) != Some(&(st.state, st.healthy)))
+            .map(|(_, st)| {
+                serde_json::json!({"id": st.id, "state": st.state, "reason": st.reason,
+                                   "healthy": st.healthy})
+            })
             .collect();
         if !batch.is_empty() {
             let ms = masters(&cfg, &info);
@@ -165,7 +169,7 @@ pub async fn status_loop(
                             b["id"].as_str(),
                             serde_json::from_value::<TaskState>(b["state"].clone()),
                         ) {
-                            acked.insert(id.to_string(), state);
+                            acked.insert(id.to_string(), (state, b["healthy"].as_bool()));
                         }
                     }
                 }

@@ -62,6 +62,10 @@ pub struct TaskSpec {
     /// reports their states back. Tasks launched directly on the agent's API are left alone.
     #[serde(default)]
     pub assigned: bool,
+    /// Run by the agent while the task runs; failures past `max_failures` kill it with
+    /// reason `unhealthy`.
+    #[serde(default)]
+    pub health_checks: Vec<cairn_kernel::model::HealthCheck>,
 }
 
 /// Why a task ended, when the agent knows more than the exit code.
@@ -75,6 +79,7 @@ pub mod reason {
     pub const EXITED: &str = "exited";
     pub const TRAP: &str = "trap";
     pub const START_FAILED: &str = "start_failed";
+    pub const UNHEALTHY: &str = "unhealthy";
 }
 
 /// Resource usage of a task.
@@ -102,6 +107,9 @@ pub struct TaskStatus {
     pub finished_at: Option<u64>,
     pub usage: TaskUsage,
     pub message: Option<String>,
+    /// What the health checks say (`None`: no checks, or none has passed yet).
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 impl TaskSpec {

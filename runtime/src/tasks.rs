@@ -270,6 +270,7 @@ impl TaskManager {
             finished_at: None,
             usage: TaskUsage::default(),
             message: None,
+            healthy: None,
         }
     }
 
@@ -341,6 +342,9 @@ impl TaskManager {
         self.tasks.lock().expect("tasks").insert(id.clone(), entry);
         self.bump();
         let me = self.clone();
+        if !checks_of(&self.tasks, &id).is_empty() {
+            tokio::spawn(self.clone().health_loop(id.clone()));
+        }
         match child {
             Child::Native(c) => {
                 tokio::spawn(me.monitor_native(id, Some(c)));
@@ -819,6 +823,9 @@ impl TaskManager {
         }
         for id in reattach {
             tracing::info!(task = %id, "re-attaching to a running task");
+            if !checks_of(&self.tasks, &id).is_empty() {
+                tokio::spawn(self.clone().health_loop(id.clone()));
+            }
             tokio::spawn(self.clone().monitor_native(id, None));
         }
         Ok(())
@@ -856,5 +863,137 @@ fn raise_fd_limit() {
     let want = hard.max(1 << 20);
     if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() && soft < hard {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn checks_of(
+    tasks: &Mutex<HashMap<String, Entry>>,
+    id: &str,
+) -> Vec<cairn_kernel::model::HealthCheck> {
+    tasks
+        .lock()
+        .expect("tasks")
+        .get(id)
+        .map(|e| e.spec.health_checks.clone())
+        .unwrap_or_default()
+}
+
+/// Runs one health check once; Err says why it failed.
+async fn check_once(
+    c: &cairn_kernel::model::HealthCheck,
+    spec: &TaskSpec,
+    sandbox: &Path,
+    host: &str,
+) -> Result<(), String> {
+    use cairn_kernel::model::HealthKind;
+    let timeout = Duration::from_millis(c.timeout_ms);
+    let port = || {
+        spec.ports
+            .iter()
+            .find(|p| p.name == c.port)
+            .map(|p| p.number)
+            .ok_or_else(|| format!("the task has no port {:?}", c.port))
+    };
+    match c.kind {
+        HealthKind::Tcp => {
+            let addr = format!("127.0.0.1:{}", port()?);
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("tcp {addr}: {e}")),
+                Err(_) => Err(format!("tcp {addr}: timed out")),
+            }
+        }
+        HealthKind::Http => {
+            let url = format!("http://127.0.0.1:{}{}", port()?, c.path);
+            let client = reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| e.to_string())?;
+            match client.get(&url).send().await {
+                Ok(r) if r.status().as_u16() < 400 => Ok(()),
+                Ok(r) => Err(format!("GET {url}: {}", r.status())),
+                Err(e) => Err(format!("GET {url}: {e}")),
+            }
+        }
+        HealthKind::Command => {
+            let (cmd, args) = c.command.split_first().ok_or("empty command")?;
+            let child = tokio::process::Command::new(cmd)
+                .args(args)
+                .current_dir(sandbox)
+                .env_clear()
+                .envs(spec.task_env(&sandbox.display().to_string(), host))
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            match tokio::time::timeout(timeout, child).await {
+                Ok(Ok(st)) if st.success() => Ok(()),
+                Ok(Ok(st)) => Err(format!("{cmd}: {st}")),
+                Ok(Err(e)) => Err(format!("{cmd}: {e}")),
+                Err(_) => Err(format!("{cmd}: timed out")),
+            }
+        }
+    }
+}
+
+impl TaskManager {
+    fn set_healthy(&self, id: &str, healthy: Option<bool>, message: Option<String>) {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        if let Some(e) = tasks.get_mut(id) {
+            if e.status.healthy != healthy {
+                e.status.healthy = healthy;
+                if message.is_some() {
+                    e.status.message = message;
+                }
+                drop(tasks);
+                self.bump();
+            }
+        }
+    }
+
+    /// While the task runs: after the grace period, runs every check each interval; a check
+    /// failing `max_failures` times in a row makes the task unhealthy and kills it.
+    async fn health_loop(self: Arc<Self>, id: String) {
+        let Some((spec, sandbox)) = ({
+            let tasks = self.tasks.lock().expect("tasks");
+            tasks.get(&id).map(|e| (e.spec.clone(), e.sandbox.clone()))
+        }) else {
+            return;
+        };
+        let checks = spec.health_checks.clone();
+        let grace = checks.iter().map(|c| c.grace_ms).min().unwrap_or(0);
+        let interval = checks.iter().map(|c| c.interval_ms).min().unwrap_or(5_000);
+        tokio::time::sleep(Duration::from_millis(grace)).await;
+        let mut failures = vec![0u32; checks.len()];
+        loop {
+            if self.get(&id).is_none_or(|s| s.state.is_terminal()) {
+                return;
+            }
+            let mut all_ok = true;
+            for (i, c) in checks.iter().enumerate() {
+                match check_once(c, &spec, &sandbox, &self.host).await {
+                    Ok(()) => failures[i] = 0,
+                    Err(why) => {
+                        all_ok = false;
+                        failures[i] += 1;
+                        tracing::debug!(task = %id, "health check failed: {why}");
+                        if failures[i] >= c.max_failures {
+                            self.set_healthy(&id, Some(false), Some(why));
+                            self.kill(&id, reason::UNHEALTHY);
+                            return;
+                        }
+                    }
+                }
+            }
+            if all_ok {
+                self.set_healthy(&id, Some(true), None);
+            }
+            tokio::time::sleep(Duration::from_millis(interval)).await;
+        }
     }
 }
