@@ -75,6 +75,18 @@ pub enum BenchCmd {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// End to end scheduling at scale: 3 masters, N simulated agents (`cairn agent
+    /// --simulate`), W workloads totalling T tasks; time until every task runs.
+    Scale {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 100_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 100)]
+        workloads: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// (used by `bench http`) Serve a Wasm HTTP component on PORT through a TaskManager.
     #[command(hide = true)]
     ServeWasm {
@@ -522,6 +534,18 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             println!("|---|---|---|---|---|---|---|");
             http_bench(&wasm_file, connections, duration).await
         }
+        BenchCmd::Scale {
+            agents,
+            tasks,
+            workloads,
+            dir,
+        } => {
+            println!(
+                "| masters | agents | workloads | tasks | placed in | all running in | tasks/s |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            scale(agents, tasks, workloads, dir).await
+        }
         BenchCmd::ServeWasm { wasm_file, port } => serve_wasm(&wasm_file, port).await,
         BenchCmd::ServeNative { port } => serve_native(port).await,
         BenchCmd::Density { count, wasm_file } => {
@@ -838,5 +862,147 @@ async fn http_bench(
             rps / cores.max(0.01)
         );
     }
+    Ok(())
+}
+
+/// Places `tasks` tasks over `agents` simulated agents on a fresh 3-master cluster.
+async fn scale(
+    agents: usize,
+    tasks: usize,
+    workloads: usize,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        workloads > 0 && tasks >= workloads,
+        "--tasks must be at least --workloads"
+    );
+    let (dir, _tmp) = workdir(dir)?;
+    let bin = std::env::current_exe()?;
+    let lab = Lab::start(
+        &bin,
+        &dir,
+        3,
+        TOKEN,
+        &[
+            "--agent-timeout",
+            "60s",
+            "--reschedule-after",
+            "120s",
+            "--request-timeout",
+            "30s",
+        ],
+    )?;
+    let leader = lab
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .context("no leader")?;
+    let masters: Vec<String> = lab.masters.iter().map(|m| m.addr.clone()).collect();
+    let sim_dir = dir.join("sim");
+    std::fs::create_dir_all(&sim_dir)?;
+    let mut sim = Command::new(&bin)
+        .args(["agent", "--simulate", &agents.to_string(), "--masters"])
+        .arg(masters.join(","))
+        .args(["--listen", "127.0.0.1:1", "--data-dir"])
+        .arg(&sim_dir)
+        .args(["--token", TOKEN, "--heartbeat-interval", "5s"])
+        .args([
+            "--resources",
+            "cpus:64;mem:262144;disk:1000000;ports:[20000-30000]",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sim.log"))?)
+        .spawn()
+        .context("starting the simulated agents")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let leader_addr = lab.master(leader).addr.clone();
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("http://{leader_addr}{path}"));
+        async move {
+            let r = http.get(url).bearer_auth(TOKEN).send().await.ok()?;
+            r.json::<serde_json::Value>().await.ok()
+        }
+    };
+    let bar = indicatif::ProgressBar::new(agents as u64);
+    bar.set_message("agents registered");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let n = get("/api/v1/agents?stale=true")
+            .await
+            .and_then(|v| v.as_array().map(|a| a.len()))
+            .unwrap_or(0);
+        bar.set_position(n as u64);
+        if n >= agents {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {n} of {agents} agents registered"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bar.finish_and_clear();
+    let per = tasks / workloads;
+    let started = Instant::now();
+    for w in 0..workloads {
+        let instances = if w == workloads - 1 {
+            tasks - per * (workloads - 1)
+        } else {
+            per
+        };
+        let spec = serde_json::json!({
+            "id": format!("scale-{w}"), "instances": instances,
+            "runtime": {"native": {"cmd": "/bin/true"}},
+            "resources": {"cpus": 0.01, "mem": 1, "disk": 0},
+            "constraints": [["rack", "MAX_PER", (instances / 10).max(1).to_string()]]
+        });
+        let r = http
+            .post(format!("http://{leader_addr}/api/v1/workloads"))
+            .bearer_auth(TOKEN)
+            .json(&spec)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "submitting: {}", r.text().await?);
+    }
+    let bar = indicatif::ProgressBar::new(tasks as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
+            .expect("template"),
+    );
+    bar.set_message("running");
+    let mut placed_at = None;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let running = loop {
+        let c = get("/api/v1/cluster").await.unwrap_or_default();
+        let running = c["tasks"]["running"].as_u64().unwrap_or(0) as usize;
+        let total: usize = c["tasks"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_u64()).sum::<u64>() as usize)
+            .unwrap_or(0);
+        if placed_at.is_none() && total >= tasks {
+            placed_at = Some(started.elapsed());
+        }
+        bar.set_position(running as u64);
+        if running >= tasks {
+            break started.elapsed();
+        }
+        if Instant::now() > deadline {
+            bar.finish_and_clear();
+            let _ = sim.kill();
+            anyhow::bail!("only {running} of {tasks} tasks running after 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish_and_clear();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    println!(
+        "| 3 | {agents} | {workloads} | {tasks} | {:.1} s | {:.1} s | {:.0} |",
+        placed_at.unwrap_or(running).as_secs_f64(),
+        running.as_secs_f64(),
+        tasks as f64 / running.as_secs_f64()
+    );
+    drop(lab);
     Ok(())
 }

@@ -229,6 +229,10 @@ struct AgentArgs {
     /// Where cgroups are mounted (v1 or v2 is detected at start).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
+    /// Lightweight mode for scale tests: register this many simulated agents that report
+    /// their assigned tasks running without running them (no tasks, no API).
+    #[arg(long)]
+    simulate: Option<usize>,
 }
 
 #[derive(Args)]
@@ -530,7 +534,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let agent = Agent::start(AgentConfig {
+    let cfg = AgentConfig {
         masters,
         listen: a.listen,
         advertise: a.advertise,
@@ -543,8 +547,28 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         hostname: hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into()),
-    })
-    .await?;
+    };
+    if let Some(n) = a.simulate {
+        anyhow::ensure!(
+            (1..=100_000).contains(&n),
+            "--simulate: give 1 to 100000 agents"
+        );
+        let prefix = format!(
+            "sim-{}",
+            cairn_runtime::agent::load_or_create_id(&cfg.data_dir)?
+                .chars()
+                .take(8)
+                .collect::<String>()
+        );
+        tracing::info!(agents = n, %prefix, "running simulated agents");
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let sims = tokio::spawn(cairn_runtime::sim::run(cfg, n, prefix, stop_rx));
+        wait_for_signal().await;
+        let _ = stop.send(true);
+        let _ = sims.await;
+        return Ok(());
+    }
+    let agent = Agent::start(cfg).await?;
     tracing::info!(addr = %agent.addr, "agent listening");
     wait_for_signal().await;
     agent.shutdown().await;

@@ -429,8 +429,11 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
             r.text().await.unwrap()
         );
     }
-    let st = cluster(&lab, &first).await.unwrap();
-    assert_eq!(voters(&st), vec![1, 2, 3, 4, 5]);
+    eventually(Duration::from_secs(10), "voters 1 to 5", || async {
+        let st = cluster(&lab, &first).await?;
+        (voters(&st) == vec![1, 2, 3, 4, 5]).then_some(())
+    })
+    .await;
     // The new masters replicate: their local state sees a write made after they joined.
     put_until_ok(&lab, "grown", "5").await;
     for id in [4, 5] {
@@ -456,8 +459,17 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
             r.text().await.unwrap()
         );
     }
-    let st = cluster(&lab, &first).await.unwrap();
-    assert_eq!(voters(&st), vec![1, 2, 3]);
+    // The change is committed when the call returns; `first` (maybe a follower) shows it
+    // once it has applied the final configuration.
+    eventually(
+        Duration::from_secs(10),
+        "voters back to 1, 2, 3",
+        || async {
+            let st = cluster(&lab, &first).await?;
+            (voters(&st) == vec![1, 2, 3]).then_some(())
+        },
+    )
+    .await;
     lab.kill(4);
     lab.kill(5);
     put_until_ok(&lab, "shrunk", "3").await;

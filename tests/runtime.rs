@@ -634,14 +634,35 @@ async fn agent_runs_what_the_masters_assign_and_reports_back() {
     })
     .await;
     assert_eq!(a.status("svc.0").await["state"], "killed");
-    eventually(Duration::from_secs(20), "service restarted", || async {
-        (master_state("svc.1").await.as_deref() == Some("running")).then_some(())
+    let all_tasks = || {
+        let (http, url) = (a.http.clone(), format!("http://{master}/api/v1/tasks"));
+        async move {
+            let v: Vec<Value> = http
+                .get(url)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(v)
+        }
+    };
+    let restarted = eventually(Duration::from_secs(20), "service restarted", || async {
+        all_tasks()
+            .await?
+            .into_iter()
+            .find(|t| t["workload"] == "svc" && t["id"] != "svc.0" && t["state"] == "running")
+            .map(|t| t["id"].as_str().unwrap().to_string())
     })
     .await;
     // Stopping the workload kills its tasks; the finished job is not run again.
     assert_eq!(post("/api/v1/workloads/svc/stop", json!(null)).await.0, 200);
     eventually(Duration::from_secs(20), "service stopped", || async {
-        (master_state("svc.1").await.as_deref() == Some("killed")).then_some(())
+        let t = all_tasks().await?;
+        let st = t.iter().find(|t| t["id"] == restarted.as_str())?;
+        (st["state"] == "killed").then_some(())
     })
     .await;
     assert_eq!(master_state("job.1").await, None);

@@ -550,7 +550,7 @@ async fn rolling_deploys_keep_min_healthy_and_a_failing_version_rolls_back() {
                "resources": {"cpus": 0.1, "mem": 32},
                "ports": [{"name": "http", "number": 0}],
                "env": {"V": v},
-               "health_checks": [{"type": "http", "port": "http", "path": "/", "grace": "0s",
+               "health_checks": [{"type": "http", "port": "http", "path": "/", "grace": "2s",
                                   "interval": "300ms", "timeout": "500ms", "max_failures": 3}],
                "upgrade": {"min_healthy": 0.66, "max_over": 0.33, "deadline": "30s"},
                "kill_grace": "200ms", "restart": {"backoff": "200ms"}})

@@ -291,5 +291,66 @@ impl Drop for Lab {
                 let _ = c.wait();
             }
         }
+        // Tasks outlive their agent by design; the lab's must not outlive the lab. Every
+        // task supervisor and PID 1 names its spec under the lab dir on its command line
+        // (killing a PID 1 ends its whole PID namespace).
+        kill_processes_mentioning(&self.dir);
+        // Their (now empty) cgroups: `<controller>/cairn/<agent id prefix>-<task>`.
+        for a in &self.agents {
+            let Ok(id) = std::fs::read_to_string(a.data_dir.join("agent-id")) else {
+                continue;
+            };
+            let prefix: String = id.trim().chars().take(8).collect();
+            remove_task_cgroups(std::path::Path::new("/sys/fs/cgroup"), &prefix);
+        }
+    }
+}
+
+/// SIGKILLs every process whose command line contains `dir`, repeating until none is left
+/// (a supervisor may still be starting children).
+fn kill_processes_mentioning(dir: &Path) {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id();
+    for _ in 0..20 {
+        let mut found = false;
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            if cmd.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                found = true;
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes the task cgroups of one agent (v1: under each controller; v2: under the root).
+fn remove_task_cgroups(root: &Path, prefix: &str) {
+    let mut parents = vec![root.join("cairn")];
+    for c in ["memory", "pids", "cpu", "cpuacct", "cpu,cpuacct"] {
+        parents.push(root.join(c).join("cairn"));
+    }
+    for p in parents {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+            {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
     }
 }

@@ -282,7 +282,7 @@ impl Api {
     async fn prepare_read(
         &self,
         p: &ReadParams,
-        table: fn(&State) -> u64,
+        table: impl Fn(&State) -> u64,
     ) -> Result<u64, ApiError> {
         if let Some(min) = p.index {
             let wait = match &p.wait {
@@ -296,7 +296,7 @@ impl Api {
             }
             let deadline = tokio::time::Instant::now() + wait;
             let mut rx = self.node.applied.clone();
-            while self.read(table) <= min {
+            while self.read(&table) <= min {
                 if tokio::time::timeout_at(deadline, rx.changed())
                     .await
                     .is_err()
@@ -313,7 +313,7 @@ impl Api {
         if !p.stale.unwrap_or(false) {
             self.node.read_barrier().await?;
         }
-        Ok(self.read(table))
+        Ok(self.read(&table))
     }
 }
 
@@ -346,6 +346,8 @@ pub struct ClusterStatus {
     pub snapshot_index: u64,
     pub purged_index: u64,
     pub members: Vec<Member>,
+    /// Tasks by state, from this master's applied state.
+    pub tasks: std::collections::BTreeMap<String, usize>,
 }
 
 fn cluster_status(api: &Api) -> ClusterStatus {
@@ -380,6 +382,14 @@ fn cluster_status(api: &Api) -> ClusterStatus {
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         members,
+        tasks: api.read(|s| {
+            let mut by = std::collections::BTreeMap::new();
+            for t in s.tasks.values() {
+                *by.entry(format!("{:?}", t.state).to_lowercase())
+                    .or_insert(0) += 1;
+            }
+            by
+        }),
     }
 }
 
@@ -942,7 +952,6 @@ async fn kill_task(ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiErro
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Assignment {
     pub task: Task,
-    pub workload: Workload,
 }
 
 /// Long-poll of an agent's assignments (blocking query on the tasks table).
@@ -952,23 +961,21 @@ async fn assignments(
     q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
+    // Waits on this agent's own assignment index: a change elsewhere does not wake it.
+    let agent = id.clone();
     let index = ctx
-        .prepare_read(&p, |s| s.indexes.tasks.max(s.indexes.workloads))
+        .prepare_read(&p, move |s| {
+            s.assignment_index.get(&agent).copied().unwrap_or(0)
+        })
         .await?;
     let list: Vec<Assignment> = ctx.read(|s| {
-        s.tasks
-            .values()
-            .filter(|t| {
-                t.agent == id
-                    && !t.state.is_terminal()
-                    && t.state != crate::model::TaskState::Killing
-            })
-            .filter_map(|t| {
-                s.workloads.get(&t.workload).map(|w| Assignment {
-                    task: t.clone(),
-                    workload: w.clone(),
-                })
-            })
+        s.tasks_by_agent
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|tid| s.tasks.get(tid))
+            .filter(|t| !t.state.is_terminal() && t.state != crate::model::TaskState::Killing)
+            .map(|t| Assignment { task: t.clone() })
             .collect()
     });
     Ok(with_index(index, list))
@@ -995,51 +1002,22 @@ async fn task_status(
     if reports.len() > 10_000 {
         return Err(ApiError::bad_request("", "at most 10000 reports per batch"));
     }
-    let mut applied = 0;
-    for r in reports {
-        let current = ctx.read(|s| {
-            s.tasks
-                .get(&r.id)
-                .map(|t| (t.agent.clone(), t.state, t.healthy))
-        });
-        let Some((owner, state, healthy)) = current else {
-            continue;
-        };
-        if owner != agent {
-            continue;
-        }
-        if healthy != r.healthy && !state.is_terminal() {
-            match ctx
-                .propose(Command::SetTaskHealth {
-                    id: r.id.clone(),
-                    healthy: r.healthy,
-                    at: now_ms(),
-                })
-                .await
-            {
-                Ok(_) => applied += 1,
-                Err(e) if e.status == StatusCode::NOT_FOUND => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if state == r.state || !state.can_transition(r.state) {
-            continue;
-        }
-        let reason = r.reason.map(|s| s.chars().take(256).collect());
-        match ctx
-            .propose(Command::UpdateTaskState {
-                id: r.id,
-                state: r.state,
-                reason,
-                at: now_ms(),
-            })
-            .await
-        {
-            Ok(_) => applied += 1,
-            Err(e) if e.status == StatusCode::CONFLICT || e.status == StatusCode::NOT_FOUND => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let updates: Vec<crate::state::TaskUpdate> = reports
+        .into_iter()
+        .map(|r| crate::state::TaskUpdate {
+            id: r.id,
+            state: r.state,
+            reason: r.reason,
+            healthy: r.healthy,
+        })
+        .collect();
+    let applied = updates.len();
+    ctx.propose(Command::UpdateTaskStates {
+        agent,
+        reports: updates,
+        at: now_ms(),
+    })
+    .await?;
     Ok(Json(serde_json::json!({ "applied": applied })).into_response())
 }
 

@@ -26,10 +26,23 @@ pub struct State {
     pub indexes: Indexes,
     /// Index of the last applied command.
     pub applied: u64,
+    /// Tasks by the agent they are placed on.
+    pub tasks_by_agent: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The last index that changed each agent's assignments (its long-poll waits on this).
+    pub assignment_index: BTreeMap<String, u64>,
     /// Roll-outs by id (`<workload>@<version>`); the newest `DEPLOYMENTS_KEPT` are kept.
     pub deployments: BTreeMap<String, crate::model::Deployment>,
     /// The most recent changes, oldest first (at most `EVENTS_KEPT`), for `/api/v1/events`.
     pub events: std::collections::VecDeque<Event>,
+}
+
+/// One task's report in `Command::UpdateTaskStates`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskUpdate {
+    pub id: String,
+    pub state: TaskState,
+    pub reason: Option<String>,
+    pub healthy: Option<bool>,
 }
 
 /// How many deployments the state keeps.
@@ -105,6 +118,13 @@ pub enum Command {
         message: String,
         at: u64,
     },
+    /// An agent's batch of task reports: states (when the transition is allowed) and health.
+    /// Tasks of other agents are ignored.
+    UpdateTaskStates {
+        agent: String,
+        reports: Vec<TaskUpdate>,
+        at: u64,
+    },
     /// What a task's health checks say, as its agent reports it.
     SetTaskHealth {
         id: String,
@@ -178,6 +198,56 @@ pub fn apply(state: &mut State, index: u64, cmd: Command) -> Outcome {
         Command::UpdateTaskState { id, .. } => state.tasks.get(id).map(|t| t.state),
         _ => None,
     };
+    if let Command::UpdateTaskStates { agent, reports, at } = &cmd {
+        let before: Vec<Option<(TaskState, Option<bool>)>> = reports
+            .iter()
+            .map(|r| state.tasks.get(&r.id).map(|t| (t.state, t.healthy)))
+            .collect();
+        let (agent, reports, at) = (agent.clone(), reports.clone(), *at);
+        let outcome = apply_command(state, index, cmd);
+        for (r, b) in reports.iter().zip(before) {
+            let Some((was, was_healthy)) = b else {
+                continue;
+            };
+            let Some(t) = state.tasks.get(&r.id) else {
+                continue;
+            };
+            if t.agent != agent {
+                continue;
+            }
+            let mut push = |kind: String, detail: String| {
+                state.events.push_back(Event {
+                    index,
+                    topic: "task".into(),
+                    id: r.id.clone(),
+                    kind,
+                    detail,
+                    at,
+                })
+            };
+            if t.state != was {
+                push(
+                    format!("{:?}", t.state).to_lowercase(),
+                    t.reason.clone().unwrap_or_default(),
+                );
+            }
+            if t.healthy != was_healthy {
+                push(
+                    match t.healthy {
+                        Some(true) => "healthy",
+                        Some(false) => "unhealthy",
+                        None => "health_unknown",
+                    }
+                    .into(),
+                    String::new(),
+                );
+            }
+        }
+        while state.events.len() > EVENTS_KEPT {
+            state.events.pop_front();
+        }
+        return outcome;
+    }
     let described = describe(&cmd);
     let outcome = apply_command(state, index, cmd);
     if matches!(outcome, Outcome::Rejected { .. }) {
@@ -331,6 +401,9 @@ fn describe(cmd: &Command) -> Described {
             message.clone(),
             *at,
         ),
+        Command::UpdateTaskStates { agent, .. } => {
+            other("agent", agent, "reported", String::new(), 0)
+        }
         Command::SetTaskHealth { id, healthy, at } => other(
             "task",
             id,
@@ -550,6 +623,33 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 Outcome::Done { index }
             }
         },
+        Command::UpdateTaskStates { agent, reports, at } => {
+            let mut changed = false;
+            for r in reports {
+                let Some(t) = state.tasks.get_mut(&r.id) else {
+                    continue;
+                };
+                if t.agent != agent {
+                    continue;
+                }
+                if t.healthy != r.healthy && !t.state.is_terminal() {
+                    t.healthy = r.healthy;
+                    t.updated_at = at;
+                    changed = true;
+                }
+                if t.state != r.state && t.state.can_transition(r.state) {
+                    t.state = r.state;
+                    t.reason = r.reason.map(|s| s.chars().take(256).collect());
+                    t.updated_at = at;
+                    changed = true;
+                }
+            }
+            if changed {
+                state.indexes.tasks = index;
+                state.assignment_index.insert(agent, index);
+            }
+            Outcome::Done { index }
+        }
         Command::SetTaskHealth { id, healthy, at } => match state.tasks.get_mut(&id) {
             None => rejected("not_found", "id", format!("no task {id:?}")),
             Some(t) => {
@@ -598,6 +698,12 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
             let n = placements.len() as u64;
             for (i, p) in placements.into_iter().enumerate() {
                 let id = format!("{}.{}", w.id, seq + i as u64);
+                state
+                    .tasks_by_agent
+                    .entry(p.agent.clone())
+                    .or_default()
+                    .insert(id.clone());
+                state.assignment_index.insert(p.agent.clone(), index);
                 let t = Task::of(&w, id.clone(), p.agent, &p.ports, p.pool, at);
                 state.tasks.insert(id, t);
             }
@@ -633,6 +739,12 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                     format!("no agent {:?}", task.agent),
                 );
             }
+            state
+                .tasks_by_agent
+                .entry(task.agent.clone())
+                .or_default()
+                .insert(task.id.clone());
+            state.assignment_index.insert(task.agent.clone(), index);
             state.tasks.insert(task.id.clone(), task);
             state.indexes.tasks = index;
             Outcome::Done { index }
@@ -655,6 +767,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 t.reason = reason;
                 t.updated_at = at;
                 state.indexes.tasks = index;
+                state.assignment_index.insert(t.agent.clone(), index);
                 Outcome::Done { index }
             }
         },

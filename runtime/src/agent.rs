@@ -151,7 +151,7 @@ enum Beat {
     Failed(String),
 }
 
-async fn heartbeat_loop(
+pub(crate) async fn heartbeat_loop(
     cfg: AgentConfig,
     reg: AgentRegistration,
     info: Arc<Mutex<AgentInfo>>,

@@ -171,6 +171,9 @@ impl TaskCgroup {
             }
             Version::V1 => {
                 if let Some(m) = l.memory_bytes {
+                    // memory.limit_in_bytes may not exceed memsw (EINVAL): lift memsw first,
+                    // then set both (a reused group may have a lower memsw limit).
+                    let _ = self.set("memory", "memory.memsw.limit_in_bytes", "-1");
                     self.set("memory", "memory.limit_in_bytes", &m.to_string())?;
                     let _ = self.set("memory", "memory.memsw.limit_in_bytes", &m.to_string());
                 }

@@ -10,6 +10,7 @@ pub mod detect;
 pub mod images;
 pub mod init;
 pub mod sandbox;
+pub mod sim;
 pub mod task;
 pub mod tasks;
 pub mod wasm;

@@ -266,8 +266,8 @@ mod tests {
             Err("runtime.native.cmd".into())
         );
         assert_eq!(
-            v(r#"{"id":"a","runtime":{"oci":{"image":"x","cmd":[]}}}"#),
-            Err("runtime.oci".into())
+            v(r#"{"id":"a","runtime":{"oci":{"image":"","cmd":[]}}}"#),
+            Err("runtime.oci.image".into())
         );
         assert_eq!(
             v(

@@ -102,6 +102,8 @@ pub struct TaskManager {
     cgroups: Option<Hierarchy>,
     wasm: Option<Arc<WasmRuntime>>,
     images: Arc<ImageStore>,
+    /// Prefix of this agent's task cgroups (agents sharing a host never share a group).
+    cgroup_prefix: String,
     host: String,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
@@ -161,7 +163,12 @@ impl TaskManager {
             }
         };
         let images = Arc::new(ImageStore::open(&data_dir.join("images"))?);
+        let cgroup_prefix: String = crate::agent::load_or_create_id(data_dir)?
+            .chars()
+            .take(8)
+            .collect();
         let mgr = Arc::new(Self {
+            cgroup_prefix,
             sandboxes,
             cgroups,
             wasm,
@@ -178,6 +185,10 @@ impl TaskManager {
         });
         mgr.recover()?;
         Ok(mgr)
+    }
+
+    fn cgroup_name(&self, task: &str) -> String {
+        format!("{}-{task}", self.cgroup_prefix)
     }
 
     pub fn images(&self) -> &Arc<ImageStore> {
@@ -411,7 +422,7 @@ impl TaskManager {
                     cpus: (spec.resources.cpus > 0.0).then_some(spec.resources.cpus),
                 };
                 Some(
-                    h.create(&spec.id, &limits)
+                    h.create(&self.cgroup_name(&spec.id), &limits)
                         .map_err(|e| format!("cgroup: {e}"))?,
                 )
             }
@@ -793,7 +804,10 @@ impl TaskManager {
             if !status.state.is_terminal() {
                 match status.runtime.as_str() {
                     "native" | "oci" => {
-                        let cgroup = self.cgroups.as_ref().map(|h| h.open(&cp.spec.id));
+                        let cgroup = self
+                            .cgroups
+                            .as_ref()
+                            .map(|h| h.open(&self.cgroup_name(&cp.spec.id)));
                         control = Control::Native {
                             supervisor: status.pid.unwrap_or(0),
                             cgroup,
