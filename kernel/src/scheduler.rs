@@ -603,20 +603,23 @@ pub fn ask_for(w: &crate::model::Workload) -> Ask {
 /// Returns the index of the first placement that no longer holds.
 pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(), usize> {
     let mut s = current.clone();
+    let regexes: Vec<Option<regex::Regex>> = ask
+        .constraints
+        .iter()
+        .map(|c| match c.op {
+            ConstraintOp::Like | ConstraintOp::Unlike => c
+                .value
+                .as_deref()
+                .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok()),
+            _ => None,
+        })
+        .collect();
+    // Counted once, then kept up to date placement by placement (as `place` does).
+    let mut per_value = s.counts_per_value(ask);
     for (k, p) in plan.iter().enumerate() {
         let Some(&i) = s.index.get(&p.agent) else {
             return Err(k);
         };
-        let regexes: Vec<Option<regex::Regex>> = ask
-            .constraints
-            .iter()
-            .map(|c| {
-                c.value
-                    .as_deref()
-                    .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok())
-            })
-            .collect();
-        let per_value = s.counts_per_value(ask);
         let node = &s.nodes[i];
         if s.constraints_hold(node, ask, &regexes, &per_value).is_err() {
             return Err(k);
@@ -646,6 +649,11 @@ pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(
                 .entry(ask.workload.clone())
                 .or_default()
                 .push(i);
+        }
+        for (ci, c) in ask.constraints.iter().enumerate() {
+            if let Some(v) = s.nodes[i].field(&c.field) {
+                *per_value[ci].entry(v.to_string()).or_default() += 1;
+            }
         }
     }
     Ok(())

@@ -40,6 +40,10 @@ pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
     }))
 }
 
+/// Long-polls with `stale=true` (any master answers from its applied state, as Nomad clients
+/// do): the blocking query on this agent's own assignment index keeps answers monotonic, and
+/// no read barrier per poll keeps a thousand agents from costing the leader a heartbeat round
+/// each.
 pub async fn assignment_loop(
     cfg: AgentConfig,
     agent_id: String,
@@ -61,7 +65,7 @@ pub async fn assignment_loop(
         let ms = masters(&cfg, &info);
         let master = ms[cur % ms.len()].clone();
         let url =
-            format!("http://{master}/api/v1/agents/{agent_id}/assignments?index={index}&wait=30s");
+            format!("http://{master}/api/v1/agents/{agent_id}/assignments?index={index}&wait=30s&stale=true");
         let req = http.get(url).bearer_auth(&cfg.token).send();
         let resp = tokio::select! {
             r = req => r,

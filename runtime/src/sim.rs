@@ -88,7 +88,7 @@ async fn assignments(
         let r = tokio::select! {
             r = http
                 .get(format!("http://{master}/api/v1/agents/{id}/assignments"))
-                .query(&[("index", index.to_string()), ("wait", "30s".into())])
+                .query(&[("index", index.to_string()), ("wait", "30s".into()), ("stale", "true".into())])
                 .bearer_auth(&cfg.token)
                 .send() => r,
             _ = stop.wait_for(|s| *s) => return,
