@@ -360,17 +360,7 @@ impl Snapshot {
         if n == 0 {
             return (out, Some(unplaced(0, count, "no active agents")));
         }
-        let regexes: Vec<Option<regex::Regex>> = ask
-            .constraints
-            .iter()
-            .map(|c| match c.op {
-                ConstraintOp::Like | ConstraintOp::Unlike => c
-                    .value
-                    .as_deref()
-                    .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok()),
-                _ => None,
-            })
-            .collect();
+        let regexes = compile_regexes(ask);
         // Tasks of this workload per value of each constrained field.
         let mut per_value = self.counts_per_value(ask);
         for (ci, c) in ask.constraints.iter().enumerate() {
@@ -547,6 +537,20 @@ fn fit(node: &Node, ask: &Ask) -> Option<(Option<String>, Vec<u16>, f64)> {
     p.fits(ask).then(|| (None, ports, p.load_after(ask)))
 }
 
+/// The anchored regular expressions of an ask's LIKE and UNLIKE constraints (by position).
+fn compile_regexes(ask: &Ask) -> Vec<Option<regex::Regex>> {
+    ask.constraints
+        .iter()
+        .map(|c| match c.op {
+            ConstraintOp::Like | ConstraintOp::Unlike => c
+                .value
+                .as_deref()
+                .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn unplaced(placed: usize, wanted: usize, reason: &str) -> Unplaced {
     Unplaced {
         placed,
@@ -603,17 +607,7 @@ pub fn ask_for(w: &crate::model::Workload) -> Ask {
 /// Returns the index of the first placement that no longer holds.
 pub fn check_plan(current: &Snapshot, ask: &Ask, plan: &[Placement]) -> Result<(), usize> {
     let mut s = current.clone();
-    let regexes: Vec<Option<regex::Regex>> = ask
-        .constraints
-        .iter()
-        .map(|c| match c.op {
-            ConstraintOp::Like | ConstraintOp::Unlike => c
-                .value
-                .as_deref()
-                .and_then(|v| regex::Regex::new(&format!("^(?:{v})$")).ok()),
-            _ => None,
-        })
-        .collect();
+    let regexes = compile_regexes(ask);
     // Counted once, then kept up to date placement by placement (as `place` does).
     let mut per_value = s.counts_per_value(ask);
     for (k, p) in plan.iter().enumerate() {
