@@ -834,24 +834,10 @@ fn main() -> anyhow::Result<()> {
                         Ok(())
                     }
                     WorkloadCmd::Stop { id, client } => {
-                        let c = Client::new(&client.master, &client.token)?;
-                        c.post(
-                            &format!("/api/v1/workloads/{id}/stop"),
-                            &serde_json::Value::Null,
-                        )
-                        .await?;
-                        println!("{id}: stopped");
-                        Ok(())
+                        workload_action(&client, &id, "stop", "stopped").await
                     }
                     WorkloadCmd::Start { id, client } => {
-                        let c = Client::new(&client.master, &client.token)?;
-                        c.post(
-                            &format!("/api/v1/workloads/{id}/start"),
-                            &serde_json::Value::Null,
-                        )
-                        .await?;
-                        println!("{id}: started");
-                        Ok(())
+                        workload_action(&client, &id, "start", "started").await
                     }
                     WorkloadCmd::Restart { id, client } => {
                         let c = Client::new(&client.master, &client.token)?;
@@ -906,6 +892,23 @@ fn main() -> anyhow::Result<()> {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `POST /api/v1/workloads/{id}/{action}` and a one-line confirmation.
+async fn workload_action(
+    client: &ClientArgs,
+    id: &str,
+    action: &str,
+    done: &str,
+) -> anyhow::Result<()> {
+    Client::new(&client.master, &client.token)?
+        .post(
+            &format!("/api/v1/workloads/{id}/{action}"),
+            &serde_json::Value::Null,
+        )
+        .await?;
+    println!("{id}: {done}");
     Ok(())
 }
 

@@ -609,11 +609,20 @@ mod tests {
         };
         let healthy = |w: &mut World, now: u64| {
             w.report("web", TaskState::Running, now);
-            let ids: Vec<String> = w.live("web").iter().map(|t| t.id.clone()).collect();
-            for id in ids {
-                w.apply(Command::SetTaskHealth {
-                    id,
-                    healthy: Some(true),
+            let live: Vec<(String, String)> = w
+                .live("web")
+                .iter()
+                .map(|t| (t.id.clone(), t.agent.clone()))
+                .collect();
+            for (id, agent) in live {
+                w.apply(Command::UpdateTaskStates {
+                    agent,
+                    reports: vec![crate::state::TaskUpdate {
+                        id,
+                        state: TaskState::Running,
+                        reason: None,
+                        healthy: Some(true),
+                    }],
                     at: now,
                 });
             }

@@ -125,12 +125,6 @@ pub enum Command {
         reports: Vec<TaskUpdate>,
         at: u64,
     },
-    /// What a task's health checks say, as its agent reports it.
-    SetTaskHealth {
-        id: String,
-        healthy: Option<bool>,
-        at: u64,
-    },
     /// A cron tick passed while the previous run was still going: it is skipped.
     SkipCronTick {
         id: String,
@@ -401,20 +395,10 @@ fn describe(cmd: &Command) -> Described {
             message.clone(),
             *at,
         ),
+        // Never reached: `apply` records a batch's per-task events itself, before `describe`.
         Command::UpdateTaskStates { agent, .. } => {
             other("agent", agent, "reported", String::new(), 0)
         }
-        Command::SetTaskHealth { id, healthy, at } => other(
-            "task",
-            id,
-            match healthy {
-                Some(true) => "healthy",
-                Some(false) => "unhealthy",
-                None => "health_unknown",
-            },
-            String::new(),
-            *at,
-        ),
         Command::SkipCronTick { id, tick } => other(
             "workload",
             id,
@@ -650,17 +634,6 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
             }
             Outcome::Done { index }
         }
-        Command::SetTaskHealth { id, healthy, at } => match state.tasks.get_mut(&id) {
-            None => rejected("not_found", "id", format!("no task {id:?}")),
-            Some(t) => {
-                if t.healthy != healthy {
-                    t.healthy = healthy;
-                    t.updated_at = at;
-                    state.indexes.tasks = index;
-                }
-                Outcome::Done { index }
-            }
-        },
         Command::SkipCronTick { id, tick } => match state.workloads.get_mut(&id) {
             None => rejected("not_found", "id", format!("no workload {id:?}")),
             Some(w) => {

@@ -40,6 +40,24 @@ pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
     }))
 }
 
+/// The `X-Cairn-Index` of a blocking-query answer.
+pub(crate) fn response_index(r: &reqwest::Response) -> Option<u64> {
+    r.headers()
+        .get("x-cairn-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The index to poll from next: an index that went backwards means a new cluster or a
+/// restore, so start over.
+pub(crate) fn next_index(prev: u64, answered: u64) -> u64 {
+    if answered < prev {
+        0
+    } else {
+        answered
+    }
+}
+
 /// Long-polls with `stale=true` (any master answers from its applied state, as Nomad clients
 /// do): the blocking query on this agent's own assignment index keeps answers monotonic, and
 /// no read barrier per poll keeps a thousand agents from costing the leader a heartbeat round
@@ -73,16 +91,10 @@ pub async fn assignment_loop(
         };
         let list = match resp {
             Ok(r) if r.status().is_success() => {
-                let new_index = r
-                    .headers()
-                    .get("x-cairn-index")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let new_index = response_index(&r).unwrap_or(0);
                 match r.json::<Vec<Assignment>>().await {
                     Ok(l) => {
-                        // An index that went backwards means a new cluster or a restore.
-                        index = if new_index < index { 0 } else { new_index };
+                        index = next_index(index, new_index);
                         l
                     }
                     Err(e) => {

@@ -5,6 +5,7 @@
 //! from real agents.
 
 use crate::agent::{heartbeat_loop, AgentConfig, AgentInfo};
+use crate::converge::{next_index, response_index};
 use cairn_kernel::api::Assignment;
 use cairn_kernel::model::AgentRegistration;
 use std::collections::HashSet;
@@ -95,15 +96,10 @@ async fn assignments(
         };
         let list = match r {
             Ok(r) if r.status().is_success() => {
-                let new_index = r
-                    .headers()
-                    .get("x-cairn-index")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(index);
+                let new_index = response_index(&r).unwrap_or(index);
                 match r.json::<Vec<Assignment>>().await {
                     Ok(l) => {
-                        index = new_index;
+                        index = next_index(index, new_index);
                         l
                     }
                     Err(_) => continue,

@@ -894,6 +894,7 @@ fn checks_of(
 
 /// Runs one health check once; Err says why it failed.
 async fn check_once(
+    http: &reqwest::Client,
     c: &cairn_kernel::model::HealthCheck,
     spec: &TaskSpec,
     sandbox: &Path,
@@ -919,11 +920,7 @@ async fn check_once(
         }
         HealthKind::Http => {
             let url = format!("http://127.0.0.1:{}{}", port()?, c.path);
-            let client = reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .map_err(|e| e.to_string())?;
-            match client.get(&url).send().await {
+            match http.get(&url).timeout(timeout).send().await {
                 Ok(r) if r.status().as_u16() < 400 => Ok(()),
                 Ok(r) => Err(format!("GET {url}: {}", r.status())),
                 Err(e) => Err(format!("GET {url}: {e}")),
@@ -984,13 +981,15 @@ impl TaskManager {
         let interval = checks.iter().map(|c| c.interval_ms).min().unwrap_or(5_000);
         tokio::time::sleep(Duration::from_millis(grace)).await;
         let mut failures = vec![0u32; checks.len()];
+        // One client (and connection pool) for the task's whole life, not one per check.
+        let http = reqwest::Client::new();
         loop {
             if self.get(&id).is_none_or(|s| s.state.is_terminal()) {
                 return;
             }
             let mut all_ok = true;
             for (i, c) in checks.iter().enumerate() {
-                match check_once(c, &spec, &sandbox, &self.host).await {
+                match check_once(&http, c, &spec, &sandbox, &self.host).await {
                     Ok(()) => failures[i] = 0,
                     Err(why) => {
                         all_ok = false;
