@@ -84,6 +84,12 @@ pub enum BenchCmd {
         tasks: usize,
         #[arg(long, default_value_t = 100)]
         workloads: usize,
+        /// Heartbeat interval of the simulated agents.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        heartbeat: Duration,
+        /// Masters with `--fast-failover` timings instead of the defaults.
+        #[arg(long)]
+        fast_failover: bool,
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -107,6 +113,9 @@ pub enum BenchCmd {
         target: Target,
         #[arg(long, default_value_t = 10)]
         kills: usize,
+        /// Cairn masters with `--fast-failover` timings instead of the defaults.
+        #[arg(long)]
+        fast_failover: bool,
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -284,13 +293,14 @@ async fn start_cluster(
     target: Target,
     dir: &Path,
     nodes: u64,
+    extra: &[&str],
 ) -> anyhow::Result<(Cluster, Vec<String>)> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     match target {
         Target::Cairn => {
             let bin = std::env::current_exe()?;
-            let lab = Lab::start(&bin, dir, nodes, TOKEN, &[])?;
+            let lab = Lab::start(&bin, dir, nodes, TOKEN, extra)?;
             let eps: Vec<String> = lab
                 .masters
                 .iter()
@@ -354,7 +364,7 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
         one_endpoint,
     } = load;
     let (dir, _tmp) = workdir(dir)?;
-    let (_cluster, mut eps) = start_cluster(target, &dir, nodes).await?;
+    let (_cluster, mut eps) = start_cluster(target, &dir, nodes, &[]).await?;
     if one_endpoint {
         eps.truncate(1);
     }
@@ -407,9 +417,15 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn failover(target: Target, kills: usize, dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn failover(
+    target: Target,
+    kills: usize,
+    fast: bool,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
-    let (mut cluster, eps) = start_cluster(target, &dir, 3).await?;
+    let extra: &[&str] = if fast { &["--fast-failover"] } else { &[] };
+    let (mut cluster, eps) = start_cluster(target, &dir, 3, extra).await?;
     // Short attempts: a write sent while there is no leader may be held (etcd) or wait for the
     // election (Cairn); a fresh attempt every 100 ms finds the new leader as soon as it commits.
     let http = reqwest::Client::builder()
@@ -538,13 +554,16 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             agents,
             tasks,
             workloads,
+            heartbeat,
+            fast_failover,
             dir,
         } => {
             println!(
-                "| masters | agents | workloads | tasks | placed in | all running in | tasks/s |"
+                "| masters | agents | workloads | tasks | placed in | all running in | tasks/s \
+                 | term changes | leader in samples | max master RSS | user GET p99 |"
             );
-            println!("|---|---|---|---|---|---|---|");
-            scale(agents, tasks, workloads, dir).await
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
+            scale(agents, tasks, workloads, heartbeat, fast_failover, dir).await
         }
         BenchCmd::ServeWasm { wasm_file, port } => serve_wasm(&wasm_file, port).await,
         BenchCmd::ServeNative { port } => serve_native(port).await,
@@ -553,10 +572,15 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             println!("|---|---|---|---|---|");
             density(count, wasm_file).await
         }
-        BenchCmd::Failover { target, kills, dir } => {
+        BenchCmd::Failover {
+            target,
+            kills,
+            fast_failover,
+            dir,
+        } => {
             println!("| target | kills | median ms | min ms | max ms | all (ms) |");
             println!("|---|---|---|---|---|---|");
-            failover(target, kills, dir).await
+            failover(target, kills, fast_failover, dir).await
         }
     }
 }
@@ -675,6 +699,18 @@ pub async fn tasks(
         h.mean() / 1000.0
     );
     Ok(())
+}
+
+/// Resident memory of a process, in KiB (0 if unknown).
+fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn rss_kib() -> u64 {
@@ -870,6 +906,8 @@ async fn scale(
     agents: usize,
     tasks: usize,
     workloads: usize,
+    heartbeat: Duration,
+    fast: bool,
     dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -878,20 +916,18 @@ async fn scale(
     );
     let (dir, _tmp) = workdir(dir)?;
     let bin = std::env::current_exe()?;
-    let lab = Lab::start(
-        &bin,
-        &dir,
-        3,
-        TOKEN,
-        &[
-            "--agent-timeout",
-            "60s",
-            "--reschedule-after",
-            "120s",
-            "--request-timeout",
-            "30s",
-        ],
-    )?;
+    let mut master_args = vec![
+        "--agent-timeout",
+        "60s",
+        "--reschedule-after",
+        "120s",
+        "--request-timeout",
+        "30s",
+    ];
+    if fast {
+        master_args.push("--fast-failover");
+    }
+    let lab = Lab::start(&bin, &dir, 3, TOKEN, &master_args)?;
     let leader = lab
         .wait_leader(Duration::from_secs(30))
         .await
@@ -904,7 +940,8 @@ async fn scale(
         .arg(masters.join(","))
         .args(["--listen", "127.0.0.1:1", "--data-dir"])
         .arg(&sim_dir)
-        .args(["--token", TOKEN, "--heartbeat-interval", "5s"])
+        .args(["--token", TOKEN, "--heartbeat-interval"])
+        .arg(humantime::format_duration(heartbeat).to_string())
         .args([
             "--resources",
             "cpus:64;mem:262144;disk:1000000;ports:[20000-30000]",
@@ -944,6 +981,47 @@ async fn scale(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     bar.finish_and_clear();
+    // A concurrent user: GET /api/v1/cluster on every master in turn, 5 times a second; and
+    // a leader sample once a second.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let user = {
+        let (http, masters, stop) = (http.clone(), masters.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+            let (mut samples, mut with_leader, mut terms) = (0u64, 0u64, Vec::new());
+            let mut i = 0usize;
+            while !*stop.borrow() {
+                let t = Instant::now();
+                let r = http
+                    .get(format!(
+                        "http://{}/api/v1/cluster",
+                        masters[i % masters.len()]
+                    ))
+                    .bearer_auth(TOKEN)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                let v = match r {
+                    Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                    Err(_) => None,
+                };
+                let _ = h.record(t.elapsed().as_micros() as u64);
+                if i % 5 == 0 {
+                    samples += 1;
+                    if let Some(v) = &v {
+                        with_leader += v["leader_id"].is_u64() as u64;
+                        terms.push(v["term"].as_u64().unwrap_or(0));
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(200).saturating_sub(t.elapsed())).await;
+            }
+            (h, samples, with_leader, terms)
+        })
+    };
+    let term_at_start = get("/api/v1/cluster").await.unwrap_or_default()["term"]
+        .as_u64()
+        .unwrap_or(0);
     let per = tasks / workloads;
     let started = Instant::now();
     for w in 0..workloads {
@@ -995,13 +1073,25 @@ async fn scale(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     bar.finish_and_clear();
+    let _ = stop_tx.send(true);
+    let (h, samples, with_leader, terms) = user.await?;
+    let term_at_end = terms.iter().copied().max().unwrap_or(term_at_start);
+    let rss_mib = lab
+        .masters
+        .iter()
+        .filter_map(|m| m.child.as_ref().map(|c| proc_rss_kib(c.id())))
+        .max()
+        .unwrap_or(0)
+        / 1024;
     let _ = sim.kill();
     let _ = sim.wait();
     println!(
-        "| 3 | {agents} | {workloads} | {tasks} | {:.1} s | {:.1} s | {:.0} |",
+        "| 3 | {agents} | {workloads} | {tasks} | {:.1} s | {:.1} s | {:.0} | {} | {with_leader}/{samples} | {rss_mib} MiB | {:.1} ms |",
         placed_at.unwrap_or(running).as_secs_f64(),
         running.as_secs_f64(),
-        tasks as f64 / running.as_secs_f64()
+        tasks as f64 / running.as_secs_f64(),
+        term_at_end.saturating_sub(term_at_start),
+        h.value_at_quantile(0.99) as f64 / 1000.0,
     );
     drop(lab);
     Ok(())

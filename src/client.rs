@@ -30,8 +30,41 @@ impl Client {
         })
     }
 
+    /// Sends a request; a `429` (shed before the body was read, so nothing happened) is
+    /// retried with capped, jittered backoff honouring `Retry-After`, and so is a `503` of a
+    /// read (a write's 503 may still commit, so it is reported instead).
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = req.bearer_auth(&self.token).send().await.with_context(|| {
+        let mut backoff = cairn_raft::backoff::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(5),
+        );
+        let idempotent = req
+            .try_clone()
+            .and_then(|r| r.build().ok())
+            .is_some_and(|r| r.method() == reqwest::Method::GET);
+        let mut req = req;
+        let mut tries = 0;
+        let resp = loop {
+            let retry = req.try_clone();
+            let resp = self.send_once(req).await?;
+            let status = resp.status();
+            let again = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || (idempotent && status == reqwest::StatusCode::SERVICE_UNAVAILABLE);
+            match retry {
+                Some(r) if again && tries < 8 => {
+                    tries += 1;
+                    let ra = cairn_raft::backoff::retry_after(resp.headers());
+                    tokio::time::sleep(backoff.next(ra)).await;
+                    req = r;
+                }
+                _ => break resp,
+            }
+        };
+        self.decode(resp).await
+    }
+
+    async fn send_once(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.bearer_auth(&self.token).send().await.with_context(|| {
             format!(
                 "cannot reach {} {} (set {})",
                 self.what,
@@ -42,7 +75,10 @@ impl Client {
                     "--master or CAIRN_MASTER"
                 }
             )
-        })?;
+        })
+    }
+
+    async fn decode(&self, resp: reqwest::Response) -> anyhow::Result<Value> {
         let status = resp.status();
         let body = resp.bytes().await?;
         if status.is_success() {

@@ -8,6 +8,7 @@ use anyhow::Context;
 use cairn_kernel::master::{Master, MasterConfig};
 use cairn_kernel::resources::{parse_attributes, parse_resources};
 use cairn_raft::node::NodeConfig;
+use cairn_raft::MasterNode;
 use cairn_runtime::agent::{Agent, AgentConfig};
 use clap::{Args, Parser, Subcommand};
 use client::Client;
@@ -132,13 +133,18 @@ struct ClientArgs {
 
 #[derive(Args)]
 struct RaftTuning {
-    /// Leader heartbeat interval (ms).
-    #[arg(long, default_value_t = 30)]
-    heartbeat_ms: u64,
-    /// Minimum election timeout (ms); the maximum is 4/3 of it. A follower that stops hearing
-    /// the leader campaigns after max + random [min, max) (openraft's leader lease).
-    #[arg(long, default_value_t = 100)]
-    election_timeout_ms: u64,
+    /// Leader heartbeat interval (ms). Default 100 (etcd's); `--fast-failover` sets 30.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Minimum election timeout (ms); the maximum (openraft's leader lease) is 4/3 of it. A
+    /// follower that hears no leader for max + random [0, min) asks for pre-votes, then
+    /// campaigns. Default 1000 (etcd's); `--fast-failover` sets 150.
+    #[arg(long)]
+    election_timeout_ms: Option<u64>,
+    /// Aggressive timings (heartbeat 30 ms, election 150 ms) for quiet, fast networks: quicker
+    /// failover, but spurious elections when a master is starved of CPU.
+    #[arg(long)]
+    fast_failover: bool,
     /// Take a snapshot every this many log entries.
     #[arg(long, default_value_t = 10_000)]
     snapshot_logs: u64,
@@ -157,6 +163,50 @@ struct RaftTuning {
     /// Largest accepted API request body.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
+    /// In-flight bound for agents' control requests (registration, heartbeats, status);
+    /// past it they get 429 with Retry-After.
+    #[arg(long, default_value_t = 512)]
+    max_in_flight_agent: usize,
+    /// In-flight bound for long-polls, blocking queries and event streams.
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight_longpoll: usize,
+    /// In-flight bound for everything else (users, tools).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight_user: usize,
+}
+
+impl RaftTuning {
+    fn limits(&self) -> anyhow::Result<cairn_kernel::admission::Limits> {
+        for (name, v) in [
+            ("--max-in-flight-agent", self.max_in_flight_agent),
+            ("--max-in-flight-longpoll", self.max_in_flight_longpoll),
+            ("--max-in-flight-user", self.max_in_flight_user),
+        ] {
+            anyhow::ensure!(v > 0, "{name} must be at least 1");
+        }
+        Ok(cairn_kernel::admission::Limits {
+            agent: self.max_in_flight_agent,
+            longpoll: self.max_in_flight_longpoll,
+            user: self.max_in_flight_user,
+        })
+    }
+}
+
+impl RaftTuning {
+    /// (heartbeat, minimum election timeout) in ms: explicit flags, else the profile's.
+    /// The defaults follow *broadcast time << election timeout* on a loaded host: under the
+    /// overload test (BENCHMARKS.md) a 30/100 ms cluster elected forever, 100/1000 held.
+    fn timings(&self) -> (u64, u64) {
+        let (hb, el) = if self.fast_failover {
+            (30, 150)
+        } else {
+            (100, 1000)
+        };
+        (
+            self.heartbeat_ms.unwrap_or(hb),
+            self.election_timeout_ms.unwrap_or(el),
+        )
+    }
 }
 
 #[derive(Args)]
@@ -164,15 +214,26 @@ struct MasterArgs {
     /// This master's id in the Raft group (1, 2, 3, ...).
     #[arg(long)]
     node_id: u64,
-    /// Address to serve the API and Raft RPCs on.
+    /// Address to serve the API on.
     #[arg(long, default_value = "127.0.0.1:5050")]
     listen: SocketAddr,
-    /// Address other masters and clients use to reach this one (default: --listen).
+    /// Address clients and agents use to reach this master's API (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// The initial masters, `ID@HOST:PORT,...`, the same on every master.
+    /// Address to serve Raft RPCs on, apart from the API (default: --listen's port + 2).
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Address other masters use to reach this one's Raft RPCs (default: --peer-listen).
+    #[arg(long)]
+    peer_advertise: Option<String>,
+    /// The initial masters, `ID@API_HOST:PORT[/PEER_HOST:PORT],...`, the same on every master
+    /// (the peer address defaults to the API port + 2).
     #[arg(long, default_value = "")]
     peers: String,
+    /// The masters' own secret for Raft RPCs and forwarding between masters; users' and
+    /// agents' tokens are not accepted there.
+    #[arg(long, env = "CAIRN_PEER_TOKEN", hide_env_values = true)]
+    peer_token: String,
     /// Join an existing cluster instead of bootstrapping (then run `cairn cluster add-master`).
     #[arg(long)]
     join: bool,
@@ -260,8 +321,12 @@ enum ClusterCmd {
     AddMaster {
         #[arg(long)]
         id: u64,
+        /// The new master's API address.
         #[arg(long)]
         addr: String,
+        /// The new master's Raft peer address (default: the API port + 2).
+        #[arg(long)]
+        peer: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -429,10 +494,30 @@ fn init_tracing(default: &str) {
         .init();
 }
 
-fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+/// The peer address a master has when none is given: its API port + 2 (5050 -> 5052).
+fn default_peer(api: &str) -> anyhow::Result<String> {
+    let a: SocketAddr = api
+        .parse()
+        .with_context(|| format!("{api:?} is not HOST:PORT"))?;
+    let port = a
+        .port()
+        .checked_add(2)
+        .with_context(|| format!("{api}: no port + 2 for the peer address; give it"))?;
+    Ok(SocketAddr::new(a.ip(), port).to_string())
+}
+
+fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, MasterNode>> {
     let mut out = BTreeMap::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = p.split_once('@').with_context(|| {
+        let (id, addrs) = p.split_once('@').with_context(|| {
             format!("--peers: {p:?} is not ID@HOST:PORT, e.g. 1@127.0.0.1:5050")
         })?;
         let id: u64 = id
@@ -441,9 +526,25 @@ fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
         if id == 0 {
             anyhow::bail!("--peers: master ids start at 1");
         }
-        addr.parse::<SocketAddr>()
-            .with_context(|| format!("--peers: {addr:?} is not HOST:PORT"))?;
-        if out.insert(id, addr.to_string()).is_some() {
+        let (api, peer) = match addrs.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (addrs, None),
+        };
+        api.parse::<SocketAddr>()
+            .with_context(|| format!("--peers: {api:?} is not HOST:PORT"))?;
+        let peer = match peer {
+            Some(p) => {
+                p.parse::<SocketAddr>()
+                    .with_context(|| format!("--peers: peer address {p:?} is not HOST:PORT"))?;
+                p.to_string()
+            }
+            None => default_peer(api).map_err(|e| anyhow::anyhow!("--peers: {e}"))?,
+        };
+        let node = MasterNode {
+            api: api.to_string(),
+            peer,
+        };
+        if out.insert(id, node).is_some() {
             anyhow::bail!("--peers: id {id} appears twice");
         }
     }
@@ -452,18 +553,20 @@ fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 
 fn node_config(
     id: u64,
-    addr: String,
+    node: MasterNode,
+    peer_listen: SocketAddr,
     data_dir: PathBuf,
-    token: String,
+    peer_token: String,
     t: &RaftTuning,
 ) -> NodeConfig {
     NodeConfig {
         id,
-        addr,
+        node,
+        peer_listen,
         data_dir,
-        token,
-        heartbeat_ms: t.heartbeat_ms,
-        election_timeout_ms: t.election_timeout_ms,
+        peer_token,
+        heartbeat_ms: t.timings().0,
+        election_timeout_ms: t.timings().1,
         snapshot_logs: t.snapshot_logs,
         keep_logs: t.keep_logs,
         request_timeout: t.request_timeout,
@@ -483,7 +586,8 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
     if a.token.len() < 8 {
         anyhow::bail!("--token must be at least 8 characters (the cluster secret)");
     }
-    if a.tuning.heartbeat_ms == 0 || a.tuning.election_timeout_ms <= a.tuning.heartbeat_ms {
+    let (hb, el) = a.tuning.timings();
+    if hb == 0 || el <= hb {
         anyhow::bail!("--election-timeout-ms must be larger than --heartbeat-ms (> 0)");
     }
     let peers = parse_peers(&a.peers)?;
@@ -492,28 +596,54 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
             "give --peers ID@HOST:PORT,... (this master included), or --join to be added later"
         );
     }
+    if a.peer_token.len() < 16 {
+        anyhow::bail!("--peer-token (CAIRN_PEER_TOKEN) must be at least 16 characters");
+    }
+    if a.peer_token == a.token {
+        anyhow::bail!("--peer-token must differ from --token: users' tokens may not drive Raft");
+    }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
+    let peer_listen = match a.peer_listen {
+        Some(p) => p,
+        None => default_peer(&a.listen.to_string())?.parse()?,
+    };
+    let peer_advertise = a
+        .peer_advertise
+        .clone()
+        .unwrap_or_else(|| peer_listen.to_string());
     let node = node_config(
         a.node_id,
-        advertise,
+        MasterNode {
+            api: advertise,
+            peer: peer_advertise,
+        },
+        peer_listen,
         a.data_dir.clone(),
-        a.token.clone(),
+        a.peer_token.clone(),
         &a.tuning,
     );
     let master = Master::start(MasterConfig {
         node,
+        token: a.token.clone(),
         listen: a.listen,
         peers,
         join: a.join,
         agent_timeout: a.tuning.agent_timeout,
         reschedule_after: a.tuning.reschedule_after,
         max_body: a.tuning.max_body_bytes,
+        limits: a.tuning.limits()?,
     })
     .await?;
     tracing::info!(addr = %master.addr, id = a.node_id, "master listening");
     wait_for_signal().await;
-    master.shutdown().await;
-    Ok(())
+    // Bounded: whatever is acknowledged is already fsynced, so a stop that overruns is cut.
+    if tokio::time::timeout(Duration::from_millis(4500), master.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown took over 4.5 s; exiting anyway");
+    }
+    std::process::exit(0)
 }
 
 async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
@@ -583,36 +713,43 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let token = a.token.unwrap_or_else(|| {
-        use rand::Rng;
-        let bytes: [u8; 16] = rand::thread_rng().gen();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    });
+    let token = a.token.unwrap_or_else(|| random_hex(16));
     let tuning = RaftTuning {
-        heartbeat_ms: 30,
-        election_timeout_ms: 100,
+        heartbeat_ms: None,
+        election_timeout_ms: None,
+        fast_failover: false,
         snapshot_logs: 10_000,
         keep_logs: 1_000,
         request_timeout: Duration::from_secs(10),
         agent_timeout: Duration::from_secs(10),
         reschedule_after: Duration::from_secs(30),
         max_body_bytes: 1024 * 1024,
+        max_in_flight_agent: 512,
+        max_in_flight_longpoll: 20_000,
+        max_in_flight_user: 256,
     };
+    let peer_token = random_hex(24);
     let node = node_config(
         1,
-        a.listen.to_string(),
+        MasterNode {
+            api: a.listen.to_string(),
+            peer: String::new(),
+        },
+        SocketAddr::new(a.listen.ip(), 0),
         data_dir.join("master"),
-        token.clone(),
+        peer_token,
         &tuning,
     );
     let master = Master::start(MasterConfig {
         node,
+        token: token.clone(),
         listen: a.listen,
-        peers: BTreeMap::from([(1, a.listen.to_string())]),
+        peers: BTreeMap::new(),
         join: false,
         agent_timeout: tuning.agent_timeout,
         reschedule_after: tuning.reschedule_after,
         max_body: tuning.max_body_bytes,
+        limits: tuning.limits()?,
     })
     .await?;
     let agent_dir = data_dir.join("agent");
@@ -689,11 +826,20 @@ fn main() -> anyhow::Result<()> {
                         )
                         .await
                     }
-                    ClusterCmd::AddMaster { id, addr, client } => {
+                    ClusterCmd::AddMaster {
+                        id,
+                        addr,
+                        peer,
+                        client,
+                    } => {
                         let c = Client::new(&client.master, &client.token)?;
+                        let peer = match peer {
+                            Some(p) => p,
+                            None => default_peer(&addr)?,
+                        };
                         c.post(
                             "/api/v1/cluster/members",
-                            &serde_json::json!({"id": id, "addr": addr}),
+                            &serde_json::json!({"id": id, "addr": addr, "peer": peer}),
                         )
                         .await?;
                         client::cluster_status(&c, client.json).await
@@ -918,8 +1064,18 @@ mod tests {
 
     #[test]
     fn peers() {
-        let p = parse_peers("1@127.0.0.1:5050, 2@127.0.0.1:5060").unwrap();
-        assert_eq!(p[&2], "127.0.0.1:5060");
+        let p = parse_peers("1@127.0.0.1:5050, 2@127.0.0.1:5060/127.0.0.1:7000").unwrap();
+        // The peer address defaults to the API port + 2.
+        assert_eq!(p[&1].api, "127.0.0.1:5050");
+        assert_eq!(p[&1].peer, "127.0.0.1:5052");
+        assert_eq!(p[&2].api, "127.0.0.1:5060");
+        assert_eq!(p[&2].peer, "127.0.0.1:7000");
+        assert_eq!(
+            parse_peers("1@127.0.0.1:1/nowhere")
+                .unwrap_err()
+                .to_string(),
+            "--peers: peer address \"nowhere\" is not HOST:PORT"
+        );
         assert_eq!(
             parse_peers("1@x").unwrap_err().to_string(),
             "--peers: \"x\" is not HOST:PORT"

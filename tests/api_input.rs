@@ -288,6 +288,8 @@ fn bad_flags_fail_with_a_clear_message() {
         d,
         "--token",
         "0123456789",
+        "--peer-token",
+        "peer-0123456789abcdef",
         "--peers",
         "1@nowhere",
     ]);
@@ -300,6 +302,8 @@ fn bad_flags_fail_with_a_clear_message() {
         d,
         "--token",
         "short",
+        "--peer-token",
+        "peer-0123456789abcdef",
         "--peers",
         "1@127.0.0.1:1",
     ]);
@@ -312,6 +316,22 @@ fn bad_flags_fail_with_a_clear_message() {
         d,
         "--token",
         "0123456789",
+        "--peer-token",
+        "peer-0123456789abcdef",
     ]);
     assert!(e.contains("give --peers"), "{e}");
+    let e = run(&[
+        "master",
+        "--node-id",
+        "1",
+        "--data-dir",
+        d,
+        "--token",
+        "0123456789abcdefgh",
+        "--peer-token",
+        "0123456789abcdefgh",
+        "--peers",
+        "1@127.0.0.1:1",
+    ]);
+    assert!(e.contains("--peer-token must differ from --token"), "{e}");
 }

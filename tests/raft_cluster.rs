@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const FAST: &[&str] = &["--request-timeout", "3s"];
+const FAST: &[&str] = &["--request-timeout", "3s", "--fast-failover"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_elects_new_leader_and_old_leader_catches_up_from_snapshot() {
@@ -414,11 +414,11 @@ async fn membership_grows_to_five_and_shrinks_back_while_writing() {
         ids
     };
     for id in [4, 5] {
-        let addr = lab.start_joining_master(id).unwrap();
+        let (addr, peer) = lab.start_joining_master(id).unwrap();
         let r = http
             .post(format!("http://{first}/api/v1/cluster/members"))
             .bearer_auth(TOKEN)
-            .json(&serde_json::json!({"id": id, "addr": addr}))
+            .json(&serde_json::json!({"id": id, "addr": addr, "peer": peer}))
             .send()
             .await
             .unwrap();

@@ -17,7 +17,10 @@ pub fn free_port() -> u16 {
 /// One master process.
 pub struct MasterProc {
     pub id: u64,
+    /// API address.
     pub addr: String,
+    /// Raft peer address.
+    pub peer: String,
     pub data_dir: PathBuf,
     pub child: Option<Child>,
     args: Vec<String>,
@@ -27,6 +30,8 @@ pub struct MasterProc {
 pub struct Lab {
     pub bin: PathBuf,
     pub token: String,
+    /// The masters' own credential for Raft RPCs (never the users' token).
+    pub peer_token: String,
     pub masters: Vec<MasterProc>,
     pub agents: Vec<AgentProc>,
     pub dir: PathBuf,
@@ -65,18 +70,24 @@ impl Lab {
         token: &str,
         extra: &[&str],
     ) -> std::io::Result<Lab> {
-        let addrs: Vec<String> = (0..n)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
+        let addrs: Vec<(String, String)> = (0..n)
+            .map(|_| {
+                (
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
             .collect();
         let peers = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("{}@{a}", i + 1))
+            .map(|(i, (a, p))| format!("{}@{a}/{p}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
         let mut lab = Lab {
             bin: bin.to_path_buf(),
             token: token.to_string(),
+            peer_token: format!("peer-{}-{}", std::process::id(), free_port()),
             masters: Vec::new(),
             agents: Vec::new(),
             dir: dir.to_path_buf(),
@@ -86,16 +97,22 @@ impl Lab {
                 .build()
                 .expect("client"),
         };
-        for (i, addr) in addrs.iter().enumerate() {
+        for (i, (addr, peer)) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
             let mut args = vec!["--peers".to_string(), peers.clone()];
             args.extend(lab.extra.clone());
-            lab.add_master_proc(id, addr, args)?;
+            lab.add_master_proc(id, addr, peer, args)?;
         }
         Ok(lab)
     }
 
-    fn add_master_proc(&mut self, id: u64, addr: &str, more: Vec<String>) -> std::io::Result<()> {
+    fn add_master_proc(
+        &mut self,
+        id: u64,
+        addr: &str,
+        peer: &str,
+        more: Vec<String>,
+    ) -> std::io::Result<()> {
         let data_dir = self.dir.join(format!("master-{id}"));
         let mut args = vec![
             "master".to_string(),
@@ -103,16 +120,21 @@ impl Lab {
             id.to_string(),
             "--listen".into(),
             addr.to_string(),
+            "--peer-listen".into(),
+            peer.to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--token".into(),
             self.token.clone(),
+            "--peer-token".into(),
+            self.peer_token.clone(),
         ];
         args.extend(more);
         let child = spawn(&self.bin, &args, &self.dir.join(format!("master-{id}.log")))?;
         self.masters.push(MasterProc {
             id,
             addr: addr.to_string(),
+            peer: peer.to_string(),
             data_dir,
             child: Some(child),
             args,
@@ -120,13 +142,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts a new master with `--join` (not yet a member); returns its address.
-    pub fn start_joining_master(&mut self, id: u64) -> std::io::Result<String> {
+    /// Starts a new master with `--join` (not yet a member); returns its API and peer
+    /// addresses.
+    pub fn start_joining_master(&mut self, id: u64) -> std::io::Result<(String, String)> {
         let addr = format!("127.0.0.1:{}", free_port());
+        let peer = format!("127.0.0.1:{}", free_port());
         let mut more = vec!["--join".to_string()];
         more.extend(self.extra.clone());
-        self.add_master_proc(id, &addr, more)?;
-        Ok(addr)
+        self.add_master_proc(id, &addr, &peer, more)?;
+        Ok((addr, peer))
     }
 
     /// Starts an agent process pointed at every master.
@@ -160,6 +184,30 @@ impl Lab {
             args,
         });
         Ok(n)
+    }
+
+    /// Starts one process of `n` simulated agents (`cairn agent --simulate N`) pointed at every
+    /// master, each with `resources`; returns its index among the lab's agents.
+    pub fn start_simulated_agents(
+        &mut self,
+        n: usize,
+        resources: &str,
+        extra: &[&str],
+    ) -> std::io::Result<usize> {
+        let mut args = vec![
+            "--simulate".to_string(),
+            n.to_string(),
+            "--resources".into(),
+            resources.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_agent(&args)
+    }
+
+    /// The process id of a running master.
+    pub fn master_pid(&self, id: u64) -> Option<u32> {
+        self.master(id).child.as_ref().map(|c| c.id())
     }
 
     pub fn master(&self, id: u64) -> &MasterProc {

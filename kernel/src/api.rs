@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use cairn_raft::node::{MembershipOp, RaftNode};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ pub struct Api {
     pub liveness: Arc<Liveness>,
     pub token: String,
     pub metrics: Metrics,
+    pub admission: crate::admission::Admission,
+    /// Per-agent wake-ups for assignment long-polls (shared with the state machine).
+    pub wakers: crate::state::AgentWakers,
     pub client: reqwest::Client,
     pub max_body: usize,
 }
@@ -42,6 +47,12 @@ pub struct Metrics {
     leader: IntGauge,
     agents: IntGaugeVec,
     latency: HistogramVec,
+    pub term_changes: IntCounter,
+    pub leader_changes: IntCounter,
+    prevotes: IntCounter,
+    elections: IntCounter,
+    appends_split: IntCounter,
+    rpc_errors: IntCounter,
 }
 
 impl Metrics {
@@ -75,7 +86,27 @@ impl Metrics {
         registry
             .register(Box::new(latency.clone()))
             .expect("register");
+        let c = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("counter");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
         Self {
+            term_changes: c("raft_term_changes_total", "Raft term changes seen"),
+            leader_changes: c("raft_leader_changes_total", "Leader changes seen"),
+            prevotes: c(
+                "raft_prevote_rounds_total",
+                "Pre-vote rounds this master started",
+            ),
+            elections: c(
+                "raft_elections_total",
+                "Elections this master started after winning a pre-vote",
+            ),
+            appends_split: c(
+                "raft_appends_split_total",
+                "Appends cut to the byte bound and sent as a prefix",
+            ),
+            rpc_errors: c("raft_rpc_errors_total", "Raft RPCs that failed"),
             registry,
             term,
             commit,
@@ -164,14 +195,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(api.max_body));
-    let raft = api
-        .node
-        .router()
-        .layer(DefaultBodyLimit::max(512 * 1024 * 1024));
-    v1.merge(raft)
-        .fallback(not_found)
+    // Raft RPCs are not here: they have their own listener and credential (raft::node).
+    v1.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(auth))
+        .layer(middleware::from_fn(admit))
         .layer(middleware::from_fn(observe))
         .route("/healthz", get(|| async { "ok" }))
         .layer(Extension(api))
@@ -204,9 +232,38 @@ async fn auth(ctx: Ctx, req: Request, next: Next) -> Response {
     }
 }
 
+/// Sheds a request whose class is full, before its body is read (`admission`).
+async fn admit(ctx: Ctx, req: Request, next: Next) -> Response {
+    let class = crate::admission::classify(req.method(), req.uri().path(), req.uri().query());
+    match ctx.admission.admit(class) {
+        Ok(seat) => {
+            let r = next.run(req).await;
+            drop(seat);
+            r
+        }
+        Err(refused) => refused,
+    }
+}
+
+/// A metrics label for a method: the known ones by name, anything else as `other` (labels
+/// from raw client input would let anyone grow the registry without bound).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 async fn observe(ctx: Ctx, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -215,7 +272,7 @@ async fn observe(ctx: Ctx, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     ctx.metrics
         .latency
-        .with_label_values(&[method.as_str(), route.as_str(), resp.status().as_str()])
+        .with_label_values(&[method, route.as_str(), resp.status().as_str()])
         .observe(start.elapsed().as_secs_f64());
     resp
 }
@@ -285,15 +342,7 @@ impl Api {
         table: impl Fn(&State) -> u64,
     ) -> Result<u64, ApiError> {
         if let Some(min) = p.index {
-            let wait = match &p.wait {
-                None => Duration::from_secs(300),
-                Some(w) => humantime::parse_duration(w).map_err(|e| {
-                    ApiError::bad_request("wait", format!("wait {w:?}: {e}; use e.g. 30s or 5m"))
-                })?,
-            };
-            if wait > Duration::from_secs(600) {
-                return Err(ApiError::bad_request("wait", "wait is at most 10m"));
-            }
+            let wait = blocking_wait(p)?;
             let deadline = tokio::time::Instant::now() + wait;
             let mut rx = self.node.applied.clone();
             while self.read(&table) <= min {
@@ -317,6 +366,20 @@ impl Api {
     }
 }
 
+/// How long a blocking query may wait (`wait`, default 5m, at most 10m).
+fn blocking_wait(p: &ReadParams) -> Result<Duration, ApiError> {
+    let wait = match &p.wait {
+        None => Duration::from_secs(300),
+        Some(w) => humantime::parse_duration(w).map_err(|e| {
+            ApiError::bad_request("wait", format!("wait {w:?}: {e}; use e.g. 30s or 5m"))
+        })?,
+    };
+    if wait > Duration::from_secs(600) {
+        return Err(ApiError::bad_request("wait", "wait is at most 10m"));
+    }
+    Ok(wait)
+}
+
 fn with_index<T: Serialize>(index: u64, body: T) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert("x-cairn-index", HeaderValue::from(index));
@@ -327,7 +390,11 @@ fn with_index<T: Serialize>(index: u64, body: T) -> Response {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Member {
     pub id: u64,
+    /// The master's API address.
     pub addr: String,
+    /// The master's Raft peer address.
+    #[serde(default)]
+    pub peer: String,
     pub voter: bool,
     pub leader: bool,
 }
@@ -358,18 +425,19 @@ fn cluster_status(api: &Api) -> ClusterStatus {
         .nodes()
         .map(|(id, n)| Member {
             id: *id,
-            addr: n.addr.clone(),
+            addr: n.api.clone(),
+            peer: n.peer.clone(),
             voter: voters.contains(id),
             leader: m.current_leader == Some(*id),
         })
         .collect();
-    let leader_addr = m
-        .current_leader
-        .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()));
+    // A leader without a quorum's recent acknowledgement does not name itself (check-quorum).
+    let leader = api.node.leader();
+    let leader_addr = leader.as_ref().map(|(_, n)| n.api.clone());
     ClusterStatus {
         node_id: m.id,
         state: format!("{:?}", m.state).to_lowercase(),
-        leader_id: m.current_leader,
+        leader_id: leader.map(|(id, _)| id),
         leader_addr,
         term: m.current_term,
         commit_index: api
@@ -401,7 +469,10 @@ async fn cluster(ctx: Ctx) -> Json<ClusterStatus> {
 #[serde(deny_unknown_fields)]
 struct AddMember {
     id: u64,
+    /// The new master's API address.
     addr: String,
+    /// The new master's Raft peer address.
+    peer: String,
 }
 
 async fn add_member(
@@ -417,10 +488,22 @@ async fn add_member(
             format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr),
         ));
     }
+    if b.peer.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::bad_request(
+            "peer",
+            format!(
+                "peer {:?} is not HOST:PORT: give the new master's --peer-listen address",
+                b.peer
+            ),
+        ));
+    }
     ctx.node
         .change_membership(MembershipOp::Add {
             id: b.id,
-            addr: b.addr,
+            node: cairn_raft::MasterNode {
+                api: b.addr,
+                peer: b.peer,
+            },
         })
         .await?;
     Ok(Json(cluster_status(&ctx)))
@@ -961,13 +1044,35 @@ async fn assignments(
     q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    // Waits on this agent's own assignment index: a change elsewhere does not wake it.
-    let agent = id.clone();
-    let index = ctx
-        .prepare_read(&p, move |s| {
-            s.assignment_index.get(&agent).copied().unwrap_or(0)
-        })
-        .await?;
+    // Waits on this agent's own assignment index: a change elsewhere does not wake it, and
+    // the wake-up itself comes from the state machine for this agent only.
+    let index = match p.index {
+        Some(min) if p.stale.unwrap_or(false) => {
+            let wait = blocking_wait(&p)?;
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut rx = ctx.wakers.subscribe(&id);
+            let current =
+                |ctx: &Api| ctx.read(|s| s.assignment_index.get(&id).copied().unwrap_or(0));
+            let mut index = current(&ctx);
+            while index <= min {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                index = current(&ctx);
+            }
+            index
+        }
+        _ => {
+            let agent = id.clone();
+            ctx.prepare_read(&p, move |s| {
+                s.assignment_index.get(&agent).copied().unwrap_or(0)
+            })
+            .await?
+        }
+    };
     let list: Vec<Assignment> = ctx.read(|s| {
         s.tasks_by_agent
             .get(&id)
@@ -1035,6 +1140,12 @@ async fn metrics(ctx: Ctx) -> Response {
     m.lag
         .set(s.commit_index.saturating_sub(s.applied_index) as i64);
     m.leader.set((s.leader_id == Some(s.node_id)) as i64);
+    let sync = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    sync(&m.prevotes, ctx.node.contact.prevotes.load(relaxed));
+    sync(&m.elections, ctx.node.contact.elections.load(relaxed));
+    sync(&m.appends_split, ctx.node.net.appends_split.load(relaxed));
+    sync(&m.rpc_errors, ctx.node.net.rpc_errors.load(relaxed));
     let (active, unreachable) = ctx.read(|st| {
         let a = st
             .agents

@@ -1,6 +1,7 @@
 //! The master's brain: the domain model, the replicated state machine (`Command` + `apply`),
 //! agent liveness, and the master's HTTP API. Knows nothing of HTML, cgroups or wasmtime.
 
+pub mod admission;
 pub mod api;
 pub mod controller;
 pub mod error;

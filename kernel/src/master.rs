@@ -17,9 +17,11 @@ use tokio::sync::watch;
 #[derive(Clone, Debug)]
 pub struct MasterConfig {
     pub node: NodeConfig,
+    /// The token users and agents present on the API (never valid on the peer port).
+    pub token: String,
     pub listen: SocketAddr,
-    /// The initial masters (`id -> host:port`), identical on each; empty with `join`.
-    pub peers: BTreeMap<u64, String>,
+    /// The initial masters, identical on each; empty with `join`.
+    pub peers: BTreeMap<u64, cairn_raft::MasterNode>,
     /// Start without bootstrapping: wait to be added with `cairn cluster add-master`.
     pub join: bool,
     /// An agent silent this long is committed as unreachable.
@@ -27,6 +29,8 @@ pub struct MasterConfig {
     /// Tasks of an agent unreachable this long are `lost` and run elsewhere.
     pub reschedule_after: Duration,
     pub max_body: usize,
+    /// In-flight bounds per request class (load shedding).
+    pub limits: crate::admission::Limits,
 }
 
 /// A running master.
@@ -45,11 +49,16 @@ impl Master {
         let addr = listener.local_addr()?;
         let node = RaftNode::start(cfg.node.clone(), Machine::default()).await?;
         let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let metrics = Metrics::new();
+        let admission = crate::admission::Admission::new(cfg.limits, &metrics.registry);
+        let wakers = node.app.read().expect("state lock").wakers.clone();
         let api = Arc::new(Api {
             node: node.clone(),
             liveness: Arc::new(Liveness::default()),
-            token: cfg.node.token.clone(),
-            metrics: Metrics::new(),
+            token: cfg.token.clone(),
+            metrics,
+            admission,
+            wakers,
             client,
             max_body: cfg.max_body,
         });
@@ -66,17 +75,32 @@ impl Master {
                 tracing::error!("api server: {e}");
             }
         });
-        if !cfg.join && !cfg.peers.is_empty() {
-            if !cfg.peers.contains_key(&cfg.node.id) {
-                anyhow::bail!(
+        if !cfg.join {
+            // No peers: a cluster of this one master (`cairn dev`).
+            let peers = if cfg.peers.is_empty() {
+                BTreeMap::from([(cfg.node.id, node.node.clone())])
+            } else {
+                cfg.peers.clone()
+            };
+            match peers.get(&cfg.node.id) {
+                None => anyhow::bail!(
                     "--peers must include this master's own --node-id {}",
                     cfg.node.id
-                );
+                ),
+                Some(me) if me.peer != node.node.peer => anyhow::bail!(
+                    "--peers gives master {} the peer address {}, but it serves Raft on {}: \
+                     make --peer-advertise (or --peer-listen) match",
+                    cfg.node.id,
+                    me.peer,
+                    node.node.peer
+                ),
+                Some(_) => {}
             }
-            if node.bootstrap(&cfg.peers).await? {
-                tracing::info!(peers = ?cfg.peers, "bootstrapped a new cluster");
+            if node.bootstrap(&peers).await? {
+                tracing::info!(?peers, "bootstrapped a new cluster");
             }
         }
+        tokio::spawn(watch_raft(api.clone(), stop_rx.clone()));
         tokio::spawn(liveness_loop(
             api.clone(),
             cfg.agent_timeout,
@@ -97,10 +121,43 @@ impl Master {
         })
     }
 
+    /// Stops within a few seconds under any load: in-flight requests (long-polls included)
+    /// get one second to finish, then the server is dropped; Raft and sled stop bounded too.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(1), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
         self.api.node.shutdown().await;
+    }
+}
+
+/// Counts term and leader changes (metrics) as openraft reports them.
+async fn watch_raft(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let mut rx = api.node.raft.metrics();
+    let (mut term, mut leader) = {
+        let m = rx.borrow();
+        (m.current_term, m.current_leader)
+    };
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let m = rx.borrow().clone();
+        if m.current_term != term {
+            api.metrics.term_changes.inc();
+            tracing::info!(from = term, to = m.current_term, "raft term changed");
+            term = m.current_term;
+        }
+        if m.current_leader != leader {
+            api.metrics.leader_changes.inc();
+            leader = m.current_leader;
+        }
     }
 }
 

@@ -34,6 +34,20 @@ pub struct State {
     pub deployments: BTreeMap<String, crate::model::Deployment>,
     /// The most recent changes, oldest first (at most `EVENTS_KEPT`), for `/api/v1/events`.
     pub events: std::collections::VecDeque<Event>,
+    /// Agents whose assignments the last `apply` changed (scratch, not replicated state:
+    /// `Machine` drains it to wake exactly those agents' long-polls).
+    #[serde(skip)]
+    pub touched_agents: Touched,
+}
+
+/// Scratch list of agents an `apply` changed; never part of state equality or snapshots.
+#[derive(Clone, Debug, Default)]
+pub struct Touched(pub Vec<String>);
+
+impl PartialEq for Touched {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// One task's report in `Command::UpdateTaskStates`.
@@ -630,6 +644,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
             }
             if changed {
                 state.indexes.tasks = index;
+                state.touched_agents.0.push(agent.clone());
                 state.assignment_index.insert(agent, index);
             }
             Outcome::Done { index }
@@ -676,6 +691,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                     .entry(p.agent.clone())
                     .or_default()
                     .insert(id.clone());
+                state.touched_agents.0.push(p.agent.clone());
                 state.assignment_index.insert(p.agent.clone(), index);
                 let t = Task::of(&w, id.clone(), p.agent, &p.ports, p.pool, at);
                 state.tasks.insert(id, t);
@@ -717,6 +733,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 .entry(task.agent.clone())
                 .or_default()
                 .insert(task.id.clone());
+            state.touched_agents.0.push(task.agent.clone());
             state.assignment_index.insert(task.agent.clone(), index);
             state.tasks.insert(task.id.clone(), task);
             state.indexes.tasks = index;
@@ -740,6 +757,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 t.reason = reason;
                 t.updated_at = at;
                 state.indexes.tasks = index;
+                state.touched_agents.0.push(t.agent.clone());
                 state.assignment_index.insert(t.agent.clone(), index);
                 Outcome::Done { index }
             }
@@ -779,6 +797,49 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
 #[derive(Default)]
 pub struct Machine {
     pub state: State,
+    /// Wakes the long-polls of agents whose assignments changed.
+    pub wakers: AgentWakers,
+}
+
+/// One watch per agent that has long-polled, carrying the index of its last assignment
+/// change: a long-poll wakes only for its own agent, so a change costs O(agents it touched),
+/// never O(all long-polls).
+#[derive(Clone, Default)]
+pub struct AgentWakers(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    >,
+);
+
+impl AgentWakers {
+    /// A receiver that changes when `agent`'s assignments do (subscribe before reading state).
+    pub fn subscribe(&self, agent: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut m = self.0.lock().expect("wakers");
+        match m.get(agent) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(0);
+                m.insert(agent.to_string(), tx);
+                rx
+            }
+        }
+    }
+
+    fn wake(&self, agents: &[String], index: u64) {
+        let m = self.0.lock().expect("wakers");
+        for a in agents {
+            if let Some(tx) = m.get(a) {
+                tx.send_replace(index);
+            }
+        }
+    }
+
+    /// Wakes every waiter (after a snapshot restore replaced the whole state).
+    fn wake_all(&self, index: u64) {
+        for tx in self.0.lock().expect("wakers").values() {
+            tx.send_replace(index);
+        }
+    }
 }
 
 impl cairn_raft::App for Machine {
@@ -790,6 +851,10 @@ impl cairn_raft::App for Machine {
                 rejected("bad_command", "", format!("undecodable command: {e}"))
             }
         };
+        let touched = std::mem::take(&mut self.state.touched_agents.0);
+        if !touched.is_empty() {
+            self.wakers.wake(&touched, index);
+        }
         bincode::serialize(&outcome).unwrap_or_default()
     }
 
@@ -799,6 +864,7 @@ impl cairn_raft::App for Machine {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
         self.state = bincode::deserialize(data).map_err(|e| format!("bad state snapshot: {e}"))?;
+        self.wakers.wake_all(self.state.applied);
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! This crate is generic: commands are opaque bytes handed to an [`App`]; it knows nothing of
 //! agents, workloads or tasks.
 
+pub mod backoff;
+pub mod election;
 pub mod network;
 pub mod node;
 pub mod store;
@@ -36,12 +38,29 @@ openraft::declare_raft_types!(
         D = Request,
         R = Response,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = MasterNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
 );
 
 pub type NodeId = u64;
+
+/// A master as the Raft membership records it: where clients reach its API, and where its
+/// peers reach its Raft RPCs (a port of its own, as etcd's 2380 beside 2379, so no amount of
+/// client traffic queues in front of a vote or a heartbeat).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterNode {
+    /// `host:port` of the master's HTTP API.
+    pub api: String,
+    /// `host:port` of the master's Raft peer listener.
+    pub peer: String,
+}
+
+impl std::fmt::Display for MasterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "api={} peer={}", self.api, self.peer)
+    }
+}
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// The replicated application: a deterministic state machine over opaque commands.

@@ -1,7 +1,10 @@
 //! The Raft transport: openraft RPCs as bincode bodies over HTTP (`POST /raft/...`), sent with
 //! reqwest and served by axum on the master's API port, guarded by the cluster token.
 
-use crate::{NodeId, Raft, TypeConfig};
+use crate::election::{
+    decide_prevote, Contact, PreVoteClient, PreVoteRequest, PreVoteResponse, VoterView,
+};
+use crate::{MasterNode, NodeId, Raft, TypeConfig};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,15 +19,34 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest append payload sent in one RPC. openraft 0.9 drops an append that takes longer than
+/// one heartbeat interval, so a payload must cross the wire, be decoded and fsynced well within
+/// it even on a loaded host: past this many bytes the transport sends a prefix of the entries
+/// and reports `PartialSuccess`, and openraft sends the rest next (at least one entry always
+/// goes, however large).
+pub const MAX_APPEND_BYTES: usize = 512 * 1024;
+
+/// Counters of the transport, for metrics.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Appends cut to `MAX_APPEND_BYTES` (sent as a prefix).
+    pub appends_split: AtomicU64,
+    /// RPCs that failed (unreachable, timed out, refused).
+    pub rpc_errors: AtomicU64,
+}
 
 /// Creates one HTTP connection handle per peer.
 #[derive(Clone)]
 pub struct HttpNetwork {
     client: reqwest::Client,
     token: String,
+    pub stats: Arc<NetStats>,
 }
 
 impl HttpNetwork {
@@ -32,22 +54,51 @@ impl HttpNetwork {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(8)
             .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_millis(500))
+            .connect_timeout(Duration::from_millis(500))
             .build()
             .expect("reqwest client");
-        Self { client, token }
+        Self {
+            client,
+            token,
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl PreVoteClient for HttpNetwork {
+    async fn prevote(
+        &self,
+        peer: String,
+        req: PreVoteRequest,
+        timeout: Duration,
+    ) -> Option<PreVoteResponse> {
+        let body = bincode::serialize(&req).ok()?;
+        let resp = self
+            .client
+            .post(format!("http://{peer}/raft/prevote"))
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        bincode::deserialize(&resp.bytes().await.ok()?).ok()
     }
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     type Network = HttpConn;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: NodeId, node: &MasterNode) -> Self::Network {
         HttpConn {
             target,
             node: node.clone(),
             client: self.client.clone(),
             token: self.token.clone(),
+            stats: self.stats.clone(),
         }
     }
 }
@@ -55,9 +106,10 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 /// A handle for RPCs to one peer.
 pub struct HttpConn {
     target: NodeId,
-    node: BasicNode,
+    node: MasterNode,
     client: reqwest::Client,
     token: String,
+    stats: Arc<NetStats>,
 }
 
 impl HttpConn {
@@ -66,19 +118,39 @@ impl HttpConn {
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<NodeId, MasterNode, RaftError<NodeId, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let url = format!("http://{}/raft/{}", self.node.addr, path);
+        let r = self.send(path, body, option).await;
+        if r.is_err() {
+            self.stats.rpc_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn send<Resp, E>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, MasterNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let url = format!("http://{}/raft/{}", self.node.peer, path);
+        // openraft bounds each RPC itself (an append by the heartbeat interval, a snapshot
+        // chunk by its own timeout); ours only grows with the payload, for the slow cases.
+        let ttl = option.hard_ttl() + Duration::from_millis(body.len() as u64 / (4 * 1024));
         let resp = self
             .client
             .post(url)
             .bearer_auth(&self.token)
-            .timeout(option.hard_ttl())
+            .timeout(ttl)
             .body(body)
             .send()
             .await
@@ -114,8 +186,19 @@ impl RaftNetwork<TypeConfig> for HttpConn {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("append", &rpc, &option).await
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MasterNode, RaftError<NodeId>>>
+    {
+        let (rpc, cut) = bound_append(rpc, MAX_APPEND_BYTES);
+        if cut.is_some() {
+            self.stats.appends_split.fetch_add(1, Ordering::Relaxed);
+        }
+        let resp: AppendEntriesResponse<NodeId> = self.call("append", &rpc, &option).await?;
+        Ok(match (resp, cut) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (r, _) => r,
+        })
     }
 
     async fn install_snapshot(
@@ -124,7 +207,7 @@ impl RaftNetwork<TypeConfig> for HttpConn {
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, MasterNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         self.call("snapshot", &rpc, &option).await
     }
@@ -133,7 +216,7 @@ impl RaftNetwork<TypeConfig> for HttpConn {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MasterNode, RaftError<NodeId>>> {
         self.call("vote", &rpc, &option).await
     }
 }
@@ -150,32 +233,157 @@ fn encode<T: Serialize>(v: &T) -> axum::response::Response {
     }
 }
 
-async fn append(State(raft): State<Raft>, body: Bytes) -> axum::response::Response {
+/// Cuts an append to the entries that fit in `max_bytes` (at least one). Returns the request
+/// to send and, when it was cut, the log id of the last entry sent.
+pub fn bound_append(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+    max_bytes: usize,
+) -> (
+    AppendEntriesRequest<TypeConfig>,
+    Option<openraft::LogId<NodeId>>,
+) {
+    let mut total = 0usize;
+    let mut keep = rpc.entries.len();
+    for (i, e) in rpc.entries.iter().enumerate() {
+        total += bincode::serialized_size(e).unwrap_or(0) as usize;
+        if total > max_bytes && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    if keep == rpc.entries.len() {
+        return (rpc, None);
+    }
+    rpc.entries.truncate(keep);
+    let last = rpc.entries.last().map(|e| e.log_id);
+    (rpc, last)
+}
+
+/// What the peer routes share: the Raft handle and when a leader was last heard.
+#[derive(Clone)]
+pub struct Peer {
+    pub raft: Raft,
+    pub contact: Arc<Contact>,
+    /// openraft's leader lease (`election_timeout_max`): no pre-vote is granted within it.
+    pub lease: Duration,
+}
+
+async fn append(State(p): State<Peer>, body: Bytes) -> axum::response::Response {
     match decode::<AppendEntriesRequest<TypeConfig>>(&body) {
-        Ok(req) => encode(&raft.append_entries(req).await),
+        Ok(req) => {
+            let r = p.raft.append_entries(req).await;
+            // Any answer but a higher vote means a live leader of our term or newer.
+            if matches!(&r, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                p.contact.touch();
+            }
+            encode(&r)
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn vote(State(raft): State<Raft>, body: Bytes) -> axum::response::Response {
+async fn vote(State(p): State<Peer>, body: Bytes) -> axum::response::Response {
     match decode::<VoteRequest<NodeId>>(&body) {
-        Ok(req) => encode(&raft.vote(req).await),
+        Ok(req) => {
+            let r = p.raft.vote(req).await;
+            if matches!(&r, Ok(v) if v.vote_granted) {
+                p.contact.touch();
+            }
+            encode(&r)
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn snapshot(State(raft): State<Raft>, body: Bytes) -> axum::response::Response {
+async fn snapshot(State(p): State<Peer>, body: Bytes) -> axum::response::Response {
     match decode::<InstallSnapshotRequest<TypeConfig>>(&body) {
-        Ok(req) => encode(&raft.install_snapshot(req).await),
+        Ok(req) => {
+            let r = p.raft.install_snapshot(req).await;
+            if r.is_ok() {
+                p.contact.touch();
+            }
+            encode(&r)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn prevote(State(p): State<Peer>, body: Bytes) -> axum::response::Response {
+    match decode::<PreVoteRequest>(&body) {
+        Ok(req) => {
+            let m = p.raft.metrics().borrow().clone();
+            let view = VoterView {
+                is_leader: m.current_leader == Some(m.id),
+                silence: p.contact.silence(),
+                last_log_id: p.raft.data_metrics().borrow().last_log,
+                term: m.current_term,
+            };
+            let r = decide_prevote(&view, &req, p.lease);
+            tracing::debug!(candidate = req.candidate, granted = r.granted, "pre-vote");
+            encode(&r)
+        }
         Err(e) => e.into_response(),
     }
 }
 
 /// The peer-to-peer RPC routes. The caller adds authentication and a body limit.
-pub fn rpc_router(raft: Raft) -> Router {
+pub fn rpc_router(peer: Peer) -> Router {
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
-        .with_state(raft)
+        .route("/raft/prevote", post(prevote))
+        .with_state(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::Request {
+                batch: vec![crate::Proposal {
+                    id: [index, 0],
+                    data: vec![0; bytes],
+                }],
+            }),
+        }
+    }
+
+    fn req(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| entry(i as u64 + 1, *b))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn appends_are_bounded_in_bytes() {
+        // (entry sizes, max bytes, entries sent, cut)
+        let cases: &[(&[usize], usize, usize, bool)] = &[
+            (&[], 1000, 0, false),
+            (&[100, 100, 100], 10_000, 3, false),
+            (&[400, 400, 400], 1000, 2, true),
+            // One entry larger than the bound still goes, alone.
+            (&[5000, 10], 1000, 1, true),
+            (&[5000], 1000, 1, false),
+        ];
+        for (sizes, max, sent, cut) in cases {
+            let (r, last) = bound_append(req(sizes), *max);
+            assert_eq!(r.entries.len(), *sent, "{sizes:?}");
+            assert_eq!(last.is_some(), *cut, "{sizes:?}");
+            if let Some(l) = last {
+                assert_eq!(l.index, *sent as u64);
+            }
+        }
+    }
 }

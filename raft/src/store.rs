@@ -298,7 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// What a snapshot holds besides the application bytes.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    meta: SnapshotMeta<NodeId, crate::MasterNode>,
     data: Vec<u8>,
 }
 
@@ -349,7 +349,7 @@ impl Dedup {
 #[derive(Default, Clone)]
 struct SmMeta {
     last_applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    membership: StoredMembership<NodeId, crate::MasterNode>,
     dedup: Dedup,
 }
 
@@ -481,7 +481,7 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
     ) -> Result<
         (
             Option<LogId<NodeId>>,
-            StoredMembership<NodeId, openraft::BasicNode>,
+            StoredMembership<NodeId, crate::MasterNode>,
         ),
         SErr,
     > {
@@ -542,7 +542,7 @@ impl<A: App> RaftStateMachine<TypeConfig> for StateMachineStore<A> {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<NodeId, crate::MasterNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();

@@ -4,6 +4,7 @@
 use crate::tasks::TaskManager;
 use cairn_kernel::api::HeartbeatReply;
 use cairn_kernel::model::{AgentRegistration, AgentResources};
+use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ pub struct AgentInfo {
     pub heartbeats_ok: u64,
     pub heartbeats_failed: u64,
     pub registrations: u64,
+    /// Retries (backoff waits) of the registration/heartbeat, assignment and status loops.
+    pub retries: u64,
 }
 
 /// A running agent.
@@ -147,8 +150,8 @@ enum Beat {
     Ok(HeartbeatReply),
     /// The masters do not know this agent (e.g. a fresh cluster): register again.
     Unknown,
-    /// This master could not take it; try another.
-    Failed(String),
+    /// This master could not take it; try another (after its `Retry-After`, if it gave one).
+    Failed(String, Option<Duration>),
 }
 
 pub(crate) async fn heartbeat_loop(
@@ -165,11 +168,14 @@ pub(crate) async fn heartbeat_loop(
     let mut masters = cfg.masters.clone();
     let mut cur = 0usize;
     let mut registered = false;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         if *stop.borrow() {
             return;
         }
         let master = masters[cur % masters.len()].clone();
+        // Set when this round failed: wait with backoff (and the server's Retry-After).
+        let mut failed: Option<Option<Duration>> = None;
         if !registered {
             let r = client
                 .post(format!("http://{master}/api/v1/agents"))
@@ -187,13 +193,16 @@ pub(crate) async fn heartbeat_loop(
                 }
                 Ok(resp) => {
                     let status = resp.status();
+                    let ra = retry_after(resp.headers());
                     let body = resp.text().await.unwrap_or_default();
                     tracing::warn!(%master, %status, %body, "registration refused");
                     cur += 1;
+                    failed = Some(ra);
                 }
                 Err(e) => {
                     tracing::debug!(%master, "registration failed: {e}");
                     cur += 1;
+                    failed = Some(None);
                 }
             }
         }
@@ -210,16 +219,20 @@ pub(crate) async fn heartbeat_loop(
                 Ok(resp) if resp.status().is_success() => match resp.json::<HeartbeatReply>().await
                 {
                     Ok(r) => Beat::Ok(r),
-                    Err(e) => Beat::Failed(e.to_string()),
+                    Err(e) => Beat::Failed(e.to_string(), None),
                 },
                 Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => Beat::Unknown,
-                Ok(resp) => Beat::Failed(format!("HTTP {}", resp.status())),
-                Err(e) => Beat::Failed(e.to_string()),
+                Ok(resp) => Beat::Failed(
+                    format!("HTTP {}", resp.status()),
+                    retry_after(resp.headers()),
+                ),
+                Err(e) => Beat::Failed(e.to_string(), None),
             };
             let mut i = info.lock().expect("info lock");
             match beat {
                 Beat::Ok(r) => {
                     i.heartbeats_ok += 1;
+                    backoff.reset();
                     i.leader_id = Some(r.leader_id);
                     if !r.masters.is_empty() {
                         // Learn the current membership, keeping the configured masters too.
@@ -239,19 +252,22 @@ pub(crate) async fn heartbeat_loop(
                 Beat::Unknown => {
                     registered = false;
                     i.registered = false;
-                    continue;
+                    failed = Some(None);
                 }
-                Beat::Failed(e) => {
+                Beat::Failed(e, ra) => {
                     i.heartbeats_failed += 1;
                     tracing::debug!(%master, "heartbeat failed: {e}");
                     cur += 1;
+                    failed = Some(ra);
                 }
             }
         }
-        let wait = if registered {
-            cfg.heartbeat_interval
-        } else {
-            Duration::from_millis(250)
+        let wait = match failed {
+            Some(ra) => {
+                info.lock().expect("info lock").retries += 1;
+                backoff.next(ra)
+            }
+            None => cfg.heartbeat_interval,
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -8,6 +8,7 @@ use crate::task::{reason, TaskSpec};
 use crate::tasks::TaskManager;
 use cairn_kernel::api::Assignment;
 use cairn_kernel::model::TaskState;
+use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +77,7 @@ pub async fn assignment_loop(
         .expect("http client");
     let mut index = 0u64;
     let mut cur = 0usize;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         if *stop.borrow() {
             return;
@@ -89,25 +91,31 @@ pub async fn assignment_loop(
             r = req => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        let failed_wait = |backoff: &mut Backoff, ra| {
+            info.lock().expect("info").retries += 1;
+            backoff.next(ra)
+        };
         let list = match resp {
             Ok(r) if r.status().is_success() => {
                 let new_index = response_index(&r).unwrap_or(0);
                 match r.json::<Vec<Assignment>>().await {
                     Ok(l) => {
                         index = next_index(index, new_index);
+                        backoff.reset();
                         l
                     }
                     Err(e) => {
                         tracing::warn!(%master, "bad assignments answer: {e}");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        tokio::time::sleep(failed_wait(&mut backoff, None)).await;
                         continue;
                     }
                 }
             }
             other => {
+                let ra = other.as_ref().ok().and_then(|r| retry_after(r.headers()));
                 tracing::debug!(%master, "assignments poll failed: {other:?}");
                 cur += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(failed_wait(&mut backoff, ra)).await;
                 continue;
             }
         };
@@ -156,10 +164,14 @@ pub async fn status_loop(
         .timeout(Duration::from_secs(15))
         .build()
         .expect("http client");
+    // Reports are built from each task's current state when sent, so while the masters are
+    // away only the latest state per task waits (coalescing): the backlog never grows.
     let mut acked: HashMap<String, (TaskState, Option<bool>)> = HashMap::new();
     let mut changed = tasks.watch();
     let mut cur = 0usize;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
+        let mut wait = Duration::from_secs(1);
         let batch: Vec<serde_json::Value> = tasks
             .specs()
             .into_iter()
@@ -180,6 +192,7 @@ pub async fn status_loop(
                 .await;
             match r {
                 Ok(r) if r.status().is_success() => {
+                    backoff.reset();
                     for b in &batch {
                         if let (Some(id), Ok(state)) = (
                             b["id"].as_str(),
@@ -189,12 +202,23 @@ pub async fn status_loop(
                         }
                     }
                 }
-                _ => cur += 1,
+                other => {
+                    cur += 1;
+                    let ra = other.as_ref().ok().and_then(|r| retry_after(r.headers()));
+                    info.lock().expect("info").retries += 1;
+                    wait = backoff.next(ra);
+                    // Do not let task changes cut a backoff short: wait it out.
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    continue;
+                }
             }
         }
         tokio::select! {
             _ = changed.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

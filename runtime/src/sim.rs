@@ -8,6 +8,7 @@ use crate::agent::{heartbeat_loop, AgentConfig, AgentInfo};
 use crate::converge::{next_index, response_index};
 use cairn_kernel::api::Assignment;
 use cairn_kernel::model::AgentRegistration;
+use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,6 +74,7 @@ async fn assignments(
     let mut index = 0u64;
     let mut cur = 0usize;
     let mut running: HashSet<String> = HashSet::new();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         if *stop.borrow() {
             return;
@@ -100,14 +102,21 @@ async fn assignments(
                 match r.json::<Vec<Assignment>>().await {
                     Ok(l) => {
                         index = next_index(index, new_index);
+                        backoff.reset();
                         l
                     }
-                    Err(_) => continue,
+                    Err(_) => {
+                        info.lock().expect("info").retries += 1;
+                        tokio::time::sleep(backoff.next(None)).await;
+                        continue;
+                    }
                 }
             }
-            _ => {
+            other => {
+                let ra = other.as_ref().ok().and_then(|r| retry_after(r.headers()));
                 cur += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                info.lock().expect("info").retries += 1;
+                tokio::time::sleep(backoff.next(ra)).await;
                 continue;
             }
         };
@@ -131,12 +140,17 @@ async fn assignments(
                 .send()
                 .await;
             match r {
-                Ok(r) if r.status().is_success() => reports.clear(),
-                _ => {
+                Ok(r) if r.status().is_success() => {
+                    reports.clear();
+                    backoff.reset();
+                }
+                other => {
                     if *stop.borrow() {
                         return;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let ra = other.as_ref().ok().and_then(|r| retry_after(r.headers()));
+                    info.lock().expect("info").retries += 1;
+                    tokio::time::sleep(backoff.next(ra)).await;
                 }
             }
         }
