@@ -854,9 +854,7 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
             at,
         } => crate::service::commands::update(state, index, service, allow_decommission, at),
         Command::RemoveService {
-            name,
-            keep_volumes,
-            ..
+            name, keep_volumes, ..
         } => crate::service::commands::remove(state, index, &name, keep_volumes),
         Command::ServiceOp { service, op, at } => {
             crate::service::commands::op(state, index, &service, op, at)

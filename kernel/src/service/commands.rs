@@ -39,7 +39,11 @@ pub fn update(
     at: u64,
 ) -> Outcome {
     let Some(svc) = state.services.get_mut(&service.name) else {
-        return rejected("not_found", "name", format!("no service {:?}", service.name));
+        return rejected(
+            "not_found",
+            "name",
+            format!("no service {:?}", service.name),
+        );
     };
     match ops::update_service(svc, service, allow_decommission, index, at) {
         Err(e) => rejected("invalid", &e.field, e.message),

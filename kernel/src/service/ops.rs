@@ -9,8 +9,8 @@ use super::model::{
     VolumeStatus, HISTORY_KEPT,
 };
 use super::plan::{
-    custom_plan, decommission_plan, deploy_plan, recovery_plan, PlanKind, PlanOp, Step,
-    StepStatus, StepWork,
+    custom_plan, decommission_plan, deploy_plan, recovery_plan, PlanKind, PlanOp, Step, StepStatus,
+    StepWork,
 };
 use crate::spec::SpecError;
 use serde::{Deserialize, Serialize};
@@ -78,7 +78,11 @@ pub struct OpError {
     pub message: String,
 }
 
-fn fail<T>(code: &'static str, field: &'static str, message: impl Into<String>) -> Result<T, OpError> {
+fn fail<T>(
+    code: &'static str,
+    field: &'static str,
+    message: impl Into<String>,
+) -> Result<T, OpError> {
     Err(OpError {
         code,
         field,
@@ -168,8 +172,18 @@ pub fn update_service(
     if spec == svc.spec {
         return Ok(false);
     }
+    // Only a change to what runs restarts a pod type (not its count, deploy strategy,
+    // deadline or replace_after).
     for t in &spec.pod_types {
-        if svc.spec.pod_type(&t.name) != Some(t) {
+        let same = svc.spec.pod_type(&t.name).is_some_and(|o| {
+            let mut o = o.clone();
+            o.count = t.count;
+            o.deploy = t.deploy;
+            o.deadline_ms = t.deadline_ms;
+            o.replace_after_ms = t.replace_after_ms;
+            o == *t
+        });
+        if !same {
             svc.type_versions.insert(t.name.clone(), index);
         }
     }
@@ -189,7 +203,11 @@ pub fn update_service(
         .pods
         .values()
         .filter(|p| p.stopping)
-        .filter(|p| svc.spec.pod_type(&p.pod_type).is_some_and(|t| p.index < t.count))
+        .filter(|p| {
+            svc.spec
+                .pod_type(&p.pod_type)
+                .is_some_and(|t| p.index < t.count)
+        })
         .map(|p| p.id.clone())
         .collect();
     for id in revived {
@@ -240,7 +258,11 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 return fail("not_found", "pod", format!("no pod {pod:?}"));
             };
             if p.incarnation != incarnation || p.agent.is_some() || p.stopping {
-                return fail("stale", "pod", format!("pod {pod:?} is already placed or changed"));
+                return fail(
+                    "stale",
+                    "pod",
+                    format!("pod {pod:?} is already placed or changed"),
+                );
             }
             let Some(t) = svc.spec.pod_type(&p.pod_type) else {
                 return fail("not_found", "pod", format!("no pod type for {pod:?}"));
@@ -280,7 +302,11 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 .and_then(|p| p.phases.get_mut(phase))
                 .and_then(|p| p.steps.get_mut(step))
             else {
-                return fail("not_found", "step", format!("no step {plan}/{phase}/{step}"));
+                return fail(
+                    "not_found",
+                    "step",
+                    format!("no step {plan}/{phase}/{step}"),
+                );
             };
             if s.status != from {
                 return fail(
@@ -311,10 +337,18 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 .and_then(|p| p.phases.get_mut(phase))
                 .and_then(|p| p.steps.get_mut(step))
             else {
-                return fail("not_found", "step", format!("no step {plan}/{phase}/{step}"));
+                return fail(
+                    "not_found",
+                    "step",
+                    format!("no step {plan}/{phase}/{step}"),
+                );
             };
             if !matches!(s.status, StepStatus::Starting | StepStatus::Started) {
-                return fail("stale", "step", format!("step {:?} is {:?}", s.name, s.status));
+                return fail(
+                    "stale",
+                    "step",
+                    format!("step {:?} is {:?}", s.name, s.status),
+                );
             }
             let Some(p) = svc.pods.get_mut(&s.pod) else {
                 return fail("not_found", "pod", format!("no pod {:?}", s.pod));
@@ -330,7 +364,11 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                     return fail("not_found", "tasks", format!("no task {:?}", l.task));
                 }
                 if p.tasks.get(&l.task).map(|t| t.generation) != l.seen {
-                    return fail("stale", "tasks", format!("task {:?} was launched since", l.task));
+                    return fail(
+                        "stale",
+                        "tasks",
+                        format!("task {:?} was launched since", l.task),
+                    );
                 }
             }
             for l in tasks {
@@ -359,14 +397,22 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 return fail("not_found", "pod", format!("no pod {pod:?}"));
             };
             if p.stopping {
-                return fail("conflict", "pod", format!("pod {pod:?} is being decommissioned"));
+                return fail(
+                    "conflict",
+                    "pod",
+                    format!("pod {pod:?} is being decommissioned"),
+                );
             }
             let all: Vec<String> = svc
                 .spec
                 .pod_type(&p.pod_type)
                 .map(|t| t.tasks.iter().map(|k| k.name.clone()).collect())
                 .unwrap_or_default();
-            let tasks = if tasks.is_empty() || replace { all } else { tasks };
+            let tasks = if tasks.is_empty() || replace {
+                all
+            } else {
+                tasks
+            };
             if !svc.plans.contains_key("recovery") {
                 let r = recovery_plan(svc, at);
                 svc.plans.insert(r.name.clone(), r);
@@ -432,16 +478,20 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 return fail(
                     "not_found",
                     "plan",
-                    format!("no declared plan {plan:?} (recovery and decommission start by themselves)"),
+                    format!(
+                        "no declared plan {plan:?} (recovery and decommission start by themselves)"
+                    ),
                 );
             };
             svc.plans.insert(plan, new);
         }
         ServiceOp::VolumesDestroyed { agent, ids } => {
             for id in ids {
-                if svc.volumes.get(&id).is_some_and(|v| {
-                    v.agent == agent && v.status == VolumeStatus::Destroying
-                }) {
+                if svc
+                    .volumes
+                    .get(&id)
+                    .is_some_and(|v| v.agent == agent && v.status == VolumeStatus::Destroying)
+                {
                     svc.volumes.remove(&id);
                 }
             }
@@ -461,7 +511,11 @@ fn step_effects(svc: &mut ServiceState, work: StepWork, pod: &str, to: StepStatu
             }
         }
         (StepWork::Decommission, StepStatus::Started | StepStatus::Complete) => {
-            let ids = svc.pods.get(pod).map(|p| p.volumes.clone()).unwrap_or_default();
+            let ids = svc
+                .pods
+                .get(pod)
+                .map(|p| p.volumes.clone())
+                .unwrap_or_default();
             for id in ids {
                 if let Some(v) = svc.volumes.get_mut(&id) {
                     v.status = VolumeStatus::Destroying;
@@ -509,14 +563,24 @@ pub fn describe(op: &ServiceOp) -> (&'static str, String) {
             let t: Vec<&str> = tasks.iter().map(|l| l.task.as_str()).collect();
             ("launch", format!("{plan}: {}", t.join(", ")))
         }
-        ServiceOp::Recover { pod, replace, message, .. } => (
-            if *replace { "pod_replace" } else { "pod_restart" },
+        ServiceOp::Recover {
+            pod,
+            replace,
+            message,
+            ..
+        } => (
+            if *replace {
+                "pod_replace"
+            } else {
+                "pod_restart"
+            },
             format!("{pod}: {message}"),
         ),
         ServiceOp::Plan { plan, op } => ("plan_operation", format!("{plan}: {op:?}")),
         ServiceOp::StartPlan { plan } => ("plan_started", plan.clone()),
-        ServiceOp::VolumesDestroyed { agent, ids } => {
-            ("volumes_destroyed", format!("agent {agent}: {}", ids.join(", ")))
-        }
+        ServiceOp::VolumesDestroyed { agent, ids } => (
+            "volumes_destroyed",
+            format!("agent {agent}: {}", ids.join(", ")),
+        ),
     }
 }

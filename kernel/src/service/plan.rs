@@ -248,9 +248,15 @@ pub enum PlanOp {
     Interrupt,
     /// Undo `interrupt` and release the current phase's canary gate.
     Continue,
-    ForceComplete { phase: String, step: String },
+    ForceComplete {
+        phase: String,
+        step: String,
+    },
     /// Run the step again from `pending` (its tasks are launched afresh).
-    Restart { phase: String, step: String },
+    Restart {
+        phase: String,
+        step: String,
+    },
 }
 
 impl Plan {
@@ -400,7 +406,15 @@ pub fn decommission_plan(svc: &ServiceState, at: u64) -> Option<Plan> {
                 .collect(),
         });
     }
-    (!phases.is_empty()).then(|| plan("decommission", PlanKind::Decommission, svc.version, phases, at))
+    (!phases.is_empty()).then(|| {
+        plan(
+            "decommission",
+            PlanKind::Decommission,
+            svc.version,
+            phases,
+            at,
+        )
+    })
 }
 
 /// An empty `recovery` plan (one parallel phase; steps are added per pod as pods fail).
@@ -474,7 +488,8 @@ mod tests {
         let mut s = Step::new("node-0", StepWork::Launch, vec!["server".into()], Some(3));
         s.transition(StepStatus::Prepared, 10, "preparing").unwrap();
         s.transition(StepStatus::Starting, 20, "launching").unwrap();
-        s.transition(StepStatus::Starting, 25, "still launching").unwrap();
+        s.transition(StepStatus::Starting, 25, "still launching")
+            .unwrap();
         assert_eq!(s.started_at, Some(20));
         let e = s.transition(StepStatus::Waiting, 30, "x").unwrap_err();
         assert_eq!(e, "step \"node-0\" cannot go from Starting to Waiting");
@@ -487,7 +502,11 @@ mod tests {
             .collect();
         assert_eq!(
             h,
-            ["Prepared@10 preparing", "Starting@20 launching", "Pending@40 restarted"]
+            [
+                "Prepared@10 preparing",
+                "Starting@20 launching",
+                "Pending@40 restarted"
+            ]
         );
         assert_eq!((s.message.as_str(), s.updated_at), ("restarted", 40));
     }
@@ -516,13 +535,43 @@ mod tests {
         use PhaseStrategy::*;
         use StepStatus::*;
         let cases: &[(PhaseStrategy, &[StepStatus], &[usize], &[bool])] = &[
-            (Serial, &[Pending, Pending, Pending], &[0], &[false, false, false]),
-            (Serial, &[Complete, Started, Pending], &[1], &[false, false, false]),
-            (Serial, &[Complete, Error, Pending], &[1], &[false, false, false]),
+            (
+                Serial,
+                &[Pending, Pending, Pending],
+                &[0],
+                &[false, false, false],
+            ),
+            (
+                Serial,
+                &[Complete, Started, Pending],
+                &[1],
+                &[false, false, false],
+            ),
+            (
+                Serial,
+                &[Complete, Error, Pending],
+                &[1],
+                &[false, false, false],
+            ),
             (Serial, &[Complete, Complete], &[], &[false, false]),
-            (Parallel, &[Complete, Started, Pending], &[1, 2], &[false, false, false]),
-            (Canary(1), &[Pending, Pending, Pending], &[0], &[false, true, true]),
-            (Canary(2), &[Complete, Complete, Pending], &[2], &[false, false, true]),
+            (
+                Parallel,
+                &[Complete, Started, Pending],
+                &[1, 2],
+                &[false, false, false],
+            ),
+            (
+                Canary(1),
+                &[Pending, Pending, Pending],
+                &[0],
+                &[false, true, true],
+            ),
+            (
+                Canary(2),
+                &[Complete, Complete, Pending],
+                &[2],
+                &[false, false, true],
+            ),
         ];
         for (strategy, statuses, runnable, gated) in cases {
             let p = phase(*strategy, statuses);
@@ -539,7 +588,10 @@ mod tests {
             "deploy",
             PlanKind::Deploy,
             1,
-            vec![phase(PhaseStrategy::Canary(1), &[Complete, Waiting, Pending])],
+            vec![phase(
+                PhaseStrategy::Canary(1),
+                &[Complete, Waiting, Pending],
+            )],
             0,
         );
         assert_eq!(p.status(), PlanStatus::Waiting);
@@ -553,7 +605,10 @@ mod tests {
             phase: "p".into(),
             step: "node-9".into(),
         };
-        assert_eq!(p.operate(&bad, 7).unwrap_err(), "phase \"p\" has no step \"node-9\"");
+        assert_eq!(
+            p.operate(&bad, 7).unwrap_err(),
+            "phase \"p\" has no step \"node-9\""
+        );
         p.phases[0].steps[1].status = Error;
         assert_eq!(p.status(), PlanStatus::Error);
         let fc = |s: &str| PlanOp::ForceComplete {
@@ -575,6 +630,9 @@ mod tests {
             phase: "x".into(),
             step: "node-0".into(),
         };
-        assert_eq!(p.operate(&nophase, 11).unwrap_err(), "plan \"deploy\" has no phase \"x\"");
+        assert_eq!(
+            p.operate(&nophase, 11).unwrap_err(),
+            "plan \"deploy\" has no phase \"x\""
+        );
     }
 }

@@ -153,7 +153,12 @@ impl Cx<'_> {
                     return self.to(plan, pi, si, StepStatus::Waiting, m);
                 }
                 if plan.kind == PlanKind::Deploy && self.up_to_date(pod, s) {
-                    let v = self.svc.type_versions.get(&pod.pod_type).copied().unwrap_or(0);
+                    let v = self
+                        .svc
+                        .type_versions
+                        .get(&pod.pod_type)
+                        .copied()
+                        .unwrap_or(0);
                     let m = format!("{} already runs version {v}", pod.id);
                     return self.to(plan, pi, si, StepStatus::Complete, m);
                 }
@@ -181,7 +186,11 @@ impl Cx<'_> {
                     self.to(plan, pi, si, StepStatus::Prepared, m);
                 }
                 Some(a) => {
-                    let m = format!("launching {} of {} on agent {a}", s.tasks.join(", "), pod.id);
+                    let m = format!(
+                        "launching {} of {} on agent {a}",
+                        s.tasks.join(", "),
+                        pod.id
+                    );
                     self.to(plan, pi, si, StepStatus::Starting, m);
                 }
             },
@@ -198,7 +207,12 @@ impl Cx<'_> {
     /// A deploy step has nothing to do: every task it would launch already runs its pod
     /// type's current version (`once` tasks: launched at all in this incarnation).
     fn up_to_date(&self, pod: &PodInstance, s: &Step) -> bool {
-        let v = self.svc.type_versions.get(&pod.pod_type).copied().unwrap_or(0);
+        let v = self
+            .svc
+            .type_versions
+            .get(&pod.pod_type)
+            .copied()
+            .unwrap_or(0);
         pod.agent.is_some()
             && s.tasks.iter().all(|t| match pod.tasks.get(t) {
                 Some(target) => target.goal == TaskGoal::Once || target.version >= v,
@@ -282,20 +296,20 @@ impl Cx<'_> {
                 Progress::Failed(m) => failed.push((name.clone(), m)),
             }
         }
+        // Recovery steps (one phase for every pod type) take their pod type's deadline.
+        let deadline_ms = match (phase.deadline_ms, plan.kind) {
+            (0, PlanKind::Recovery) => ptype.deadline_ms,
+            (d, _) => d,
+        };
         let started_at = s.started_at.unwrap_or(s.updated_at);
-        let late = phase.deadline_ms > 0 && self.now >= started_at + phase.deadline_ms;
-        let deadline = humantime::format_duration(std::time::Duration::from_millis(
-            phase.deadline_ms,
-        ));
+        let late = deadline_ms > 0 && self.now >= started_at + deadline_ms;
+        let deadline = humantime::format_duration(std::time::Duration::from_millis(deadline_ms));
         if let Some((_, why)) = failed.first() {
             if late {
                 let m = format!("{why}; not done within {deadline}");
                 return self.to(plan, pi, si, StepStatus::Error, m);
             }
-            let tasks = failed
-                .iter()
-                .map(|(t, _)| self.launch(pod, s, t))
-                .collect();
+            let tasks = failed.iter().map(|(t, _)| self.launch(pod, s, t)).collect();
             self.out.push(Action::Op(ServiceOp::Launch {
                 plan: plan.name.clone(),
                 phase: pi,
@@ -368,9 +382,8 @@ impl Cx<'_> {
         let s = &plan.phases[pi].steps[si];
         if s.status == StepStatus::Starting {
             let live = self.obs.tasks.get(&pod.id).and_then(|ts| {
-                ts.iter().find(|(_, f)| {
-                    Some(&f.agent) == pod.agent.as_ref() && !f.state.is_terminal()
-                })
+                ts.iter()
+                    .find(|(_, f)| Some(&f.agent) == pod.agent.as_ref() && !f.state.is_terminal())
             });
             let m = match live {
                 Some((t, f)) => format!("waiting for {t} of {} to stop ({:?})", pod.id, f.state),
@@ -399,14 +412,24 @@ impl Cx<'_> {
 
     /// Pods no step holds: restart failed `running` tasks in place; replace a pod whose agent
     /// has been unreachable for its type's `replace_after` (never otherwise: no duplicates).
+    /// A pod with an unfinished recovery step, or a step in `error` in any plan, is left to
+    /// that step (an operator restarts or force-completes it).
     fn recover(&mut self) {
         let recovering: BTreeSet<&str> = self
             .svc
             .plans
-            .get("recovery")
-            .into_iter()
-            .flat_map(|p| p.phases.iter().flat_map(|ph| ph.steps.iter()))
-            .filter(|s| s.status != StepStatus::Complete)
+            .values()
+            .flat_map(|p| {
+                let recovery = p.kind == PlanKind::Recovery;
+                p.phases
+                    .iter()
+                    .flat_map(|ph| ph.steps.iter())
+                    .filter(move |s| match s.status {
+                        StepStatus::Error => true,
+                        StepStatus::Complete => false,
+                        _ => recovery,
+                    })
+            })
             .map(|s| s.pod.as_str())
             .collect();
         for pod in self.svc.pods.values() {

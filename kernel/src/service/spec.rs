@@ -7,8 +7,8 @@
 //! accept and refuse the same things; its field names are re-rooted under the task's path.
 
 use super::model::{
-    ConfigTemplate, PhaseDef, PhaseStrategy, PlanDef, PodTask, PodType, StatefulService,
-    TaskGoal, VolumeSpec,
+    ConfigTemplate, PhaseDef, PhaseStrategy, PlanDef, PodTask, PodType, StatefulService, TaskGoal,
+    VolumeSpec,
 };
 use crate::model::{PortAsk, RuntimeSpec, TaskResources, WorkloadKind};
 use crate::scheduler::Constraint;
@@ -117,11 +117,9 @@ fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecErr
 
 /// Parses a TOML spec (unknown fields and wrong types are errors that name the key).
 pub fn from_toml(text: &str) -> Result<ServiceSpec, SpecError> {
-    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
-        let mut s = path_error(e);
-        // toml appends the source line to its message; keep the first line.
-        s.message = s.message.lines().next().unwrap_or_default().to_string();
-        s
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| SpecError {
+        field: e.path().to_string(),
+        message: e.inner().message().trim().to_string(),
     })
 }
 
@@ -146,7 +144,9 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
     } else {
         err(
             field,
-            format!("{name:?}: use 1-{max} lowercase letters, digits or '-', starting with a letter"),
+            format!(
+                "{name:?}: use 1-{max} lowercase letters, digits or '-', starting with a letter"
+            ),
         )
     }
 }
@@ -174,7 +174,9 @@ pub fn check_sandbox_path(field: &str, path: &str) -> Result<(), SpecError> {
     if path.starts_with('/') {
         return err(
             field,
-            format!("{path:?} is outside the sandbox: write it relative to the sandbox, e.g. \"data\""),
+            format!(
+                "{path:?} is outside the sandbox: write it relative to the sandbox, e.g. \"data\""
+            ),
         );
     }
     if path
@@ -183,7 +185,9 @@ pub fn check_sandbox_path(field: &str, path: &str) -> Result<(), SpecError> {
     {
         return err(
             field,
-            format!("{path:?}: no '..', '.' or empty components; the path must stay inside the sandbox"),
+            format!(
+                "{path:?}: no '..', '.' or empty components; the path must stay inside the sandbox"
+            ),
         );
     }
     Ok(())
@@ -269,7 +273,10 @@ impl TaskSpec {
             let f = format!("{at}.templates[{i}]");
             check_sandbox_path(&format!("{f}.path"), &t.path)?;
             if self.templates[..i].iter().any(|u| u.path == t.path) {
-                return err(format!("{f}.path"), format!("{:?} is rendered twice", t.path));
+                return err(
+                    format!("{f}.path"),
+                    format!("{:?} is rendered twice", t.path),
+                );
             }
             check_template(&format!("{f}.template"), &t.path, &t.template)?;
         }
@@ -292,20 +299,25 @@ impl PodTypeSpec {
     fn validate(self, at: &str) -> Result<PodType, SpecError> {
         check_name(&format!("{at}.name"), &self.name, 32)?;
         if self.count > MAX_COUNT {
-            return err(format!("{at}.count"), format!("at most {MAX_COUNT} pods of one type"));
+            return err(
+                format!("{at}.count"),
+                format!("at most {MAX_COUNT} pods of one type"),
+            );
         }
         if self.constraints.len() > 32 {
             return err(format!("{at}.constraints"), "at most 32 constraints");
         }
         let mut constraints = Vec::new();
         for (i, c) in self.constraints.iter().enumerate() {
-            constraints.push(
-                Constraint::parse(c).or_else(|m| err(format!("{at}.constraints[{i}]"), m))?,
-            );
+            constraints
+                .push(Constraint::parse(c).or_else(|m| err(format!("{at}.constraints[{i}]"), m))?);
         }
         if let Some(role) = &self.role {
             if role.is_empty() || role.len() > 64 || role.contains(['(', ')', ':', ';']) {
-                return err(format!("{at}.role"), "a role is 1-64 characters without ( ) : ;");
+                return err(
+                    format!("{at}.role"),
+                    "a role is 1-64 characters without ( ) : ;",
+                );
             }
         }
         if self.volumes.len() > 16 {
@@ -315,7 +327,10 @@ impl PodTypeSpec {
             let f = format!("{at}.volumes[{i}]");
             check_name(&format!("{f}.name"), &v.name, 32)?;
             if self.volumes[..i].iter().any(|u| u.name == v.name) {
-                return err(format!("{f}.name"), format!("two volumes named {:?}", v.name));
+                return err(
+                    format!("{f}.name"),
+                    format!("two volumes named {:?}", v.name),
+                );
             }
             check_sandbox_path(&format!("{f}.path"), &v.path)?;
             let nested = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
@@ -352,14 +367,19 @@ impl PodTypeSpec {
                     if q.name == p.name || (p.number != 0 && q.number == p.number) {
                         return err(
                             format!("{f}.ports[{j}]"),
-                            format!("port {:?} ({}) is taken by another task of the pod", p.name, p.number),
+                            format!(
+                                "port {:?} ({}) is taken by another task of the pod",
+                                p.name, p.number
+                            ),
                         );
                     }
                 }
             }
-            if let Some(v) = t.templates.iter().position(|tpl| {
-                self.volumes.iter().any(|v| v.path == tpl.path)
-            }) {
+            if let Some(v) = t
+                .templates
+                .iter()
+                .position(|tpl| self.volumes.iter().any(|v| v.path == tpl.path))
+            {
                 return err(
                     format!("{f}.templates[{v}].path"),
                     "a template is a file; it cannot replace a volume's directory",
@@ -407,7 +427,10 @@ impl ServiceSpec {
             let f = format!("pod_types[{i}]");
             let p = p.validate(&f)?;
             if pod_types.iter().any(|q| q.name == p.name) {
-                return err(format!("{f}.name"), format!("two pod types named {:?}", p.name));
+                return err(
+                    format!("{f}.name"),
+                    format!("two pod types named {:?}", p.name),
+                );
             }
             pod_types.push(p);
         }
@@ -435,7 +458,10 @@ impl ServiceSpec {
                 let g = format!("{f}.phases[{j}]");
                 check_name(&format!("{g}.name"), &ph.name, 32)?;
                 if phases.iter().any(|q| q.name == ph.name) {
-                    return err(format!("{g}.name"), format!("two phases named {:?}", ph.name));
+                    return err(
+                        format!("{g}.name"),
+                        format!("two phases named {:?}", ph.name),
+                    );
                 }
                 let Some(t) = pod_types.iter().find(|t| t.name == ph.pod_type) else {
                     let known: Vec<&str> = pod_types.iter().map(|t| t.name.as_str()).collect();
@@ -445,7 +471,10 @@ impl ServiceSpec {
                     );
                 };
                 if ph.tasks.is_empty() {
-                    return err(format!("{g}.tasks"), "name the pod type's tasks each step runs");
+                    return err(
+                        format!("{g}.tasks"),
+                        "name the pod type's tasks each step runs",
+                    );
                 }
                 for (k, name) in ph.tasks.iter().enumerate() {
                     if t.task(name).is_none() {

@@ -58,7 +58,10 @@ pub fn check_update(
             else {
                 return err(
                     format!("{at}.volumes"),
-                    format!("volume {:?} is missing: removing a volume destroys its data", ov.name),
+                    format!(
+                        "volume {:?} is missing: removing a volume destroys its data",
+                        ov.name
+                    ),
                 );
             };
             if nv.path != ov.path {
@@ -127,7 +130,12 @@ tasks = [{ name = "proxy", runtime.native = { cmd = "/bin/proxy" } }]
         let cases: &[(&str, &str, bool, &str)] = &[
             ("count = 3", "count = 5", false, "ok"),
             ("/bin/db", "/bin/db2", false, "ok"),
-            ("count = 3", "count = 2", false, "pod_types[0].count: 3 → 2 would decommission 1 pod(s)"),
+            (
+                "count = 3",
+                "count = 2",
+                false,
+                "pod_types[0].count: 3 → 2 would decommission 1 pod(s)",
+            ),
             ("count = 3", "count = 2", true, "ok"),
             (
                 vol,
@@ -141,14 +149,24 @@ tasks = [{ name = "proxy", runtime.native = { cmd = "/bin/proxy" } }]
                 true,
                 "pod_types[0].volumes[0].size_mb: volume \"data\" has 100 MiB",
             ),
-            (vol, "", true, "pod_types[0].volumes: volume \"data\" is missing"),
+            (
+                vol,
+                "",
+                true,
+                "pod_types[0].volumes: volume \"data\" is missing",
+            ),
             (
                 vol,
                 r#"volumes = [{ name = "data", path = "data", size_mb = 100 }, { name = "wal", path = "wal", size_mb = 1 }]"#,
                 false,
                 "pod_types[0].volumes[1]: new volume \"wal\"",
             ),
-            ("name = \"db\"", "name = \"db2\"", true, "name: the service is \"db\""),
+            (
+                "name = \"db\"",
+                "name = \"db2\"",
+                true,
+                "name: the service is \"db\"",
+            ),
         ];
         for (from, to, allow, want) in cases {
             assert!(OLD.contains(from));
@@ -162,6 +180,9 @@ tasks = [{ name = "proxy", runtime.native = { cmd = "/bin/proxy" } }]
         let without_proxy = svc(OLD.split("[[pod_types]]\nname = \"proxy\"").next().unwrap());
         let e = check_update(&old, &without_proxy, true).unwrap_err();
         assert_eq!(e.field, "pod_types");
-        assert!(e.message.starts_with("pod type \"proxy\" is missing"), "{e}");
+        assert!(
+            e.message.starts_with("pod type \"proxy\" is missing"),
+            "{e}"
+        );
     }
 }

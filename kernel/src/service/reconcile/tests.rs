@@ -63,7 +63,9 @@ impl Sim {
 
     fn agent(&mut self, id: &str, active: bool) {
         let since = self.now;
-        self.obs.agents.insert(id.into(), AgentFact { active, since });
+        self.obs
+            .agents
+            .insert(id.into(), AgentFact { active, since });
     }
 
     /// One leader pass: reconcile, log and apply every action; then the agents report.
@@ -74,7 +76,13 @@ impl Sim {
             let op = match a {
                 Action::PlacePod { pod, incarnation } => {
                     // Round-robin over active agents, never the pod's previous agent.
-                    let old: BTreeSet<&String> = self.svc.volumes.values().filter(|v| &v.pod == pod).map(|v| &v.agent).collect();
+                    let old: BTreeSet<&String> = self
+                        .svc
+                        .volumes
+                        .values()
+                        .filter(|v| &v.pod == pod)
+                        .map(|v| &v.agent)
+                        .collect();
                     let agent = self
                         .obs
                         .agents
@@ -82,7 +90,13 @@ impl Sim {
                         .filter(|(id, f)| f.active && !old.contains(id))
                         .map(|(id, _)| id.clone())
                         .nth(self.svc.pods[pod].index as usize % 2)
-                        .or_else(|| self.obs.agents.iter().find(|(_, f)| f.active).map(|(id, _)| id.clone()))
+                        .or_else(|| {
+                            self.obs
+                                .agents
+                                .iter()
+                                .find(|(_, f)| f.active)
+                                .map(|(id, _)| id.clone())
+                        })
                         .unwrap();
                     writeln!(self.log, "place {pod}#{incarnation} on {agent}").unwrap();
                     ServiceOp::PlacePod {
@@ -111,7 +125,8 @@ impl Sim {
     /// volumes being destroyed are destroyed.
     fn report(&mut self) {
         let active = |a: &Option<String>, obs: &Observed| {
-            a.as_ref().is_some_and(|a| obs.agents.get(a).is_some_and(|f| f.active))
+            a.as_ref()
+                .is_some_and(|a| obs.agents.get(a).is_some_and(|f| f.active))
         };
         for pod in self.svc.pods.values() {
             if !active(&pod.agent, &self.obs) {
@@ -121,7 +136,9 @@ impl Sim {
             let facts = self.obs.tasks.entry(pod.id.clone()).or_default();
             for (t, target) in &pod.tasks {
                 let key = format!("{}/{t}", pod.id);
-                let fresh = facts.get(t).is_none_or(|f| f.generation != target.generation);
+                let fresh = facts
+                    .get(t)
+                    .is_none_or(|f| f.generation != target.generation);
                 if fresh {
                     *self.launches.entry(key.clone()).or_default() += 1;
                 }
@@ -136,7 +153,9 @@ impl Sim {
                 };
                 let message = match state {
                     TaskState::Failed => "exit status 1".to_string(),
-                    TaskState::Running if self.unready.contains(&key) => "connection refused".into(),
+                    TaskState::Running if self.unready.contains(&key) => {
+                        "connection refused".into()
+                    }
                     _ => String::new(),
                 };
                 facts.insert(
@@ -161,7 +180,10 @@ impl Sim {
             .collect();
         for (agent, id) in destroyed {
             writeln!(self.log, "agent {agent} destroyed {id}").unwrap();
-            let op = ServiceOp::VolumesDestroyed { agent, ids: vec![id] };
+            let op = ServiceOp::VolumesDestroyed {
+                agent,
+                ids: vec![id],
+            };
             apply_op(&mut self.svc, op, self.now).unwrap();
         }
     }
@@ -177,7 +199,10 @@ impl Sim {
 
     fn operate(&mut self, plan: &str, op: PlanOp) {
         writeln!(self.log, "operator: {plan} {op:?}").unwrap();
-        let op = ServiceOp::Plan { plan: plan.into(), op };
+        let op = ServiceOp::Plan {
+            plan: plan.into(),
+            op,
+        };
         apply_op(&mut self.svc, op, self.now).unwrap();
     }
 
@@ -187,14 +212,26 @@ impl Sim {
 
     fn status(&self, plan: &str) -> String {
         let p = &self.svc.plans[plan];
-        let steps: Vec<String> = p.phases.iter().flat_map(|ph| ph.steps.iter()).map(|s| format!("{}={:?}", s.name, s.status)).collect();
+        let steps: Vec<String> = p
+            .phases
+            .iter()
+            .flat_map(|ph| ph.steps.iter())
+            .map(|s| format!("{}={:?}", s.name, s.status))
+            .collect();
         format!("{:?} {}", p.status(), steps.join(" "))
     }
 }
 
 fn show(svc: &ServiceState, op: &ServiceOp) -> String {
     match op {
-        ServiceOp::Step { plan, phase, step, from, to, message } => {
+        ServiceOp::Step {
+            plan,
+            phase,
+            step,
+            from,
+            to,
+            message,
+        } => {
             let s = &svc.plans[plan].phases[*phase].steps[*step];
             if from == to {
                 format!("{plan}/{}: ({from:?}) {message}", s.name)
@@ -202,12 +239,25 @@ fn show(svc: &ServiceState, op: &ServiceOp) -> String {
                 format!("{plan}/{}: {from:?} → {to:?}: {message}", s.name)
             }
         }
-        ServiceOp::Launch { plan, phase, step, tasks } => {
+        ServiceOp::Launch {
+            plan,
+            phase,
+            step,
+            tasks,
+        } => {
             let s = &svc.plans[plan].phases[*phase].steps[*step];
-            let t: Vec<String> = tasks.iter().map(|l| format!("{}@v{}", l.task, l.version)).collect();
+            let t: Vec<String> = tasks
+                .iter()
+                .map(|l| format!("{}@v{}", l.task, l.version))
+                .collect();
             format!("{plan}/{}: launch {}", s.name, t.join(" "))
         }
-        ServiceOp::Recover { pod, tasks, replace, message } => {
+        ServiceOp::Recover {
+            pod,
+            tasks,
+            replace,
+            message,
+        } => {
             format!("recover {pod} {tasks:?} replace={replace}: {message}")
         }
         other => format!("{other:?}"),
@@ -240,9 +290,23 @@ deploy/node-1: Starting → Started: node-1 running; waiting for readiness
 deploy/node-1: (Started) server of node-1 running; readiness check failing: connection refused
 "
     );
-    assert_eq!(sim.status("deploy"), "InProgress node-0=Complete node-1=Started");
-    let vols: Vec<String> = sim.svc.volumes.values().map(|v| format!("{} {} {}MiB {:?}", v.id, v.agent, v.size_mb, v.status)).collect();
-    assert_eq!(vols, ["db.node-0.data.0 a1 100MiB Reserved", "db.node-1.data.0 a2 100MiB Reserved"]);
+    assert_eq!(
+        sim.status("deploy"),
+        "InProgress node-0=Complete node-1=Started"
+    );
+    let vols: Vec<String> = sim
+        .svc
+        .volumes
+        .values()
+        .map(|v| format!("{} {} {}MiB {:?}", v.id, v.agent, v.size_mb, v.status))
+        .collect();
+    assert_eq!(
+        vols,
+        [
+            "db.node-0.data.0 a1 100MiB Reserved",
+            "db.node-1.data.0 a2 100MiB Reserved"
+        ]
+    );
     // Still not ready at the deadline (10 s after starting): the step errors and stays so.
     for _ in 0..12 {
         sim.tick();
@@ -254,7 +318,13 @@ deploy/node-1: (Started) server of node-1 running; readiness check failing: conn
     assert_eq!(sim.status("deploy"), "Error node-0=Complete node-1=Error");
     // Restart the step once it can become ready: `once` init is not run again.
     sim.unready.clear();
-    sim.operate("deploy", PlanOp::Restart { phase: "node".into(), step: "node-1".into() });
+    sim.operate(
+        "deploy",
+        PlanOp::Restart {
+            phase: "node".into(),
+            step: "node-1".into(),
+        },
+    );
     sim.settle(20);
     assert_eq!(
         sim.take(),
@@ -280,7 +350,10 @@ fn leader_failover_resumes_and_never_redoes_a_completed_step() {
         sim.tick();
     }
     sim.take();
-    assert_eq!(sim.status("deploy"), "InProgress node-0=Complete node-1=Starting node-2=Pending");
+    assert_eq!(
+        sim.status("deploy"),
+        "InProgress node-0=Complete node-1=Starting node-2=Pending"
+    );
     // The leader dies: a new one rebuilds the state from the replicated bytes.
     let bytes = bincode::serialize(&sim.svc).unwrap();
     sim.svc = bincode::deserialize(&bytes).unwrap();
@@ -301,18 +374,31 @@ fn leader_failover_resumes_and_never_redoes_a_completed_step() {
         message: "replayed".into(),
     };
     let e = apply_op(&mut sim.svc, replay, sim.now).unwrap_err();
-    assert_eq!((e.code, e.message.as_str()), ("stale", "step \"node-0\" is Complete, not Started"));
-    let gen = sim.svc.pods["node-1"].tasks["init"].generation;
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        ("stale", "step \"node-0\" is Complete, not Started")
+    );
+    let gen = sim.svc.pods["node-0"].tasks["server"].generation;
     let relaunch = ServiceOp::Launch {
         plan: "deploy".into(),
         phase: 0,
-        step: 1,
-        tasks: vec![crate::service::ops::Launch { task: "init".into(), version: 1, seen: None }],
+        step: 0,
+        tasks: vec![crate::service::ops::Launch {
+            task: "server".into(),
+            version: 1,
+            seen: Some(gen),
+        }],
     };
-    assert_eq!(apply_op(&mut sim.svc, relaunch, sim.now).unwrap_err().code, "stale");
-    assert_eq!(sim.svc.pods["node-1"].tasks["init"].generation, gen);
+    assert_eq!(
+        apply_op(&mut sim.svc, relaunch, sim.now).unwrap_err().code,
+        "stale"
+    );
+    assert_eq!(sim.svc.pods["node-0"].tasks["server"].generation, gen);
     sim.settle(30);
-    assert_eq!(sim.status("deploy"), "Complete node-0=Complete node-1=Complete node-2=Complete");
+    assert_eq!(
+        sim.status("deploy"),
+        "Complete node-0=Complete node-1=Complete node-2=Complete"
+    );
     let once: Vec<u32> = sim.launches.values().copied().collect();
     assert_eq!(once, [1, 1, 1, 1, 1, 1], "{:?}", sim.launches);
     // A reconcile of a finished, healthy service proposes nothing.
@@ -326,14 +412,22 @@ fn canary_waits_for_continue_interrupt_holds_and_force_complete_skips() {
         .replace("deadline = \"10s\"", "deadline = \"1h\"");
     let mut sim = Sim::new(&spec, &["a1", "a2"]);
     sim.settle(20);
-    assert_eq!(sim.status("deploy"), "Waiting node-0=Complete node-1=Waiting node-2=Pending");
-    assert!(sim.take().ends_with("deploy/node-1: Pending → Waiting: canary: 1 step(s) done; waiting for `continue`\n"));
+    assert_eq!(
+        sim.status("deploy"),
+        "Waiting node-0=Complete node-1=Waiting node-2=Pending"
+    );
+    assert!(sim.take().ends_with(
+        "deploy/node-1: Pending → Waiting: canary: 1 step(s) done; waiting for `continue`\n"
+    ));
     // Interrupt, then continue: the gate opens, but nothing starts while interrupted.
     sim.operate("deploy", PlanOp::Interrupt);
     sim.operate("deploy", PlanOp::Continue);
     sim.operate("deploy", PlanOp::Interrupt);
     sim.settle(5);
-    assert_eq!(sim.status("deploy"), "Interrupted node-0=Complete node-1=Pending node-2=Pending");
+    assert_eq!(
+        sim.status("deploy"),
+        "Interrupted node-0=Complete node-1=Pending node-2=Pending"
+    );
     // node-1 never becomes ready; once it is under way an interrupt lets it go on, then
     // force-complete skips it.
     sim.unready.insert("node-1/server".into());
@@ -343,20 +437,39 @@ fn canary_waits_for_continue_interrupt_holds_and_force_complete_skips() {
     }
     sim.operate("deploy", PlanOp::Interrupt);
     sim.settle(5);
-    assert_eq!(sim.status("deploy"), "Interrupted node-0=Complete node-1=Started node-2=Pending");
-    sim.operate("deploy", PlanOp::ForceComplete { phase: "node".into(), step: "node-1".into() });
+    assert_eq!(
+        sim.status("deploy"),
+        "Interrupted node-0=Complete node-1=Started node-2=Pending"
+    );
+    sim.operate(
+        "deploy",
+        PlanOp::ForceComplete {
+            phase: "node".into(),
+            step: "node-1".into(),
+        },
+    );
     sim.settle(5);
-    assert_eq!(sim.status("deploy"), "Interrupted node-0=Complete node-1=Complete node-2=Pending");
+    assert_eq!(
+        sim.status("deploy"),
+        "Interrupted node-0=Complete node-1=Complete node-2=Pending"
+    );
     sim.operate("deploy", PlanOp::Continue);
     sim.settle(20);
-    assert_eq!(sim.status("deploy"), "Complete node-0=Complete node-1=Complete node-2=Complete");
+    assert_eq!(
+        sim.status("deploy"),
+        "Complete node-0=Complete node-1=Complete node-2=Complete"
+    );
     let h: Vec<String> = sim.svc.plans["deploy"].phases[0].steps[1]
         .history
         .iter()
         .map(|c| format!("{:?}@{}", c.status, c.at))
         .collect();
-    assert_eq!(h.first().map(String::as_str), Some("Waiting@6000"), "{h:?}");
-    assert_eq!(h.last().map(|s| s.starts_with("Complete@")), Some(true), "{h:?}");
+    assert_eq!(h.first().map(String::as_str), Some("Waiting@8000"), "{h:?}");
+    assert_eq!(
+        h.last().map(|s| s.starts_with("Complete@")),
+        Some(true),
+        "{h:?}"
+    );
 }
 
 #[test]
@@ -367,7 +480,7 @@ fn a_failing_task_is_relaunched_until_the_deadline_then_the_step_errors() {
         sim.tick();
     }
     let log = sim.take();
-    let relaunches = log.matches("server of node-0 failed: exit status 1; launching it again").count();
+    let relaunches = log.matches("deploy/node-0: launch server@v1").count();
     assert!(relaunches >= 3, "{log}");
     assert!(
         log.ends_with("deploy/node-0: Starting → Error: server of node-0 failed: exit status 1; not done within 10s\n"),
@@ -378,13 +491,25 @@ fn a_failing_task_is_relaunched_until_the_deadline_then_the_step_errors() {
 
 #[test]
 fn recovery_restarts_in_place_and_replaces_only_after_replace_after() {
-    let spec = SPEC.replace("deadline = \"10s\"", "deadline = \"10s\"\nreplace_after = \"30s\"");
+    let spec = SPEC.replace(
+        "deadline = \"10s\"",
+        "deadline = \"10s\"\nreplace_after = \"30s\"",
+    );
     let mut sim = Sim::new(&spec, &["a1", "a2", "a3"]);
     sim.settle(30);
-    assert_eq!(sim.status("deploy"), "Complete node-0=Complete node-1=Complete");
+    assert_eq!(
+        sim.status("deploy"),
+        "Complete node-0=Complete node-1=Complete"
+    );
     sim.take();
     // server of node-0 crashes: restarted in place (same agent, same volume), init not rerun.
-    let f = sim.obs.tasks.get_mut("node-0").unwrap().get_mut("server").unwrap();
+    let f = sim
+        .obs
+        .tasks
+        .get_mut("node-0")
+        .unwrap()
+        .get_mut("server")
+        .unwrap();
     f.state = TaskState::Failed;
     f.message = "exit status 2".into();
     sim.settle(10);
@@ -421,10 +546,19 @@ recovery/node-1: Starting → Started: node-1 running; checking readiness
 recovery/node-1: Started → Complete: node-1 done
 "
     );
-    let vols: Vec<String> = sim.svc.volumes.values().map(|v| format!("{} {} {:?}", v.id, v.agent, v.status)).collect();
+    let vols: Vec<String> = sim
+        .svc
+        .volumes
+        .values()
+        .map(|v| format!("{} {} {:?}", v.id, v.agent, v.status))
+        .collect();
     assert_eq!(
         vols,
-        ["db.node-0.data.0 a1 Reserved", "db.node-1.data.0 a2 Destroying", "db.node-1.data.1 a3 Reserved"]
+        [
+            "db.node-0.data.0 a1 Reserved",
+            "db.node-1.data.0 a2 Destroying",
+            "db.node-1.data.1 a3 Reserved"
+        ]
     );
     // a2 returns: its old volume is destroyed; nothing else happens to node-1.
     sim.agent("a2", true);
@@ -445,14 +579,17 @@ fn scale_down_decommissions_from_the_highest_index_and_destroys_exactly_their_vo
     assert!(update_service(&mut sim.svc, smaller, true, 50, sim.now).unwrap());
     sim.settle(30);
     let log = sim.take();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("→") || l.starts_with("agent")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("→") || l.starts_with("agent"))
+        .collect();
     assert_eq!(
         lines,
         [
-            "deploy/node-0: Pending → Complete: node-0 already runs version 1",
             "decommission/node-3: Pending → Prepared: decommissioning node-3",
-            "deploy/node-1: Pending → Complete: node-1 already runs version 1",
+            "deploy/node-0: Pending → Complete: node-0 already runs version 1",
             "decommission/node-3: Prepared → Starting: stopping the tasks of node-3",
+            "deploy/node-1: Pending → Complete: node-1 already runs version 1",
             "decommission/node-3: Starting → Started: destroying the volumes of node-3",
             "agent a2 destroyed db.node-3.data.0",
             "decommission/node-3: Started → Complete: node-3 removed",
@@ -481,11 +618,17 @@ fn an_update_restarts_only_the_changed_pod_type_one_pod_at_a_time() {
         "Complete node-0=Complete node-1=Complete proxy-0=Complete proxy-1=Complete"
     );
     sim.take();
-    let changed = from_toml(&two.replace("/bin/proxy", "/bin/proxy2")).unwrap().validate().unwrap();
+    let changed = from_toml(&two.replace("/bin/proxy", "/bin/proxy2"))
+        .unwrap()
+        .validate()
+        .unwrap();
     assert!(update_service(&mut sim.svc, changed, false, 9, sim.now).unwrap());
     sim.settle(40);
     let log = sim.take();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("→ Complete") || l.contains("launch ")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("→ Complete") || l.contains("launch "))
+        .collect();
     assert_eq!(
         lines,
         [
@@ -497,5 +640,12 @@ fn an_update_restarts_only_the_changed_pod_type_one_pod_at_a_time() {
             "deploy/proxy-1: Started → Complete: proxy-1 done",
         ]
     );
-    assert_eq!(sim.svc.history.iter().map(|h| h.version).collect::<Vec<_>>(), [1, 9]);
+    assert_eq!(
+        sim.svc
+            .history
+            .iter()
+            .map(|h| h.version)
+            .collect::<Vec<_>>(),
+        [1, 9]
+    );
 }

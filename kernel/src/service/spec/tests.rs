@@ -59,7 +59,10 @@ fn a_good_spec_validates_from_toml_and_json() {
             "tasks": [{"name": "server", "runtime": {"wasm": {"file": "kv.wasm"}}}]
         }]
     });
-    let s = from_json(json.to_string().as_bytes()).unwrap().validate().unwrap();
+    let s = from_json(json.to_string().as_bytes())
+        .unwrap()
+        .validate()
+        .unwrap();
     assert_eq!(s.pod_types[0].volumes[0].path, "var/data");
 }
 
@@ -77,9 +80,24 @@ fn bad(from: &str, to: &str) -> SpecError {
 fn bad_specs_name_the_field() {
     let vol = r#"volumes = [{ name = "data", path = "data", size_mb = 512 }]"#;
     let cases: &[(&str, &str, &str, &str)] = &[
-        ("name = \"zk\"", "name = \"zk\"\ncolour = \"red\"", "colour", "unknown field"),
-        ("count = 3", "count = -3", "pod_types[0].count", "invalid value"),
-        ("count = 3", "count = 5000", "pod_types[0].count", "at most 1000"),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\ncolour = \"red\"",
+            "colour",
+            "unknown field",
+        ),
+        (
+            "count = 3",
+            "count = -3",
+            "pod_types[0].count",
+            "invalid value",
+        ),
+        (
+            "count = 3",
+            "count = 5000",
+            "pod_types[0].count",
+            "at most 1000",
+        ),
         ("name = \"zk\"", "name = \"Zk!\"", "name", "lowercase"),
         (
             "name = \"node\"\ncount",
