@@ -152,7 +152,9 @@ impl Cx<'_> {
                     let m = format!("canary: {done} step(s) done; waiting for `continue`");
                     return self.to(plan, pi, si, StepStatus::Waiting, m);
                 }
-                if plan.kind == PlanKind::Deploy && self.up_to_date(pod, s) {
+                // A step run before (restarted) always launches again.
+                if plan.kind == PlanKind::Deploy && s.history.is_empty() && self.up_to_date(pod, s)
+                {
                     let v = self
                         .svc
                         .type_versions

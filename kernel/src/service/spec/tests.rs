@@ -237,10 +237,8 @@ fn bad_specs_name_the_field() {
 
 #[test]
 fn duplicate_pod_types_and_shared_ports_are_refused() {
-    let node = GOOD.split("[[plans]]").next().unwrap();
-    let two = node.replacen("[[pod_types]]", "", 1);
-    let text = format!("{node}\n[[pod_types]]{two}").replacen("name = \"zk\"", "", 1);
-    let text = format!("name = \"zk\"\n{text}");
+    let pod = "[[pod_types]]\nname = \"node\"\ntasks = [{ name = \"a\", runtime.native = { cmd = \"/bin/a\" } }]\n";
+    let text = format!("name = \"zk\"\n{pod}{pod}");
     let e = from_toml(&text).unwrap().validate().unwrap_err();
     assert_eq!(e.field, "pod_types[1].name");
     assert_eq!(e.message, "two pod types named \"node\"");
