@@ -534,7 +534,9 @@ mod tests {
     fn strategies_choose_runnable_steps() {
         use PhaseStrategy::*;
         use StepStatus::*;
-        let cases: &[(PhaseStrategy, &[StepStatus], &[usize], &[bool])] = &[
+        // (strategy, step statuses, runnable steps, gated steps)
+        type Case<'a> = (PhaseStrategy, &'a [StepStatus], &'a [usize], &'a [bool]);
+        let cases: &[Case] = &[
             (
                 Serial,
                 &[Pending, Pending, Pending],

@@ -573,7 +573,7 @@ fn scale_down_decommissions_from_the_highest_index_and_destroys_exactly_their_vo
     let mut sim = Sim::new(&spec, &["a1", "a2"]);
     sim.settle(40);
     sim.take();
-    let smaller = from_toml(&SPEC).unwrap().validate().unwrap();
+    let smaller = from_toml(SPEC).unwrap().validate().unwrap();
     let e = update_service(&mut sim.svc, smaller.clone(), false, 50, sim.now).unwrap_err();
     assert_eq!(e.field, "pod_types[0].count");
     assert!(update_service(&mut sim.svc, smaller, true, 50, sim.now).unwrap());
