@@ -10,5 +10,6 @@ pub mod master;
 pub mod model;
 pub mod resources;
 pub mod scheduler;
+pub mod service;
 pub mod spec;
 pub mod state;

@@ -14,6 +14,8 @@ pub struct Indexes {
     pub workloads: u64,
     pub tasks: u64,
     pub kv: u64,
+    /// Stateful services (`/api/v1/services`), their pods, plans and volumes.
+    pub services: u64,
 }
 
 /// The whole replicated cluster state.
@@ -34,6 +36,10 @@ pub struct State {
     pub deployments: BTreeMap<String, crate::model::Deployment>,
     /// The most recent changes, oldest first (at most `EVENTS_KEPT`), for `/api/v1/events`.
     pub events: std::collections::VecDeque<Event>,
+    /// Stateful services by name (not `kind = "service"` workloads: see `crate::service`).
+    pub services: BTreeMap<String, crate::service::ServiceState>,
+    /// Volumes of removed services: orphaned (kept) or being destroyed by their agents.
+    pub detached_volumes: BTreeMap<String, crate::service::VolumeReservation>,
     /// Agents whose assignments the last `apply` changed (scratch, not replicated state:
     /// `Machine` drains it to wake exactly those agents' long-polls).
     #[serde(skip)]
@@ -172,6 +178,37 @@ pub enum Command {
     },
     KvDelete {
         key: String,
+    },
+    /// Declare a stateful service (validated by `service::spec`): its pods and `deploy` plan.
+    CreateService {
+        service: crate::service::StatefulService,
+        at: u64,
+    },
+    /// Change a stateful service's spec; refused if it would lose data
+    /// (`service::update::check_update`). An unchanged spec changes nothing.
+    UpdateService {
+        service: crate::service::StatefulService,
+        allow_decommission: bool,
+        at: u64,
+    },
+    /// Remove a stateful service; its volumes are destroyed, or kept as orphaned.
+    RemoveService {
+        name: String,
+        keep_volumes: bool,
+        at: u64,
+    },
+    /// A step of the plan engine or an operator's operation on a stateful service (place a
+    /// pod, move a step, launch tasks, recover a pod, interrupt/continue/force-complete/restart).
+    ServiceOp {
+        service: String,
+        op: crate::service::ServiceOp,
+        at: u64,
+    },
+    /// An agent deleted the data of these volumes.
+    VolumesDestroyed {
+        agent: String,
+        ids: Vec<String>,
+        at: u64,
     },
 }
 
@@ -452,6 +489,42 @@ fn describe(cmd: &Command) -> Described {
         },
         Command::KvPut { key, .. } => other("kv", key, "put", String::new(), 0),
         Command::KvDelete { key } => other("kv", key, "deleted", String::new(), 0),
+        Command::CreateService { service, at } => other(
+            "service",
+            &service.name,
+            "created",
+            crate::service::ops::summary(service),
+            *at,
+        ),
+        Command::UpdateService { service, at, .. } => other(
+            "service",
+            &service.name,
+            "updated",
+            crate::service::ops::summary(service),
+            *at,
+        ),
+        Command::RemoveService {
+            name,
+            keep_volumes,
+            at,
+        } => other(
+            "service",
+            name,
+            "removed",
+            if *keep_volumes {
+                "volumes kept".into()
+            } else {
+                String::new()
+            },
+            *at,
+        ),
+        Command::ServiceOp { service, op, at } => {
+            let (kind, detail) = crate::service::ops::describe(op);
+            other("service", service, kind, detail, *at)
+        }
+        Command::VolumesDestroyed { agent, ids, at } => {
+            other("agent", agent, "volumes_destroyed", ids.join(", "), *at)
+        }
     }
 }
 
@@ -789,6 +862,23 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
                 state.indexes.kv = index;
             }
             Outcome::Done { index }
+        }
+        Command::CreateService { service, at } => {
+            crate::service::commands::create(state, index, service, at)
+        }
+        Command::UpdateService {
+            service,
+            allow_decommission,
+            at,
+        } => crate::service::commands::update(state, index, service, allow_decommission, at),
+        Command::RemoveService {
+            name, keep_volumes, ..
+        } => crate::service::commands::remove(state, index, &name, keep_volumes),
+        Command::ServiceOp { service, op, at } => {
+            crate::service::commands::op(state, index, &service, op, at)
+        }
+        Command::VolumesDestroyed { agent, ids, .. } => {
+            crate::service::commands::volumes_destroyed(state, index, &agent, ids)
         }
     }
 }
