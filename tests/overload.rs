@@ -10,6 +10,9 @@ use common::{eventually, http, lab, TOKEN};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// These tests load the whole machine: run them one at a time even under `--test-threads=2`.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One master's view, or `None` if it did not answer within the sample's time.
 async fn status(c: &reqwest::Client, addr: &str) -> Option<serde_json::Value> {
     let r = c
@@ -122,6 +125,7 @@ const MASTER_ARGS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_throughout_150k_tasks_on_2000_agents() {
+    let _serial = SERIAL.lock().await;
     const AGENTS: usize = 2000;
     const WORKLOADS: usize = 150;
     const PER: usize = 1000;
@@ -221,6 +225,7 @@ async fn a_leader_throughout_150k_tasks_on_2000_agents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_masters_frozen_for_10s_then_a_leader_within_3s_and_bounded_agent_retries() {
+    let _serial = SERIAL.lock().await;
     const AGENTS: usize = 300;
     let (_d, mut lab) = lab(3, MASTER_ARGS);
     let leader = lab
@@ -337,6 +342,7 @@ impl Drop for CutOff {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_cut_off_and_healed_changes_neither_leader_nor_term() {
+    let _serial = SERIAL.lock().await;
     let (_d, lab) = lab(3, &[]);
     let leader = lab
         .wait_leader(Duration::from_secs(30))
@@ -376,6 +382,7 @@ async fn a_follower_cut_off_and_healed_changes_neither_leader_nor_term() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shed_requests_get_429_with_retry_after_and_are_retried_without_loss() {
+    let _serial = SERIAL.lock().await;
     let (_d, lab) = lab(1, &["--max-in-flight-user", "2"]);
     lab.wait_leader(Duration::from_secs(30)).await.unwrap();
     let addr = lab.master(1).addr.clone();
