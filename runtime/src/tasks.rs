@@ -2,6 +2,10 @@
 //! limits (timeout, sandbox disk), kills (SIGTERM, grace, SIGKILL of the cgroup), records
 //! final states, and checkpoints everything in sled so that native tasks are re-attached
 //! after the agent restarts.
+//!
+//! Nothing a task can write is trusted: the agent signals only the supervisor it started
+//! (checked against its start time), reads sandbox files through `sandbox::open_beneath`
+//! with a size cap, and reads Wasm files only from its allow-listed directories.
 
 use crate::cgroups::{Hierarchy, Limits, TaskCgroup};
 use crate::images::ImageStore;
@@ -12,7 +16,8 @@ use crate::wasm::{KillSwitch, WasmOutcome, WasmRuntime, WasmTask, WasmUsage};
 use cairn_kernel::model::{RuntimeSpec, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,10 +110,109 @@ pub struct TaskManager {
     /// Prefix of this agent's task cgroups (agents sharing a host never share a group).
     cgroup_prefix: String,
     host: String,
+    /// Where HTTP components listen: the agent's advertised address, never all interfaces
+    /// unless the agent itself listens on them.
+    bind_ip: std::net::IpAddr,
+    /// The only directories Wasm files are read from.
+    wasm_dirs: Vec<PathBuf>,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
     changed: tokio::sync::watch::Sender<u64>,
     executors: Vec<Box<dyn Executor>>,
+}
+
+/// Largest Wasm file the agent reads.
+pub const MAX_WASM_BYTES: u64 = 256 << 20;
+
+/// Extra directories (colon-separated, absolute) the agent reads Wasm files from, besides
+/// `DATA_DIR/wasm`.
+pub const WASM_DIRS_ENV: &str = "CAIRN_WASM_DIRS";
+
+/// The largest `.cairn/exit.json` the agent reads.
+const MAX_EXIT_JSON: u64 = 64 << 10;
+
+/// Reads a Wasm file for a task: an absolute path without `..` under one of `dirs`, opened
+/// beneath that directory through no symlink, a regular file (no device, FIFO or /proc file)
+/// of at most `MAX_WASM_BYTES`.
+pub fn read_wasm_file(file: &str, dirs: &[PathBuf]) -> Result<Vec<u8>, String> {
+    let p = Path::new(file);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!(
+            "{file:?}: give an absolute path without '..' to a .wasm file"
+        ));
+    }
+    let found = dirs.iter().find_map(|d| {
+        p.strip_prefix(d)
+            .ok()
+            .filter(|r| !r.as_os_str().is_empty())
+            .map(|r| (d, r))
+    });
+    let Some((dir, rel)) = found else {
+        let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        return Err(format!(
+            "{file:?} is outside the agent's Wasm directories ({}): put the file there, or \
+             add its directory to {WASM_DIRS_ENV} in the agent's environment",
+            list.join(", ")
+        ));
+    };
+    let d = sandbox::open_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    sandbox::read_capped(&d, rel, MAX_WASM_BYTES).map_err(|e| {
+        format!(
+            "{file:?}: {e} (only regular files of at most {MAX_WASM_BYTES} bytes, \
+             reached through no symlink, are read)"
+        )
+    })
+}
+
+/// The agent's Wasm directories: `DATA_DIR/wasm` (created, private) and `extra`
+/// (`CAIRN_WASM_DIRS`), each also in its canonical form.
+fn wasm_dirs(data_dir: &Path, extra: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
+    let own = data_dir.join("wasm");
+    private_dir(&own)?;
+    let mut dirs = vec![own];
+    for d in extra.unwrap_or("").split(':').filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        if d.is_absolute() && !d.components().any(|c| c == Component::ParentDir) {
+            dirs.push(d);
+        } else {
+            tracing::warn!("{WASM_DIRS_ENV}: ignoring {d:?} (not an absolute path)");
+        }
+    }
+    for d in dirs.clone() {
+        if let Ok(c) = d.canonicalize() {
+            if !dirs.contains(&c) {
+                dirs.push(c);
+            }
+        }
+    }
+    Ok(dirs)
+}
+
+/// Creates `dir` (and parents) and makes it 0700: agent data holds task environments.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The address HTTP components listen on: the agent's advertised host if it is (or
+/// resolves to) an IP, else loopback.
+pub fn bind_ip(host: &str) -> std::net::IpAddr {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse() {
+        return ip;
+    }
+    match (host, 0).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a.ip(),
+        _ => {
+            tracing::warn!(
+                "cannot resolve the advertised host {host:?}: Wasm HTTP tasks listen on loopback"
+            );
+            std::net::Ipv4Addr::LOCALHOST.into()
+        }
+    }
 }
 
 /// Limit checks run every 200 ms; the sandbox disk walk every this many checks (1 s).
@@ -138,8 +242,12 @@ impl TaskManager {
     /// Opens the checkpoint store and the executors, and recovers checkpointed tasks.
     pub fn open(data_dir: &Path, cgroup_root: &Path, host: &str) -> anyhow::Result<Arc<Self>> {
         raise_fd_limit();
+        // Task environments (secrets) live in the checkpoints and the sandboxes' init.json:
+        // nothing under the data dir is readable by other users.
+        private_dir(data_dir)?;
         let sandboxes = data_dir.join("sandboxes");
-        std::fs::create_dir_all(&sandboxes)?;
+        private_dir(&sandboxes)?;
+        private_dir(&data_dir.join("agent.sled"))?;
         let db = sled::Config::new()
             .path(data_dir.join("agent.sled"))
             .cache_capacity(8 << 20)
@@ -167,7 +275,10 @@ impl TaskManager {
             .chars()
             .take(8)
             .collect();
+        let wasm_dirs = wasm_dirs(data_dir, std::env::var(WASM_DIRS_ENV).ok().as_deref())?;
         let mgr = Arc::new(Self {
+            bind_ip: bind_ip(host),
+            wasm_dirs,
             cgroup_prefix,
             sandboxes,
             cgroups,
@@ -305,36 +416,34 @@ impl TaskManager {
         if sandbox.exists() {
             return Err(LaunchError::Exists(spec.id.clone()));
         }
-        std::fs::create_dir_all(state_dir(&sandbox))
-            .map_err(|e| LaunchError::Start(e.to_string()))?;
         let mut status = Self::status_for(&spec, runtime);
-        let result = match runtime {
-            "native" | "oci" => self.start_native(&spec, &sandbox),
-            _ => self.start_wasm(&spec, &sandbox),
+        // A bad Wasm file is the caller's mistake (400 naming the field); an assigned task
+        // is still recorded as failed so the masters hear of it.
+        let wasm = match &spec.runtime {
+            RuntimeSpec::Wasm { file, .. } => match read_wasm_file(file, &self.wasm_dirs) {
+                Ok(b) => Some(b),
+                Err(message) if !spec.assigned => {
+                    return Err(LaunchError::Invalid {
+                        field: "runtime.wasm.file".into(),
+                        message,
+                    })
+                }
+                Err(m) => return Err(self.start_failed(spec, status, sandbox, format!("runtime.wasm.file: {m}"))),
+            },
+            _ => None,
+        };
+        std::fs::create_dir_all(&sandbox).map_err(|e| LaunchError::Start(e.to_string()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(state_dir(&sandbox))
+            .map_err(|e| LaunchError::Start(e.to_string()))?;
+        let result = match wasm {
+            None => self.start_native(&spec, &sandbox),
+            Some(bytes) => self.start_wasm(&spec, &sandbox, bytes),
         };
         let (control, child, start_ticks) = match result {
             Ok(x) => x,
-            Err(e) => {
-                status.state = TaskState::Failed;
-                status.reason = Some(reason::START_FAILED.into());
-                status.message = Some(e.clone());
-                status.finished_at = Some(now_ms());
-                let entry = Entry {
-                    spec,
-                    status: status.clone(),
-                    sandbox,
-                    control: Control::Done,
-                    kill_reason: None,
-                    start_ticks: None,
-                };
-                self.checkpoint(&entry);
-                self.tasks
-                    .lock()
-                    .expect("tasks")
-                    .insert(entry.spec.id.clone(), entry);
-                self.bump();
-                return Err(LaunchError::Start(e));
-            }
+            Err(e) => return Err(self.start_failed(spec, status, sandbox, e)),
         };
         status.state = TaskState::Running;
         if let Control::Native { supervisor, .. } = &control {
@@ -365,6 +474,35 @@ impl TaskManager {
             }
         }
         Ok(status)
+    }
+
+    /// Records a task that could not start as failed.
+    fn start_failed(
+        &self,
+        spec: TaskSpec,
+        mut status: TaskStatus,
+        sandbox: PathBuf,
+        e: String,
+    ) -> LaunchError {
+        status.state = TaskState::Failed;
+        status.reason = Some(reason::START_FAILED.into());
+        status.message = Some(e.clone());
+        status.finished_at = Some(now_ms());
+        let entry = Entry {
+            spec,
+            status,
+            sandbox,
+            control: Control::Done,
+            kill_reason: None,
+            start_ticks: None,
+        };
+        self.checkpoint(&entry);
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .insert(entry.spec.id.clone(), entry);
+        self.bump();
+        LaunchError::Start(e)
     }
 
     fn start_native(
@@ -435,20 +573,32 @@ impl TaskManager {
             sandbox: sandbox.to_path_buf(),
             hostname: spec.id.chars().take(63).collect(),
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            network_none: spec.network == Network::None,
+            network_none: spec.network() == Network::None,
             log_max_bytes: spec.log_max_bytes,
             container,
         };
         let spec_path = state_dir(sandbox).join("init.json");
-        std::fs::write(
-            &spec_path,
-            serde_json::to_vec(&init).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
+        {
+            use std::io::Write;
+            // The task's environment (secrets) is in it: readable by root only.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&spec_path)
+                .and_then(|mut f| {
+                    f.write_all(&serde_json::to_vec(&init).map_err(std::io::Error::other)?)
+                })
+                .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+        }
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // The supervisor (and so PID 1) gets none of the agent's environment: the cluster
+        // token or any other agent secret never reaches a task.
         let child = tokio::process::Command::new(exe)
             .arg("__init")
             .arg(&spec_path)
+            .env_clear()
+            .env("PATH", crate::init::DEFAULT_PATH)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(
@@ -475,6 +625,7 @@ impl TaskManager {
         &self,
         spec: &TaskSpec,
         sandbox: &Path,
+        bytes: Vec<u8>,
     ) -> Result<(Control, Child, Option<u64>), String> {
         let RuntimeSpec::Wasm { file, args } = &spec.runtime else {
             unreachable!("checked by can_handle")
@@ -483,7 +634,6 @@ impl TaskManager {
             .wasm
             .as_ref()
             .ok_or("the wasm runtime is not available on this agent")?;
-        let bytes = std::fs::read(file).map_err(|e| format!("reading {file}: {e}"))?;
         let mut argv = vec![Path::new(file)
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -495,12 +645,14 @@ impl TaskManager {
             256 << 20
         };
         let task = WasmTask {
+            id: spec.id.clone(),
             args: argv,
             env: spec.task_env(".", &self.host),
             sandbox,
             memory_bytes: mem,
-            allow_network: spec.network == Network::Host
-                && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
+            // Sockets only with the spec's `network = "host"` (Wasm tasks default to none).
+            allow_network: spec.network() == Network::Host,
+            bind_ip: self.bind_ip,
             port: spec.ports.first().map(|p| p.number),
             cpus: spec.resources.cpus,
         };
@@ -525,35 +677,25 @@ impl TaskManager {
         }
         match &e.control {
             Control::Native { supervisor, cgroup } => {
-                let pid1 = std::fs::read_to_string(state_dir(&e.sandbox).join("pid1"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok());
-                if let Some(p) = pid1 {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
+                // The supervisor (started by this agent, identified by its start time)
+                // forwards SIGTERM to PID 1; no pid is ever read from the sandbox.
+                let (sup, sup_ticks) = (*supervisor, e.start_ticks);
+                signal_supervisor(sup, sup_ticks, nix::sys::signal::Signal::SIGTERM);
                 let grace = Duration::from_millis(e.spec.kill_grace_ms);
                 let cgroup = cgroup.clone();
-                let (sup, sup_ticks) = (*supervisor, e.start_ticks);
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    // Only while our supervisor still runs: after it exits, pid1's number may
+                    // Only while our supervisor still runs: after it exits, its pid may
                     // belong to some other process.
-                    let alive = proc_start_ticks(sup).is_some_and(|t| Some(t) == sup_ticks);
-                    if !alive {
+                    if !supervisor_alive(sup, sup_ticks) {
                         return;
                     }
                     match cgroup {
                         Some(cg) => cg.kill_all(),
+                        // Without a cgroup: PID 1 dies with its supervisor
+                        // (PR_SET_PDEATHSIG), and the PID namespace with PID 1.
                         None => {
-                            if let Some(p) = pid1 {
-                                let _ = nix::sys::signal::kill(
-                                    nix::unistd::Pid::from_raw(p),
-                                    nix::sys::signal::Signal::SIGKILL,
-                                );
-                            }
+                            signal_supervisor(sup, sup_ticks, nix::sys::signal::Signal::SIGKILL)
                         }
                     }
                 });
@@ -670,7 +812,9 @@ impl TaskManager {
     fn finish_native(&self, id: &str) {
         let mut tasks = self.tasks.lock().expect("tasks");
         let Some(e) = tasks.get_mut(id) else { return };
-        let exit: ExitInfo = std::fs::read(state_dir(&e.sandbox).join("exit.json"))
+        // Written by PID 1 inside the task: read through no symlink, capped.
+        let exit: ExitInfo = sandbox::open_subdir(&e.sandbox, ".cairn")
+            .and_then(|d| sandbox::read_capped(&d, Path::new("exit.json"), MAX_EXIT_JSON))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -843,6 +987,18 @@ impl TaskManager {
             tokio::spawn(self.clone().monitor_native(id, None));
         }
         Ok(())
+    }
+}
+
+/// Whether the supervisor `pid` is still the process this agent started (same start time).
+fn supervisor_alive(pid: u32, start_ticks: Option<u64>) -> bool {
+    pid > 1 && start_ticks.is_some() && proc_start_ticks(pid) == start_ticks
+}
+
+/// Signals a task's supervisor, and only if it is still the process this agent started.
+fn signal_supervisor(pid: u32, start_ticks: Option<u64>, sig: nix::sys::signal::Signal) {
+    if supervisor_alive(pid, start_ticks) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
     }
 }
 

@@ -1,6 +1,7 @@
 //! `GET /anything` → `hello from wasm GET /anything task=<CAIRN_TASK_ID>`;
 //! `POST` echoes the body; `/spin` loops forever (for deadline and kill tests);
-//! `/fetch` tries an outgoing request (denied without the network grant).
+//! `/fetch` tries an outgoing request (denied without the network grant); `/panic` traps;
+//! `/logswap?TARGET` replaces `stdout` with a symlink to TARGET and prints to it.
 
 use std::io::{Read as _, Write as _};
 use wasi::http::types::{
@@ -17,6 +18,16 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
             Method::Post => "POST".to_string(),
             m => format!("{m:?}"),
         };
+        if path.starts_with("/panic") {
+            panic!("secret internal detail");
+        }
+        if let Some(target) = path.strip_prefix("/logswap?") {
+            let _ = std::fs::remove_file("stdout");
+            #[allow(deprecated)]
+            let _ = std::fs::soft_link(target, "stdout");
+            let _ = writeln!(std::io::stdout(), "pwned by http");
+            let _ = std::io::stdout().flush();
+        }
         if path.starts_with("/spin") {
             let mut i = 0u64;
             loop {
