@@ -456,3 +456,37 @@ async fn wasm_http_binds_the_agent_address_and_hides_errors() {
     assert!(body.ends_with("fetch=allowed"), "{body}");
     a.kill("netweb").await;
 }
+
+/// Hole 4: command health checks ran on the host as root, outside the task's namespaces and
+/// cgroup. They run inside the task: its PID 1, hostname and cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_health_checks_run_inside_the_task() {
+    let a = agent().await;
+    let mut spec = sh("hc", "exec sleep 60");
+    spec["health_checks"] = json!([{
+        "kind": "command", "port": "", "path": "",
+        "command": ["/bin/sh", "-c",
+            "{ tr '\\0' ' ' </proc/1/cmdline; echo; hostname; cat /proc/self/cgroup; } > hc.out"],
+        "grace_ms": 0, "interval_ms": 500, "timeout_ms": 5000, "max_failures": 3
+    }]);
+    let (code, v) = a.launch(spec).await;
+    assert_eq!(code, 201, "{v}");
+    let st = eventually(Duration::from_secs(20), "task healthy", || async {
+        let s = a.status("hc").await;
+        (s["healthy"] == true || s["state"] != "running").then_some(s)
+    })
+    .await;
+    assert_eq!(st["healthy"], true, "{st}");
+    let (code, out) = a.file("hc", "hc.out").await;
+    assert_eq!(code, 200, "{out}");
+    let mut lines = out.lines();
+    let pid1 = lines.next().unwrap_or_default();
+    assert!(pid1.contains("__pid1"), "the check saw the host's PID 1: {out}");
+    assert_eq!(lines.next(), Some("hc"), "the check ran with the host's hostname: {out}");
+    assert!(
+        lines.any(|l| l.ends_with("-hc")),
+        "the check ran outside the task's cgroup: {out}"
+    );
+    a.kill("hc").await;
+    a.wait_state("hc", Duration::from_secs(20)).await;
+}

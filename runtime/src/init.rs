@@ -134,7 +134,7 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
     while out_open || err_open {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let (ready_out, ready_err) = {
+        let (ready_sig, ready_out, ready_err) = {
             let mut fds = vec![PollFd::new(sig_rx.as_fd(), PollFlags::POLLIN)];
             if out_open {
                 fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
@@ -149,12 +149,7 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             let mut it = fds.iter();
-            if it.next().is_some_and(ready) {
-                // Which signal does not matter: the agent only asks PID 1 to stop.
-                let mut drain = [0u8; 64];
-                while matches!(sig_rx.read(&mut drain), Ok(n) if n > 0) {}
-                let _ = kill(pid1, Signal::SIGTERM);
-            }
+            let s = it.next().is_some_and(ready);
             let o = if out_open {
                 it.next().is_some_and(ready)
             } else {
@@ -165,8 +160,14 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
             } else {
                 false
             };
-            (o, e)
+            (s, o, e)
         };
+        if ready_sig {
+            // Which signal does not matter: the agent only asks PID 1 to stop.
+            let mut drain = [0u8; 64];
+            while matches!(sig_rx.read(&mut drain), Ok(n) if n > 0) {}
+            let _ = kill(pid1, Signal::SIGTERM);
+        }
         if ready_out {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => out_open = false,

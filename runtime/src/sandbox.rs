@@ -355,12 +355,17 @@ impl RotatingFile {
 
 impl Write for RotatingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.written + buf.len() as u64 > self.max && self.written > 0 || self.file.is_none()
-        {
+        let full = self.written + buf.len() as u64 > self.max && self.written > 0;
+        if full || self.file.is_none() {
             let mut rotated = self.name.clone().into_os_string();
             rotated.push(".1");
             self.file = None;
-            let _ = rustix::fs::renameat(&self.dir, &self.name, &self.dir, rotated.as_os_str());
+            let _ = rustix::fs::renameat(
+                &self.dir,
+                self.name.as_path(),
+                &self.dir,
+                rotated.as_os_str(),
+            );
             self.file = Some(open_append(&self.dir, &self.name)?);
             self.written = 0;
         }

@@ -1048,12 +1048,76 @@ fn checks_of(
         .unwrap_or_default()
 }
 
+/// PID 1 of a native task: the only child of its supervisor, as the kernel lists it (never
+/// a pid read from the sandbox).
+fn task_pid1(sup: u32, sup_ticks: Option<u64>) -> Option<u32> {
+    if !supervisor_alive(sup, sup_ticks) {
+        return None;
+    }
+    let kids = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).ok()?;
+    let pid1: u32 = kids.split_whitespace().next()?.parse().ok()?;
+    // Still the supervisor's child (not a recycled pid).
+    let status = std::fs::read_to_string(format!("/proc/{pid1}/status")).ok()?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (ppid == sup).then_some(pid1)
+}
+
+/// Where a command health check runs: inside the task (its PID 1's namespaces, root and
+/// working directory, and its cgroup).
+struct CheckTarget {
+    pid1: u32,
+    cgroup_procs: Vec<PathBuf>,
+}
+
+/// Starts a command check inside the task: a fixed host shell waits on stdin until the
+/// agent has moved it into the task's cgroup, then becomes `nsenter` into PID 1's
+/// namespaces (mount, UTS, IPC, net, PID; root and cwd), which runs the command there. The
+/// command's words are arguments, never shell text.
+async fn command_in_task(
+    argv: &[String],
+    env: Vec<(String, String)>,
+    target: &CheckTarget,
+) -> Result<tokio::process::Child, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#"read _ && exec nsenter -t "$0" -m -u -i -n -p -r -w -- "$@""#)
+        .arg(target.pid1.to_string())
+        .args(argv)
+        .env_clear()
+        .envs(env)
+        .env("PATH", crate::init::DEFAULT_PATH)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting the check: {e}"))?;
+    let pid = child.id().ok_or("the check exited at once")?;
+    for f in &target.cgroup_procs {
+        std::fs::write(f, pid.to_string())
+            .map_err(|e| format!("moving the check into the task's cgroup: {e}"))?;
+    }
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin
+        .write_all(b"\n")
+        .await
+        .map_err(|e| format!("starting the check: {e}"))?;
+    drop(stdin);
+    Ok(child)
+}
+
 /// Runs one health check once; Err says why it failed.
 async fn check_once(
     http: &reqwest::Client,
     c: &cairn_kernel::model::HealthCheck,
     spec: &TaskSpec,
-    sandbox: &Path,
+    target: Option<&CheckTarget>,
     host: &str,
 ) -> Result<(), String> {
     use cairn_kernel::model::HealthKind;
@@ -1083,22 +1147,21 @@ async fn check_once(
             }
         }
         HealthKind::Command => {
-            let (cmd, args) = c.command.split_first().ok_or("empty command")?;
-            let child = tokio::process::Command::new(cmd)
-                .args(args)
-                .current_dir(sandbox)
-                .env_clear()
-                .envs(spec.task_env(&sandbox.display().to_string(), host))
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status();
-            match tokio::time::timeout(timeout, child).await {
+            // Never on the host: only inside a running native or OCI task.
+            let cmd = c.command.first().ok_or("empty command")?;
+            let target = target.ok_or(
+                "command checks run inside the task: only native and OCI tasks have them",
+            )?;
+            let sandbox = match spec.runtime {
+                RuntimeSpec::Oci { .. } => crate::init::CONTAINER_SANDBOX.to_string(),
+                _ => ".".to_string(),
+            };
+            let run = async {
+                let mut child =
+                    command_in_task(&c.command, spec.task_env(&sandbox, host), target).await?;
+                child.wait().await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(timeout, run).await {
                 Ok(Ok(st)) if st.success() => Ok(()),
                 Ok(Ok(st)) => Err(format!("{cmd}: {st}")),
                 Ok(Err(e)) => Err(format!("{cmd}: {e}")),
@@ -1109,6 +1172,26 @@ async fn check_once(
 }
 
 impl TaskManager {
+    /// Where a command check of task `id` runs, if it is a running native or OCI task.
+    fn check_target(&self, id: &str) -> Option<CheckTarget> {
+        let (sup, ticks, procs) = {
+            let tasks = self.tasks.lock().expect("tasks");
+            let e = tasks.get(id)?;
+            match &e.control {
+                Control::Native { supervisor, cgroup } => (
+                    *supervisor,
+                    e.start_ticks,
+                    cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+                ),
+                _ => return None,
+            }
+        };
+        Some(CheckTarget {
+            pid1: task_pid1(sup, ticks)?,
+            cgroup_procs: procs,
+        })
+    }
+
     fn set_healthy(&self, id: &str, healthy: Option<bool>, message: Option<String>) {
         let mut tasks = self.tasks.lock().expect("tasks");
         if let Some(e) = tasks.get_mut(id) {
@@ -1126,9 +1209,9 @@ impl TaskManager {
     /// While the task runs: after the grace period, runs every check each interval; a check
     /// failing `max_failures` times in a row makes the task unhealthy and kills it.
     async fn health_loop(self: Arc<Self>, id: String) {
-        let Some((spec, sandbox)) = ({
+        let Some(spec) = ({
             let tasks = self.tasks.lock().expect("tasks");
-            tasks.get(&id).map(|e| (e.spec.clone(), e.sandbox.clone()))
+            tasks.get(&id).map(|e| e.spec.clone())
         }) else {
             return;
         };
@@ -1143,9 +1226,10 @@ impl TaskManager {
             if self.get(&id).is_none_or(|s| s.state.is_terminal()) {
                 return;
             }
+            let target = self.check_target(&id);
             let mut all_ok = true;
             for (i, c) in checks.iter().enumerate() {
-                match check_once(&http, c, &spec, &sandbox, &self.host).await {
+                match check_once(&http, c, &spec, target.as_ref(), &self.host).await {
                     Ok(()) => failures[i] = 0,
                     Err(why) => {
                         all_ok = false;
