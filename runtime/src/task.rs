@@ -284,10 +284,24 @@ mod tests {
         );
         assert_eq!(
             v(
-                r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#
+                r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#
             ),
             Err("resources.cpus".into())
         );
+        // Wasm files: absolute, without '..' (hole 8 of issue 14).
+        for file in ["x", "/w/../../dev/zero"] {
+            let j = format!(r#"{{"id":"a","runtime":{{"wasm":{{"file":"{file}","args":[]}}}}}}"#);
+            assert_eq!(v(&j), Err("runtime.wasm.file".into()), "{file}");
+        }
+        // Wasm tasks get sockets only from the spec's network field.
+        let w = spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"env":{"CAIRN_WASM_NETWORK":"1"}}"#)
+            .unwrap();
+        assert_eq!(w.network(), Network::None);
+        let w = spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"network":"host"}"#)
+            .unwrap();
+        assert_eq!(w.network(), Network::Host);
+        let n = spec(r#"{"id":"a","runtime":{"native":{"cmd":"/bin/true"}}}"#).unwrap();
+        assert_eq!(n.network(), Network::Host);
         assert!(spec(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"bogus":1}"#).is_err());
     }
 }

@@ -1250,3 +1250,58 @@ impl TaskManager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14 hole 8: `runtime.wasm.file` was read whole by root from any host path.
+    #[test]
+    fn wasm_files_are_read_only_from_allowed_dirs() {
+        let outer = tempfile::tempdir().unwrap();
+        let allowed = outer.path().join("wasm");
+        std::fs::create_dir_all(allowed.join("sub")).unwrap();
+        std::fs::write(allowed.join("sub/app.wasm"), b"\0asm").unwrap();
+        std::fs::write(outer.path().join("outside.wasm"), b"\0asm").unwrap();
+        std::os::unix::fs::symlink("/dev/zero", allowed.join("zero.wasm")).unwrap();
+        std::os::unix::fs::symlink(outer.path(), allowed.join("up")).unwrap();
+        nix::unistd::mkfifo(&allowed.join("fifo.wasm"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::File::create(allowed.join("huge.wasm"))
+            .unwrap()
+            .set_len(MAX_WASM_BYTES + 1)
+            .unwrap();
+        let dirs = vec![allowed.clone()];
+        let read = |f: &Path| read_wasm_file(&f.display().to_string(), &dirs);
+        assert_eq!(read(&allowed.join("sub/app.wasm")).unwrap(), b"\0asm");
+        assert_eq!(read(&allowed.join("./sub/app.wasm")).unwrap(), b"\0asm");
+        for bad in [
+            PathBuf::from("/dev/zero"),
+            PathBuf::from("/proc/kmsg"),
+            outer.path().join("outside.wasm"),
+            allowed.join("zero.wasm"),
+            allowed.join("up/outside.wasm"),
+            allowed.join("sub/../../outside.wasm"),
+            allowed.join("fifo.wasm"),
+            allowed.join("huge.wasm"),
+            allowed.clone(),
+            PathBuf::from("relative.wasm"),
+        ] {
+            assert!(read(&bad).is_err(), "{} was read", bad.display());
+        }
+        let e = read(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains(WASM_DIRS_ENV), "{e}");
+        let dirs = wasm_dirs(outer.path(), Some("/srv/a:relative:/srv/../etc")).unwrap();
+        assert_eq!(dirs[..2], [outer.path().join("wasm"), PathBuf::from("/srv/a")]);
+        assert!(!dirs.contains(&PathBuf::from("/srv/../etc")));
+    }
+
+    /// Issue 14 hole 10: HTTP components listened on 0.0.0.0 whatever the agent's address.
+    #[test]
+    fn http_components_bind_the_agent_address() {
+        let ip = |s: &str| bind_ip(s).to_string();
+        assert_eq!(ip("127.0.0.1"), "127.0.0.1");
+        assert_eq!(ip("10.1.2.3"), "10.1.2.3");
+        assert_eq!(ip("[::1]"), "::1");
+        assert_eq!(ip("no-such-host.invalid"), "127.0.0.1");
+    }
+}

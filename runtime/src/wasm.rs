@@ -602,6 +602,32 @@ fn outcome(r: wasmtime::Result<i32>, mem_exceeded: bool, killed: bool) -> WasmOu
 mod tests {
     use super::*;
 
+    /// Issue 14 hole 1: a guest replaced `stdout` with a symlink out of its sandbox and the
+    /// agent (root) wrote through it on the next print.
+    #[tokio::test]
+    async fn logs_are_never_written_through_a_guest_symlink() {
+        use tokio::io::AsyncWriteExt;
+        let outer = tempfile::tempdir().unwrap();
+        let sb = outer.path().join("sb");
+        std::fs::create_dir_all(&sb).unwrap();
+        let victim = outer.path().join("victim");
+        let log = LazyLog::new(Arc::new(sb.clone()), "stdout").unwrap();
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        std::os::unix::fs::symlink("../victim", sb.join("stdout")).unwrap();
+        let mut w = log.clone();
+        assert!(w.write_all(b"pwned\n").await.is_err());
+        assert!(!victim.exists());
+        // A FIFO in its place is refused without blocking; a regular file is written.
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        nix::unistd::mkfifo(&sb.join("stdout"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut w = LazyLog::existing(Arc::new(sb.clone()), "stdout");
+        assert!(w.write_all(b"x").await.is_err());
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        let mut w = LazyLog::existing(Arc::new(sb.clone()), "stdout");
+        w.write_all(b"fine\n").await.unwrap();
+        assert_eq!(std::fs::read_to_string(sb.join("stdout")).unwrap(), "fine\n");
+    }
+
     #[test]
     fn component_detection() {
         assert!(is_component(b"\0asm\x0d\x00\x01\x00"));

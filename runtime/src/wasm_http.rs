@@ -320,3 +320,43 @@ async fn handle_request(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Issue 14 hole 10: connections were accepted without limit. Past the limit nothing is
+    /// served until a connection ends.
+    #[tokio::test]
+    async fn connections_past_the_limit_wait() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let killed = Arc::new(KillSwitch::default());
+        let served = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (s, r) = (served.clone(), release.clone());
+        let lp = tokio::spawn(accept_loop(l, 2, killed.clone(), move |sock| {
+            let (s, r) = (s.clone(), r.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                r.notified().await;
+                drop(sock);
+            }
+        }));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        release.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        killed.kill();
+        tokio::time::timeout(Duration::from_secs(5), lp)
+            .await
+            .expect("the accept loop ends when killed")
+            .unwrap();
+    }
+}
