@@ -12,7 +12,7 @@ use std::time::Duration;
 
 struct Agent {
     dir: tempfile::TempDir,
-    lab: cairn_installer::lab::Lab,
+    _lab: cairn_installer::lab::Lab,
     addr: String,
     data_dir: PathBuf,
     http: reqwest::Client,
@@ -54,7 +54,7 @@ async fn agent() -> Agent {
     wait_up(&http, &addr).await;
     Agent {
         dir,
-        lab,
+        _lab: lab,
         addr,
         data_dir,
         http,
@@ -298,7 +298,7 @@ async fn the_agent_environment_and_data_stay_private() {
     let http = http();
     let a = Agent {
         dir,
-        lab,
+        _lab: lab,
         addr,
         data_dir,
         http,
@@ -436,7 +436,8 @@ async fn wasm_http_binds_the_agent_address_and_hides_errors() {
     assert_eq!(body, "internal server error\n");
     // The env variable grants nothing.
     let r = http.get(format!("{url}/fetch")).send().await.unwrap();
-    assert!(r.text().await.unwrap().ends_with("fetch=denied"));
+    let body = r.text().await.unwrap();
+    assert!(body.ends_with("fetch=denied"), "{body}");
     a.kill("web").await;
     // The spec's network field does.
     let port2 = cairn_installer::lab::free_port();
