@@ -98,9 +98,11 @@ impl Agent {
         .await
     }
     async fn wait_running(&self, id: &str) {
-        eventually(Duration::from_secs(10), &format!("{id} running"), || async {
-            (self.status(id).await["state"] == "running").then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            &format!("{id} running"),
+            || async { (self.status(id).await["state"] == "running").then_some(()) },
+        )
         .await;
     }
     async fn file(&self, id: &str, path: &str) -> (u16, String) {
@@ -167,7 +169,10 @@ async fn wasm_guest_cannot_write_host_files_through_its_logs() {
         // The guest did make its symlinks (so the attack was really tried).
         let link = std::fs::read_link(a.sandbox(id).join("stdout")).unwrap();
         assert_eq!(link, Path::new("../../victim"));
-        assert!(!victim.exists(), "{id}: the agent wrote through the guest's symlink");
+        assert!(
+            !victim.exists(),
+            "{id}: the agent wrote through the guest's symlink"
+        );
     }
     // An HTTP component reopens its logs on every request.
     let port = cairn_installer::lab::free_port();
@@ -223,10 +228,7 @@ async fn host_side_opens_do_not_follow_task_symlinks() {
     assert_eq!(a.file("swapper", "stdout").await, (200, "ready\n".into()));
     for p in ["shadow", "root/etc/passwd", ".cairn/x"] {
         let (code, body) = a.file("swapper", p).await;
-        assert!(
-            code == 403 || code == 404,
-            "{p}: {code} {body}"
-        );
+        assert!(code == 403 || code == 404, "{p}: {code} {body}");
         assert!(!body.contains("root:"), "{p}: {body}");
     }
     let fifo = tokio::time::timeout(Duration::from_secs(5), a.file("swapper", "fifo"))
@@ -259,9 +261,11 @@ async fn a_pid_written_by_the_task_is_never_signalled() {
     let (code, v) = a.launch(sh("liar", &script)).await;
     assert_eq!(code, 201, "{v}");
     a.wait_running("liar").await;
-    eventually(Duration::from_secs(10), "task wrote its pid file", || async {
-        (a.file("liar", "stdout").await.1 == "started\n").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "task wrote its pid file",
+        || async { (a.file("liar", "stdout").await.1 == "started\n").then_some(()) },
+    )
     .await;
     a.kill("liar").await;
     let st = a.wait_state("liar", Duration::from_secs(20)).await;
@@ -286,7 +290,13 @@ async fn the_agent_environment_and_data_stay_private() {
     let data_dir = dir.path().join("agent-env");
     // The token comes from the environment, as a packaged agent would get it.
     let child = std::process::Command::new(bin())
-        .args(["agent", "--masters", &lab.masters[0].addr, "--listen", &addr])
+        .args([
+            "agent",
+            "--masters",
+            &lab.masters[0].addr,
+            "--listen",
+            &addr,
+        ])
         .arg("--data-dir")
         .arg(&data_dir)
         .env("CAIRN_TOKEN", TOKEN)
@@ -390,7 +400,10 @@ async fn wasm_files_come_only_from_allowed_directories() {
 }
 
 fn nix_mkfifo(p: &Path) {
-    let st = std::process::Command::new("mkfifo").arg(p).status().unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -414,7 +427,11 @@ async fn wasm_http_binds_the_agent_address_and_hides_errors() {
     };
     let port = cairn_installer::lab::free_port();
     let (code, v) = a
-        .launch(serve("web", port, json!({"env": {"CAIRN_WASM_NETWORK": "1"}})))
+        .launch(serve(
+            "web",
+            port,
+            json!({"env": {"CAIRN_WASM_NETWORK": "1"}}),
+        ))
         .await;
     assert_eq!(code, 201, "{v}");
     let url = format!("http://127.0.0.1:{port}");
@@ -482,8 +499,15 @@ async fn command_health_checks_run_inside_the_task() {
     assert_eq!(code, 200, "{out}");
     let mut lines = out.lines();
     let pid1 = lines.next().unwrap_or_default();
-    assert!(pid1.contains("__pid1"), "the check saw the host's PID 1: {out}");
-    assert_eq!(lines.next(), Some("hc"), "the check ran with the host's hostname: {out}");
+    assert!(
+        pid1.contains("__pid1"),
+        "the check saw the host's PID 1: {out}"
+    );
+    assert_eq!(
+        lines.next(),
+        Some("hc"),
+        "the check ran with the host's hostname: {out}"
+    );
     assert!(
         lines.any(|l| l.ends_with("-hc")),
         "the check ran outside the task's cgroup: {out}"

@@ -570,7 +570,12 @@ max = "30s"
             .unwrap()
             .validate()
         };
-        for bad in ["app.wasm", "../../dev/zero", "/srv/wasm/../../dev/zero", "/a\\u0007b"] {
+        for bad in [
+            "app.wasm",
+            "../../dev/zero",
+            "/srv/wasm/../../dev/zero",
+            "/a\\u0007b",
+        ] {
             let e = wasm(bad, "").unwrap_err();
             assert_eq!(e.field, "runtime.wasm.file", "{bad}: {e}");
         }

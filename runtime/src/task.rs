@@ -297,8 +297,8 @@ mod tests {
         let w = spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"env":{"CAIRN_WASM_NETWORK":"1"}}"#)
             .unwrap();
         assert_eq!(w.network(), Network::None);
-        let w = spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"network":"host"}"#)
-            .unwrap();
+        let w =
+            spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"network":"host"}"#).unwrap();
         assert_eq!(w.network(), Network::Host);
         let n = spec(r#"{"id":"a","runtime":{"native":{"cmd":"/bin/true"}}}"#).unwrap();
         assert_eq!(n.network(), Network::Host);

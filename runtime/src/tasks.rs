@@ -428,7 +428,14 @@ impl TaskManager {
                         message,
                     })
                 }
-                Err(m) => return Err(self.start_failed(spec, status, sandbox, format!("runtime.wasm.file: {m}"))),
+                Err(m) => {
+                    return Err(self.start_failed(
+                        spec,
+                        status,
+                        sandbox,
+                        format!("runtime.wasm.file: {m}"),
+                    ))
+                }
             },
             _ => None,
         };
@@ -1149,9 +1156,8 @@ async fn check_once(
         HealthKind::Command => {
             // Never on the host: only inside a running native or OCI task.
             let cmd = c.command.first().ok_or("empty command")?;
-            let target = target.ok_or(
-                "command checks run inside the task: only native and OCI tasks have them",
-            )?;
+            let target = target
+                .ok_or("command checks run inside the task: only native and OCI tasks have them")?;
             let sandbox = match spec.runtime {
                 RuntimeSpec::Oci { .. } => crate::init::CONTAINER_SANDBOX.to_string(),
                 _ => ".".to_string(),
@@ -1291,7 +1297,10 @@ mod tests {
         let e = read(Path::new("/dev/zero")).unwrap_err();
         assert!(e.contains(WASM_DIRS_ENV), "{e}");
         let dirs = wasm_dirs(outer.path(), Some("/srv/a:relative:/srv/../etc")).unwrap();
-        assert_eq!(dirs[..2], [outer.path().join("wasm"), PathBuf::from("/srv/a")]);
+        assert_eq!(
+            dirs[..2],
+            [outer.path().join("wasm"), PathBuf::from("/srv/a")]
+        );
         assert!(!dirs.contains(&PathBuf::from("/srv/../etc")));
     }
 

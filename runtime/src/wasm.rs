@@ -208,7 +208,10 @@ pub(crate) struct LazyLog {
 
 impl LazyLog {
     /// Creates the (empty) file now, so it exists for the sandbox API.
-    pub(crate) fn new(sandbox: Arc<std::path::PathBuf>, name: &'static str) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        sandbox: Arc<std::path::PathBuf>,
+        name: &'static str,
+    ) -> std::io::Result<Self> {
         let log = Self::existing(sandbox, name);
         log.open()?;
         Ok(log)
@@ -625,7 +628,10 @@ mod tests {
         std::fs::remove_file(sb.join("stdout")).unwrap();
         let mut w = LazyLog::existing(Arc::new(sb.clone()), "stdout");
         w.write_all(b"fine\n").await.unwrap();
-        assert_eq!(std::fs::read_to_string(sb.join("stdout")).unwrap(), "fine\n");
+        assert_eq!(
+            std::fs::read_to_string(sb.join("stdout")).unwrap(),
+            "fine\n"
+        );
     }
 
     #[test]
