@@ -347,6 +347,58 @@ async fn the_agent_environment_and_data_stay_private() {
     assert_eq!(mode(&a.sandbox("env").join(".cairn/init.json")), 0o600);
     a.kill("env").await;
     a.wait_state("env", Duration::from_secs(20)).await;
+    // An OCI task's PID 1 (the report: CAIRN_TOKEN in /proc/1/environ).
+    import_busybox(&a);
+    let spec = json!({"id": "ocienv", "workload": "test",
+        "runtime": {"oci": {"image": "busybox:latest", "cmd": ["/bin/sh", "-c",
+            "tr '\\0' '\\n' </proc/1/environ; echo ---; env; echo done"]}},
+        "resources": {"cpus": 1.0, "mem": 128, "disk": 0}});
+    let (code, v) = a.launch(spec).await;
+    assert_eq!(code, 201, "{v}");
+    let st = a.wait_state("ocienv", Duration::from_secs(30)).await;
+    assert_eq!(st["state"], "finished", "{st}");
+    let (_, out) = a.file("ocienv", "stdout").await;
+    assert!(out.contains("done"), "{out}");
+    for secret in [TOKEN, "agent-only-value", "CAIRN_TOKEN"] {
+        assert!(
+            !out.contains(secret),
+            "{secret} reached the OCI task:\n{out}"
+        );
+    }
+}
+
+/// The busybox test image (tests/images/busybox.sh: umoci + skopeo), built once per run
+/// (its own file: tests/runtime.rs builds one too, maybe at the same time).
+fn busybox_tar() -> PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = ONCE.lock().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("target/test-images/busybox-security.tar");
+    if !out.exists() {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let st = std::process::Command::new(root.join("tests/images/busybox.sh"))
+            .arg(&out)
+            .status()
+            .expect("tests/images/busybox.sh (needs umoci, skopeo, busybox-static: scripts/test.sh installs them)");
+        assert!(st.success(), "building the busybox image failed");
+    }
+    out
+}
+
+fn import_busybox(a: &Agent) {
+    let tar = busybox_tar();
+    let o = std::process::Command::new(bin())
+        .args(["image", "import", tar.to_str().unwrap()])
+        .env("CAIRN_AGENT", &a.addr)
+        .env("CAIRN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("imported busybox:latest"),
+        "image import failed: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Hole 8: `runtime.wasm.file` was any host path, read whole by root (`/dev/zero` exhausts
