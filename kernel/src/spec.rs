@@ -108,6 +108,27 @@ fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Spe
     })
 }
 
+/// Checks a `runtime.wasm.file` path: absolute, without `..`, NUL or control characters,
+/// at most 4096 bytes. (Agents further read it only from their allow-listed directories.)
+pub fn check_wasm_file(file: &str) -> Result<(), String> {
+    let p = std::path::Path::new(file);
+    if file.len() > 4096 || file.chars().any(char::is_control) {
+        return Err("at most 4096 bytes, without control characters".into());
+    }
+    if !p.is_absolute() {
+        return Err(format!(
+            "{file:?} is relative: give the absolute path of a .wasm file in one of the \
+             agents' Wasm directories"
+        ));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!("{file:?} contains '..': give a path without it"));
+    }
+    Ok(())
+}
+
 /// Parses a TOML spec (unknown fields and wrong types are errors that name the key).
 pub fn from_toml(text: &str) -> Result<WorkloadSpec, SpecError> {
     let de = toml::Deserializer::new(text);
@@ -183,6 +204,9 @@ impl WorkloadSpec {
                         "runtime.wasm.file",
                         "give the path of a .wasm module or component",
                     );
+                }
+                if let Err(m) = check_wasm_file(file) {
+                    return err("runtime.wasm.file", m);
                 }
                 if args.len() > 1024 {
                     return err("runtime.wasm.args", "at most 1024 arguments");
@@ -289,9 +313,23 @@ impl WorkloadSpec {
             Some(t) => Some(duration("timeout", t)?.as_millis() as u64),
             None => None,
         };
-        let network = self.network.clone().unwrap_or_else(|| "host".into());
+        // Wasm tasks get no sockets unless the spec grants them with network = "host".
+        let wasm = matches!(self.runtime, RuntimeSpec::Wasm { .. });
+        let network = self
+            .network
+            .clone()
+            .unwrap_or_else(|| if wasm { "none" } else { "host" }.into());
         if network != "host" && network != "none" {
-            return err("network", "use \"host\" (default) or \"none\"");
+            return err(
+                "network",
+                "use \"host\" or \"none\" (default: host, and none for Wasm)",
+            );
+        }
+        if wasm && self.env.contains_key("CAIRN_WASM_NETWORK") {
+            return err(
+                "env.CAIRN_WASM_NETWORK",
+                "no longer grants sockets: set network = \"host\" on the workload instead",
+            );
         }
         let schedule = match (self.kind, &self.schedule) {
             (WorkloadKind::Cron, None) => {
@@ -518,6 +556,48 @@ max = "30s"
             "schedule.timezone"
         );
         assert!(cron("*/5 * * * *", "Europe/Paris").is_ok());
+    }
+
+    /// Issue 14 holes 8 and 10: a Wasm file must be an absolute path without `..` (agents
+    /// then read only their allow-listed directories), and sockets are a spec field that
+    /// defaults to none for Wasm, never an env variable.
+    #[test]
+    fn wasm_file_and_network_are_validated() {
+        let wasm = |file: &str, extra: &str| {
+            from_toml(&format!(
+                "id = \"w\"\n{extra}\n[runtime.wasm]\nfile = \"{file}\"\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        for bad in [
+            "app.wasm",
+            "../../dev/zero",
+            "/srv/wasm/../../dev/zero",
+            "/a\\u0007b",
+        ] {
+            let e = wasm(bad, "").unwrap_err();
+            assert_eq!(e.field, "runtime.wasm.file", "{bad}: {e}");
+        }
+        let ok = wasm("/srv/wasm/app.wasm", "").unwrap();
+        assert_eq!(ok.network, "none");
+        assert_eq!(
+            wasm("/srv/wasm/app.wasm", "network = \"host\"")
+                .unwrap()
+                .network,
+            "host"
+        );
+        assert_eq!(
+            wasm("/srv/wasm/app.wasm", "env = { CAIRN_WASM_NETWORK = \"1\" }")
+                .unwrap_err()
+                .field,
+            "env.CAIRN_WASM_NETWORK"
+        );
+        let native = from_toml("id = \"n\"\n[runtime.native]\ncmd = \"/bin/true\"\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(native.network, "host");
     }
 
     #[test]

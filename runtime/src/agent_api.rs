@@ -1,5 +1,7 @@
 //! The agent's own HTTP API: agent info, tasks (launch, list, show, kill) and sandbox files
-//! (list, read by offset/length), all behind the cluster token.
+//! (list, read by offset/length: opened in the kernel beneath the sandbox, regular files
+//! only, so a task's symlinks and FIFOs neither lead out nor block a worker), all behind
+//! the cluster token.
 
 use crate::agent::AgentInfo;
 use crate::images::{Image, ImageError};
@@ -122,6 +124,10 @@ fn sandbox_err(e: SandboxError) -> ApiError {
             ApiError::new(StatusCode::FORBIDDEN, "outside_sandbox", e.to_string()).field("path")
         }
         SandboxError::NotFound(_) => ApiError::not_found(e.to_string()).field("path"),
+        SandboxError::NotRegular(_) => ApiError::bad_request(
+            "path",
+            format!("{e}: only regular files can be read; list directories with /browse"),
+        ),
         SandboxError::Io(_) => {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string())
         }

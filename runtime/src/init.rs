@@ -3,15 +3,21 @@
 //!
 //! - `cairn __init SPEC` — the supervisor. Unshares the mount, UTS, IPC and PID namespaces
 //!   (and net with `network = "none"`), starts `__pid1`, copies its stdout/stderr into the
-//!   sandbox with size rotation, and outlives an agent restart.
+//!   sandbox with size rotation, forwards the agent's SIGTERM to PID 1, and outlives an
+//!   agent restart. The agent signals only this process (whose pid it learnt by starting
+//!   it), never a pid read from the sandbox.
 //! - `cairn __pid1 SPEC` — PID 1 of the task's PID namespace. Joins the task cgroup, mounts a
 //!   private /proc and /tmp, sets the hostname, starts the command, forwards signals to it,
-//!   reaps zombies, and records the command's exit status in `.cairn/exit.json`.
+//!   reaps zombies, and records the command's exit status in `.cairn/exit.json`. It dies
+//!   with its supervisor (`PR_SET_PDEATHSIG`), and with it the whole PID namespace.
+//!
+//! Every file either writes in the sandbox is opened through a directory file descriptor
+//! without following symlinks (`sandbox::open_beneath`): the task owns the sandbox.
 //!
 //! Both must run before any thread is started (`unshare(CLONE_NEWNS)` refuses a process
 //! whose filesystem context is shared with other threads), so `main` dispatches them first.
 
-use crate::sandbox::RotatingFile;
+use crate::sandbox::{open_subdir, write_atomic_in, RotatingFile};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, Signal};
@@ -64,13 +70,11 @@ pub fn state_dir(sandbox: &Path) -> PathBuf {
     sandbox.join(".cairn")
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+/// The `PATH` the supervisor and PID 1 run with (their environment is otherwise empty).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Signals the supervisor forwards to PID 1.
+const FORWARDED: [i32; 2] = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
 
 fn read_spec(path: &Path) -> anyhow::Result<InitSpec> {
     Ok(serde_json::from_slice(&std::fs::read(path)?)?)
@@ -89,7 +93,10 @@ pub fn supervise(spec_path: &Path) -> i32 {
 
 fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
     let spec = read_spec(spec_path)?;
-    let dir = state_dir(&spec.sandbox);
+    // Opened before the task runs, so a symlink it later puts in place of `.cairn` or the
+    // logs redirects nothing.
+    let dir = open_subdir(&spec.sandbox, ".cairn")
+        .map_err(|e| anyhow::anyhow!("opening the sandbox's .cairn: {e}"))?;
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -98,28 +105,37 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| anyhow::anyhow!("unshare namespaces: {e}"))?;
+    let mut out_file = RotatingFile::open(&spec.sandbox, "stdout", spec.log_max_bytes)?;
+    let mut err_file = RotatingFile::open(&spec.sandbox, "stderr", spec.log_max_bytes)?;
+    // Signals arrive on a self-pipe (no thread: after unshare(CLONE_NEWPID) this process may
+    // not start one) and are forwarded to PID 1 from the poll loop.
+    let (mut sig_rx, sig_tx) = std::os::unix::net::UnixStream::pair()?;
+    sig_rx.set_nonblocking(true)?;
+    for s in FORWARDED {
+        signal_hook::low_level::pipe::register(s, sig_tx.try_clone()?)?;
+    }
+    drop(sig_tx);
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("__pid1")
         .arg(spec_path)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    write_atomic(&dir.join("pid1"), child.id().to_string().as_bytes())?;
-    // After unshare(CLONE_NEWPID) this process may not start threads, so both pipes are
-    // copied from one poll loop.
+    let pid1 = Pid::from_raw(child.id() as i32);
+    // Both pipes (and the signal pipe) are copied from one poll loop.
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
-    let mut out_file = RotatingFile::open(&spec.sandbox.join("stdout"), spec.log_max_bytes)?;
-    let mut err_file = RotatingFile::open(&spec.sandbox.join("stderr"), spec.log_max_bytes)?;
     let (mut out_open, mut err_open) = (true, true);
     let mut buf = [0u8; 16 * 1024];
     while out_open || err_open {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
-        let (ready_out, ready_err) = {
-            let mut fds = Vec::new();
+        let (ready_sig, ready_out, ready_err) = {
+            let mut fds = vec![PollFd::new(sig_rx.as_fd(), PollFlags::POLLIN)];
             if out_open {
                 fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
             }
@@ -133,6 +149,7 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             let mut it = fds.iter();
+            let s = it.next().is_some_and(ready);
             let o = if out_open {
                 it.next().is_some_and(ready)
             } else {
@@ -143,31 +160,44 @@ fn supervise_inner(spec_path: &Path) -> anyhow::Result<()> {
             } else {
                 false
             };
-            (o, e)
+            (s, o, e)
         };
+        if ready_sig {
+            // Which signal does not matter: the agent only asks PID 1 to stop.
+            let mut drain = [0u8; 64];
+            while matches!(sig_rx.read(&mut drain), Ok(n) if n > 0) {}
+            let _ = kill(pid1, Signal::SIGTERM);
+        }
         if ready_out {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => out_open = false,
-                Ok(n) => out_file.write_all(&buf[..n])?,
+                // A task that breaks its own log (a symlink in its place) loses output, and
+                // keeps running.
+                Ok(n) => {
+                    let _ = out_file.write_all(&buf[..n]);
+                }
             }
         }
         if ready_err {
             match err.read(&mut buf) {
                 Ok(0) | Err(_) => err_open = false,
-                Ok(n) => err_file.write_all(&buf[..n])?,
+                Ok(n) => {
+                    let _ = err_file.write_all(&buf[..n]);
+                }
             }
         }
     }
     let status = child.wait()?;
-    let exit = dir.join("exit.json");
-    if !exit.exists() {
+    let recorded =
+        rustix::fs::statat(&dir, "exit.json", rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok();
+    if !recorded {
         // PID 1 died without recording the command's status (e.g. SIGKILL of the cgroup).
         use std::os::unix::process::ExitStatusExt;
         let info = ExitInfo {
             code: status.code(),
             signal: status.signal(),
         };
-        write_atomic(&exit, &serde_json::to_vec(&info)?)?;
+        write_atomic_in(&dir, "exit.json", &serde_json::to_vec(&info)?)?;
     }
     Ok(())
 }
@@ -185,6 +215,10 @@ pub fn pid1(spec_path: &Path) -> i32 {
 
 fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     let spec = read_spec(spec_path)?;
+    // PID 1 (and so its whole PID namespace) dies with the supervisor: when the agent, after
+    // the grace, SIGKILLs the supervisor (the only pid it trusts), nothing of the task stays.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| anyhow::anyhow!("PR_SET_PDEATHSIG: {e}"))?;
     // A mount namespace of PID 1's own: the private /tmp (which may shadow the sandbox's own
     // path when the data dir is under /tmp) and pivot_root (which moves every process of the
     // namespace whose root is the old root) stay out of the supervisor's view.
@@ -252,7 +286,7 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
                 code: Some(127),
                 signal: None,
             };
-            write_atomic(&exit_path(&spec), &serde_json::to_vec(&info)?)?;
+            write_exit(&spec, &info)?;
             return Ok(127);
         }
     };
@@ -284,17 +318,21 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
             Err(e) => anyhow::bail!("waitpid: {e}"),
         }
     };
-    write_atomic(&exit_path(&spec), &serde_json::to_vec(&info)?)?;
+    write_exit(&spec, &info)?;
     Ok(info.code.unwrap_or(128 + info.signal.unwrap_or(0)))
 }
 
-/// Where PID 1 records the command's exit: the sandbox as PID 1 sees it after any pivot.
-fn exit_path(spec: &InitSpec) -> PathBuf {
-    match spec.container {
-        Some(_) => Path::new(CONTAINER_SANDBOX).join(".cairn/exit.json"),
-        // Relative to the sandbox, PID 1's working directory (its path may be shadowed).
-        None => PathBuf::from(".cairn/exit.json"),
-    }
+/// Records the command's exit in `.cairn/exit.json` of the sandbox as PID 1 sees it after
+/// any pivot, through no symlink.
+fn write_exit(spec: &InitSpec, info: &ExitInfo) -> anyhow::Result<()> {
+    let sandbox = match spec.container {
+        Some(_) => Path::new(CONTAINER_SANDBOX),
+        // PID 1's working directory (the sandbox's own path may be shadowed).
+        None => Path::new("."),
+    };
+    let dir = open_subdir(sandbox, ".cairn")?;
+    write_atomic_in(&dir, "exit.json", &serde_json::to_vec(info)?)?;
+    Ok(())
 }
 
 fn mount_proc(at: &Path) -> anyhow::Result<()> {

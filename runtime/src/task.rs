@@ -13,13 +13,12 @@ pub struct PortSpec {
 }
 
 /// The network a task sees.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
-    /// The host's network (default).
-    #[default]
+    /// The host's network (native and OCI default); sockets and outgoing HTTP (Wasm).
     Host,
-    /// An empty network namespace (native); no sockets at all (Wasm).
+    /// An empty network namespace (native); no sockets at all (Wasm default).
     None,
 }
 
@@ -53,8 +52,9 @@ pub struct TaskSpec {
     /// Wall-clock limit (jobs); the task is killed with reason `timeout`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Unset: the host's network for native and OCI tasks, no sockets for Wasm tasks.
     #[serde(default)]
-    pub network: Network,
+    pub network: Option<Network>,
     /// stdout/stderr are rotated to `*.1` past this size.
     #[serde(default = "default_log_max")]
     pub log_max_bytes: u64,
@@ -148,6 +148,9 @@ impl TaskSpec {
                         "give the path of a .wasm module or component",
                     );
                 }
+                if let Err(m) = cairn_kernel::spec::check_wasm_file(file) {
+                    return bad("runtime.wasm.file", &m);
+                }
             }
             RuntimeSpec::Oci { image, cmd } => {
                 if image.is_empty() || image.len() > 255 {
@@ -192,6 +195,16 @@ impl TaskSpec {
             return bad("log_max_bytes", "at least 1024");
         }
         Ok(())
+    }
+
+    /// The network the task gets: as given, else the host's for native and OCI tasks and
+    /// none for Wasm (sockets are granted only by the spec, never by an env variable).
+    pub fn network(&self) -> Network {
+        match (self.network, &self.runtime) {
+            (Some(n), _) => n,
+            (None, RuntimeSpec::Wasm { .. }) => Network::None,
+            (None, _) => Network::Host,
+        }
     }
 
     /// The environment every runtime gives a task.
@@ -271,10 +284,24 @@ mod tests {
         );
         assert_eq!(
             v(
-                r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#
+                r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm","args":[]}},"resources":{"cpus":-1,"mem":1,"disk":1}}"#
             ),
             Err("resources.cpus".into())
         );
+        // Wasm files: absolute, without '..' (hole 8 of issue 14).
+        for file in ["x", "/w/../../dev/zero"] {
+            let j = format!(r#"{{"id":"a","runtime":{{"wasm":{{"file":"{file}","args":[]}}}}}}"#);
+            assert_eq!(v(&j), Err("runtime.wasm.file".into()), "{file}");
+        }
+        // Wasm tasks get sockets only from the spec's network field.
+        let w = spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"env":{"CAIRN_WASM_NETWORK":"1"}}"#)
+            .unwrap();
+        assert_eq!(w.network(), Network::None);
+        let w =
+            spec(r#"{"id":"a","runtime":{"wasm":{"file":"/w/x.wasm"}},"network":"host"}"#).unwrap();
+        assert_eq!(w.network(), Network::Host);
+        let n = spec(r#"{"id":"a","runtime":{"native":{"cmd":"/bin/true"}}}"#).unwrap();
+        assert_eq!(n.network(), Network::Host);
         assert!(spec(r#"{"id":"a","runtime":{"wasm":{"file":"x","args":[]}},"bogus":1}"#).is_err());
     }
 }

@@ -2,6 +2,10 @@
 //! limits (timeout, sandbox disk), kills (SIGTERM, grace, SIGKILL of the cgroup), records
 //! final states, and checkpoints everything in sled so that native tasks are re-attached
 //! after the agent restarts.
+//!
+//! Nothing a task can write is trusted: the agent signals only the supervisor it started
+//! (checked against its start time), reads sandbox files through `sandbox::open_beneath`
+//! with a size cap, and reads Wasm files only from its allow-listed directories.
 
 use crate::cgroups::{Hierarchy, Limits, TaskCgroup};
 use crate::images::ImageStore;
@@ -12,7 +16,8 @@ use crate::wasm::{KillSwitch, WasmOutcome, WasmRuntime, WasmTask, WasmUsage};
 use cairn_kernel::model::{RuntimeSpec, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,10 +110,109 @@ pub struct TaskManager {
     /// Prefix of this agent's task cgroups (agents sharing a host never share a group).
     cgroup_prefix: String,
     host: String,
+    /// Where HTTP components listen: the agent's advertised address, never all interfaces
+    /// unless the agent itself listens on them.
+    bind_ip: std::net::IpAddr,
+    /// The only directories Wasm files are read from.
+    wasm_dirs: Vec<PathBuf>,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
     changed: tokio::sync::watch::Sender<u64>,
     executors: Vec<Box<dyn Executor>>,
+}
+
+/// Largest Wasm file the agent reads.
+pub const MAX_WASM_BYTES: u64 = 256 << 20;
+
+/// Extra directories (colon-separated, absolute) the agent reads Wasm files from, besides
+/// `DATA_DIR/wasm`.
+pub const WASM_DIRS_ENV: &str = "CAIRN_WASM_DIRS";
+
+/// The largest `.cairn/exit.json` the agent reads.
+const MAX_EXIT_JSON: u64 = 64 << 10;
+
+/// Reads a Wasm file for a task: an absolute path without `..` under one of `dirs`, opened
+/// beneath that directory through no symlink, a regular file (no device, FIFO or /proc file)
+/// of at most `MAX_WASM_BYTES`.
+pub fn read_wasm_file(file: &str, dirs: &[PathBuf]) -> Result<Vec<u8>, String> {
+    let p = Path::new(file);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!(
+            "{file:?}: give an absolute path without '..' to a .wasm file"
+        ));
+    }
+    let found = dirs.iter().find_map(|d| {
+        p.strip_prefix(d)
+            .ok()
+            .filter(|r| !r.as_os_str().is_empty())
+            .map(|r| (d, r))
+    });
+    let Some((dir, rel)) = found else {
+        let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        return Err(format!(
+            "{file:?} is outside the agent's Wasm directories ({}): put the file there, or \
+             add its directory to {WASM_DIRS_ENV} in the agent's environment",
+            list.join(", ")
+        ));
+    };
+    let d = sandbox::open_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    sandbox::read_capped(&d, rel, MAX_WASM_BYTES).map_err(|e| {
+        format!(
+            "{file:?}: {e} (only regular files of at most {MAX_WASM_BYTES} bytes, \
+             reached through no symlink, are read)"
+        )
+    })
+}
+
+/// The agent's Wasm directories: `DATA_DIR/wasm` (created, private) and `extra`
+/// (`CAIRN_WASM_DIRS`), each also in its canonical form.
+fn wasm_dirs(data_dir: &Path, extra: Option<&str>) -> std::io::Result<Vec<PathBuf>> {
+    let own = data_dir.join("wasm");
+    private_dir(&own)?;
+    let mut dirs = vec![own];
+    for d in extra.unwrap_or("").split(':').filter(|d| !d.is_empty()) {
+        let d = PathBuf::from(d);
+        if d.is_absolute() && !d.components().any(|c| c == Component::ParentDir) {
+            dirs.push(d);
+        } else {
+            tracing::warn!("{WASM_DIRS_ENV}: ignoring {d:?} (not an absolute path)");
+        }
+    }
+    for d in dirs.clone() {
+        if let Ok(c) = d.canonicalize() {
+            if !dirs.contains(&c) {
+                dirs.push(c);
+            }
+        }
+    }
+    Ok(dirs)
+}
+
+/// Creates `dir` (and parents) and makes it 0700: agent data holds task environments.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The address HTTP components listen on: the agent's advertised host if it is (or
+/// resolves to) an IP, else loopback.
+pub fn bind_ip(host: &str) -> std::net::IpAddr {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse() {
+        return ip;
+    }
+    match (host, 0).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a.ip(),
+        _ => {
+            tracing::warn!(
+                "cannot resolve the advertised host {host:?}: Wasm HTTP tasks listen on loopback"
+            );
+            std::net::Ipv4Addr::LOCALHOST.into()
+        }
+    }
 }
 
 /// Limit checks run every 200 ms; the sandbox disk walk every this many checks (1 s).
@@ -138,8 +242,12 @@ impl TaskManager {
     /// Opens the checkpoint store and the executors, and recovers checkpointed tasks.
     pub fn open(data_dir: &Path, cgroup_root: &Path, host: &str) -> anyhow::Result<Arc<Self>> {
         raise_fd_limit();
+        // Task environments (secrets) live in the checkpoints and the sandboxes' init.json:
+        // nothing under the data dir is readable by other users.
+        private_dir(data_dir)?;
         let sandboxes = data_dir.join("sandboxes");
-        std::fs::create_dir_all(&sandboxes)?;
+        private_dir(&sandboxes)?;
+        private_dir(&data_dir.join("agent.sled"))?;
         let db = sled::Config::new()
             .path(data_dir.join("agent.sled"))
             .cache_capacity(8 << 20)
@@ -167,7 +275,10 @@ impl TaskManager {
             .chars()
             .take(8)
             .collect();
+        let wasm_dirs = wasm_dirs(data_dir, std::env::var(WASM_DIRS_ENV).ok().as_deref())?;
         let mgr = Arc::new(Self {
+            bind_ip: bind_ip(host),
+            wasm_dirs,
             cgroup_prefix,
             sandboxes,
             cgroups,
@@ -305,36 +416,41 @@ impl TaskManager {
         if sandbox.exists() {
             return Err(LaunchError::Exists(spec.id.clone()));
         }
-        std::fs::create_dir_all(state_dir(&sandbox))
-            .map_err(|e| LaunchError::Start(e.to_string()))?;
         let mut status = Self::status_for(&spec, runtime);
-        let result = match runtime {
-            "native" | "oci" => self.start_native(&spec, &sandbox),
-            _ => self.start_wasm(&spec, &sandbox),
+        // A bad Wasm file is the caller's mistake (400 naming the field); an assigned task
+        // is still recorded as failed so the masters hear of it.
+        let wasm = match &spec.runtime {
+            RuntimeSpec::Wasm { file, .. } => match read_wasm_file(file, &self.wasm_dirs) {
+                Ok(b) => Some(b),
+                Err(message) if !spec.assigned => {
+                    return Err(LaunchError::Invalid {
+                        field: "runtime.wasm.file".into(),
+                        message,
+                    })
+                }
+                Err(m) => {
+                    return Err(self.start_failed(
+                        spec,
+                        status,
+                        sandbox,
+                        format!("runtime.wasm.file: {m}"),
+                    ))
+                }
+            },
+            _ => None,
+        };
+        std::fs::create_dir_all(&sandbox).map_err(|e| LaunchError::Start(e.to_string()))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(state_dir(&sandbox))
+            .map_err(|e| LaunchError::Start(e.to_string()))?;
+        let result = match wasm {
+            None => self.start_native(&spec, &sandbox),
+            Some(bytes) => self.start_wasm(&spec, &sandbox, bytes),
         };
         let (control, child, start_ticks) = match result {
             Ok(x) => x,
-            Err(e) => {
-                status.state = TaskState::Failed;
-                status.reason = Some(reason::START_FAILED.into());
-                status.message = Some(e.clone());
-                status.finished_at = Some(now_ms());
-                let entry = Entry {
-                    spec,
-                    status: status.clone(),
-                    sandbox,
-                    control: Control::Done,
-                    kill_reason: None,
-                    start_ticks: None,
-                };
-                self.checkpoint(&entry);
-                self.tasks
-                    .lock()
-                    .expect("tasks")
-                    .insert(entry.spec.id.clone(), entry);
-                self.bump();
-                return Err(LaunchError::Start(e));
-            }
+            Err(e) => return Err(self.start_failed(spec, status, sandbox, e)),
         };
         status.state = TaskState::Running;
         if let Control::Native { supervisor, .. } = &control {
@@ -365,6 +481,35 @@ impl TaskManager {
             }
         }
         Ok(status)
+    }
+
+    /// Records a task that could not start as failed.
+    fn start_failed(
+        &self,
+        spec: TaskSpec,
+        mut status: TaskStatus,
+        sandbox: PathBuf,
+        e: String,
+    ) -> LaunchError {
+        status.state = TaskState::Failed;
+        status.reason = Some(reason::START_FAILED.into());
+        status.message = Some(e.clone());
+        status.finished_at = Some(now_ms());
+        let entry = Entry {
+            spec,
+            status,
+            sandbox,
+            control: Control::Done,
+            kill_reason: None,
+            start_ticks: None,
+        };
+        self.checkpoint(&entry);
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .insert(entry.spec.id.clone(), entry);
+        self.bump();
+        LaunchError::Start(e)
     }
 
     fn start_native(
@@ -435,20 +580,32 @@ impl TaskManager {
             sandbox: sandbox.to_path_buf(),
             hostname: spec.id.chars().take(63).collect(),
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            network_none: spec.network == Network::None,
+            network_none: spec.network() == Network::None,
             log_max_bytes: spec.log_max_bytes,
             container,
         };
         let spec_path = state_dir(sandbox).join("init.json");
-        std::fs::write(
-            &spec_path,
-            serde_json::to_vec(&init).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
+        {
+            use std::io::Write;
+            // The task's environment (secrets) is in it: readable by root only.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&spec_path)
+                .and_then(|mut f| {
+                    f.write_all(&serde_json::to_vec(&init).map_err(std::io::Error::other)?)
+                })
+                .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+        }
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // The supervisor (and so PID 1) gets none of the agent's environment: the cluster
+        // token or any other agent secret never reaches a task.
         let child = tokio::process::Command::new(exe)
             .arg("__init")
             .arg(&spec_path)
+            .env_clear()
+            .env("PATH", crate::init::DEFAULT_PATH)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(
@@ -475,6 +632,7 @@ impl TaskManager {
         &self,
         spec: &TaskSpec,
         sandbox: &Path,
+        bytes: Vec<u8>,
     ) -> Result<(Control, Child, Option<u64>), String> {
         let RuntimeSpec::Wasm { file, args } = &spec.runtime else {
             unreachable!("checked by can_handle")
@@ -483,7 +641,6 @@ impl TaskManager {
             .wasm
             .as_ref()
             .ok_or("the wasm runtime is not available on this agent")?;
-        let bytes = std::fs::read(file).map_err(|e| format!("reading {file}: {e}"))?;
         let mut argv = vec![Path::new(file)
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
@@ -495,12 +652,14 @@ impl TaskManager {
             256 << 20
         };
         let task = WasmTask {
+            id: spec.id.clone(),
             args: argv,
             env: spec.task_env(".", &self.host),
             sandbox,
             memory_bytes: mem,
-            allow_network: spec.network == Network::Host
-                && spec.env.get("CAIRN_WASM_NETWORK").is_some_and(|v| v == "1"),
+            // Sockets only with the spec's `network = "host"` (Wasm tasks default to none).
+            allow_network: spec.network() == Network::Host,
+            bind_ip: self.bind_ip,
             port: spec.ports.first().map(|p| p.number),
             cpus: spec.resources.cpus,
         };
@@ -525,35 +684,25 @@ impl TaskManager {
         }
         match &e.control {
             Control::Native { supervisor, cgroup } => {
-                let pid1 = std::fs::read_to_string(state_dir(&e.sandbox).join("pid1"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok());
-                if let Some(p) = pid1 {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
+                // The supervisor (started by this agent, identified by its start time)
+                // forwards SIGTERM to PID 1; no pid is ever read from the sandbox.
+                let (sup, sup_ticks) = (*supervisor, e.start_ticks);
+                signal_supervisor(sup, sup_ticks, nix::sys::signal::Signal::SIGTERM);
                 let grace = Duration::from_millis(e.spec.kill_grace_ms);
                 let cgroup = cgroup.clone();
-                let (sup, sup_ticks) = (*supervisor, e.start_ticks);
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    // Only while our supervisor still runs: after it exits, pid1's number may
+                    // Only while our supervisor still runs: after it exits, its pid may
                     // belong to some other process.
-                    let alive = proc_start_ticks(sup).is_some_and(|t| Some(t) == sup_ticks);
-                    if !alive {
+                    if !supervisor_alive(sup, sup_ticks) {
                         return;
                     }
                     match cgroup {
                         Some(cg) => cg.kill_all(),
+                        // Without a cgroup: PID 1 dies with its supervisor
+                        // (PR_SET_PDEATHSIG), and the PID namespace with PID 1.
                         None => {
-                            if let Some(p) = pid1 {
-                                let _ = nix::sys::signal::kill(
-                                    nix::unistd::Pid::from_raw(p),
-                                    nix::sys::signal::Signal::SIGKILL,
-                                );
-                            }
+                            signal_supervisor(sup, sup_ticks, nix::sys::signal::Signal::SIGKILL)
                         }
                     }
                 });
@@ -670,7 +819,9 @@ impl TaskManager {
     fn finish_native(&self, id: &str) {
         let mut tasks = self.tasks.lock().expect("tasks");
         let Some(e) = tasks.get_mut(id) else { return };
-        let exit: ExitInfo = std::fs::read(state_dir(&e.sandbox).join("exit.json"))
+        // Written by PID 1 inside the task: read through no symlink, capped.
+        let exit: ExitInfo = sandbox::open_subdir(&e.sandbox, ".cairn")
+            .and_then(|d| sandbox::read_capped(&d, Path::new("exit.json"), MAX_EXIT_JSON))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -846,6 +997,18 @@ impl TaskManager {
     }
 }
 
+/// Whether the supervisor `pid` is still the process this agent started (same start time).
+fn supervisor_alive(pid: u32, start_ticks: Option<u64>) -> bool {
+    pid > 1 && start_ticks.is_some() && proc_start_ticks(pid) == start_ticks
+}
+
+/// Signals a task's supervisor, and only if it is still the process this agent started.
+fn signal_supervisor(pid: u32, start_ticks: Option<u64>, sig: nix::sys::signal::Signal) {
+    if supervisor_alive(pid, start_ticks) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
 enum Child {
     Native(tokio::process::Child),
     Wasm(tokio::sync::oneshot::Receiver<WasmOutcome>),
@@ -892,12 +1055,76 @@ fn checks_of(
         .unwrap_or_default()
 }
 
+/// PID 1 of a native task: the only child of its supervisor, as the kernel lists it (never
+/// a pid read from the sandbox).
+fn task_pid1(sup: u32, sup_ticks: Option<u64>) -> Option<u32> {
+    if !supervisor_alive(sup, sup_ticks) {
+        return None;
+    }
+    let kids = std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).ok()?;
+    let pid1: u32 = kids.split_whitespace().next()?.parse().ok()?;
+    // Still the supervisor's child (not a recycled pid).
+    let status = std::fs::read_to_string(format!("/proc/{pid1}/status")).ok()?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    (ppid == sup).then_some(pid1)
+}
+
+/// Where a command health check runs: inside the task (its PID 1's namespaces, root and
+/// working directory, and its cgroup).
+struct CheckTarget {
+    pid1: u32,
+    cgroup_procs: Vec<PathBuf>,
+}
+
+/// Starts a command check inside the task: a fixed host shell waits on stdin until the
+/// agent has moved it into the task's cgroup, then becomes `nsenter` into PID 1's
+/// namespaces (mount, UTS, IPC, net, PID; root and cwd), which runs the command there. The
+/// command's words are arguments, never shell text.
+async fn command_in_task(
+    argv: &[String],
+    env: Vec<(String, String)>,
+    target: &CheckTarget,
+) -> Result<tokio::process::Child, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#"read _ && exec nsenter -t "$0" -m -u -i -n -p -r -w -- "$@""#)
+        .arg(target.pid1.to_string())
+        .args(argv)
+        .env_clear()
+        .envs(env)
+        .env("PATH", crate::init::DEFAULT_PATH)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting the check: {e}"))?;
+    let pid = child.id().ok_or("the check exited at once")?;
+    for f in &target.cgroup_procs {
+        std::fs::write(f, pid.to_string())
+            .map_err(|e| format!("moving the check into the task's cgroup: {e}"))?;
+    }
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin
+        .write_all(b"\n")
+        .await
+        .map_err(|e| format!("starting the check: {e}"))?;
+    drop(stdin);
+    Ok(child)
+}
+
 /// Runs one health check once; Err says why it failed.
 async fn check_once(
     http: &reqwest::Client,
     c: &cairn_kernel::model::HealthCheck,
     spec: &TaskSpec,
-    sandbox: &Path,
+    target: Option<&CheckTarget>,
     host: &str,
 ) -> Result<(), String> {
     use cairn_kernel::model::HealthKind;
@@ -927,22 +1154,20 @@ async fn check_once(
             }
         }
         HealthKind::Command => {
-            let (cmd, args) = c.command.split_first().ok_or("empty command")?;
-            let child = tokio::process::Command::new(cmd)
-                .args(args)
-                .current_dir(sandbox)
-                .env_clear()
-                .envs(spec.task_env(&sandbox.display().to_string(), host))
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .status();
-            match tokio::time::timeout(timeout, child).await {
+            // Never on the host: only inside a running native or OCI task.
+            let cmd = c.command.first().ok_or("empty command")?;
+            let target = target
+                .ok_or("command checks run inside the task: only native and OCI tasks have them")?;
+            let sandbox = match spec.runtime {
+                RuntimeSpec::Oci { .. } => crate::init::CONTAINER_SANDBOX.to_string(),
+                _ => ".".to_string(),
+            };
+            let run = async {
+                let mut child =
+                    command_in_task(&c.command, spec.task_env(&sandbox, host), target).await?;
+                child.wait().await.map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(timeout, run).await {
                 Ok(Ok(st)) if st.success() => Ok(()),
                 Ok(Ok(st)) => Err(format!("{cmd}: {st}")),
                 Ok(Err(e)) => Err(format!("{cmd}: {e}")),
@@ -953,6 +1178,26 @@ async fn check_once(
 }
 
 impl TaskManager {
+    /// Where a command check of task `id` runs, if it is a running native or OCI task.
+    fn check_target(&self, id: &str) -> Option<CheckTarget> {
+        let (sup, ticks, procs) = {
+            let tasks = self.tasks.lock().expect("tasks");
+            let e = tasks.get(id)?;
+            match &e.control {
+                Control::Native { supervisor, cgroup } => (
+                    *supervisor,
+                    e.start_ticks,
+                    cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+                ),
+                _ => return None,
+            }
+        };
+        Some(CheckTarget {
+            pid1: task_pid1(sup, ticks)?,
+            cgroup_procs: procs,
+        })
+    }
+
     fn set_healthy(&self, id: &str, healthy: Option<bool>, message: Option<String>) {
         let mut tasks = self.tasks.lock().expect("tasks");
         if let Some(e) = tasks.get_mut(id) {
@@ -970,9 +1215,9 @@ impl TaskManager {
     /// While the task runs: after the grace period, runs every check each interval; a check
     /// failing `max_failures` times in a row makes the task unhealthy and kills it.
     async fn health_loop(self: Arc<Self>, id: String) {
-        let Some((spec, sandbox)) = ({
+        let Some(spec) = ({
             let tasks = self.tasks.lock().expect("tasks");
-            tasks.get(&id).map(|e| (e.spec.clone(), e.sandbox.clone()))
+            tasks.get(&id).map(|e| e.spec.clone())
         }) else {
             return;
         };
@@ -987,9 +1232,10 @@ impl TaskManager {
             if self.get(&id).is_none_or(|s| s.state.is_terminal()) {
                 return;
             }
+            let target = self.check_target(&id);
             let mut all_ok = true;
             for (i, c) in checks.iter().enumerate() {
-                match check_once(&http, c, &spec, &sandbox, &self.host).await {
+                match check_once(&http, c, &spec, target.as_ref(), &self.host).await {
                     Ok(()) => failures[i] = 0,
                     Err(why) => {
                         all_ok = false;
@@ -1008,5 +1254,63 @@ impl TaskManager {
             }
             tokio::time::sleep(Duration::from_millis(interval)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14 hole 8: `runtime.wasm.file` was read whole by root from any host path.
+    #[test]
+    fn wasm_files_are_read_only_from_allowed_dirs() {
+        let outer = tempfile::tempdir().unwrap();
+        let allowed = outer.path().join("wasm");
+        std::fs::create_dir_all(allowed.join("sub")).unwrap();
+        std::fs::write(allowed.join("sub/app.wasm"), b"\0asm").unwrap();
+        std::fs::write(outer.path().join("outside.wasm"), b"\0asm").unwrap();
+        std::os::unix::fs::symlink("/dev/zero", allowed.join("zero.wasm")).unwrap();
+        std::os::unix::fs::symlink(outer.path(), allowed.join("up")).unwrap();
+        nix::unistd::mkfifo(&allowed.join("fifo.wasm"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::File::create(allowed.join("huge.wasm"))
+            .unwrap()
+            .set_len(MAX_WASM_BYTES + 1)
+            .unwrap();
+        let dirs = vec![allowed.clone()];
+        let read = |f: &Path| read_wasm_file(&f.display().to_string(), &dirs);
+        assert_eq!(read(&allowed.join("sub/app.wasm")).unwrap(), b"\0asm");
+        assert_eq!(read(&allowed.join("./sub/app.wasm")).unwrap(), b"\0asm");
+        for bad in [
+            PathBuf::from("/dev/zero"),
+            PathBuf::from("/proc/kmsg"),
+            outer.path().join("outside.wasm"),
+            allowed.join("zero.wasm"),
+            allowed.join("up/outside.wasm"),
+            allowed.join("sub/../../outside.wasm"),
+            allowed.join("fifo.wasm"),
+            allowed.join("huge.wasm"),
+            allowed.clone(),
+            PathBuf::from("relative.wasm"),
+        ] {
+            assert!(read(&bad).is_err(), "{} was read", bad.display());
+        }
+        let e = read(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains(WASM_DIRS_ENV), "{e}");
+        let dirs = wasm_dirs(outer.path(), Some("/srv/a:relative:/srv/../etc")).unwrap();
+        assert_eq!(
+            dirs[..2],
+            [outer.path().join("wasm"), PathBuf::from("/srv/a")]
+        );
+        assert!(!dirs.contains(&PathBuf::from("/srv/../etc")));
+    }
+
+    /// Issue 14 hole 10: HTTP components listened on 0.0.0.0 whatever the agent's address.
+    #[test]
+    fn http_components_bind_the_agent_address() {
+        let ip = |s: &str| bind_ip(s).to_string();
+        assert_eq!(ip("127.0.0.1"), "127.0.0.1");
+        assert_eq!(ip("10.1.2.3"), "10.1.2.3");
+        assert_eq!(ip("[::1]"), "::1");
+        assert_eq!(ip("no-such-host.invalid"), "127.0.0.1");
     }
 }

@@ -1,8 +1,9 @@
 //! The Wasm executor: one wasmtime `Engine` per agent (epoch interruption, pooling allocator,
 //! on-disk compilation cache keyed by content hash), one `Store` per task. Runs WASI preview1
 //! modules (`_start`) and preview2 components (`wasi:cli/run`) with the sandbox as the only
-//! preopened directory, no sockets unless granted, stdout/stderr into sandbox files, and a
-//! memory limit that traps.
+//! preopened directory, no sockets unless granted, stdout/stderr into sandbox files (opened
+//! beneath the sandbox through no symlink: the guest owns the sandbox and may replace them),
+//! and a memory limit that traps.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,11 +147,15 @@ impl WasiView for P2State {
 
 /// What a Wasm task needs besides its bytes.
 pub struct WasmTask<'a> {
+    /// The task id (for the agent's logs).
+    pub id: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub sandbox: &'a Path,
     pub memory_bytes: usize,
     pub allow_network: bool,
+    /// Where an HTTP component listens: the agent's own address, not every interface.
+    pub bind_ip: std::net::IpAddr,
     /// The task's first port: where an HTTP component is served.
     pub port: Option<u16>,
     /// CPU share of one core (0: unlimited).
@@ -190,29 +195,40 @@ enum Compiled {
 }
 
 /// A task's stdout or stderr file, opened on the first write: an idle guest holds no file
-/// descriptor for its logs (10,000 idle tasks would otherwise need 20,000).
+/// descriptor for its logs (10,000 idle tasks would otherwise need 20,000). The guest can
+/// write its whole sandbox, so the file is opened beneath the sandbox directory through no
+/// symlink, and only if it is a regular file: a guest that swaps `stdout` for a symlink to
+/// a host file (or a FIFO) gets a write error, not a root-owned write elsewhere.
 #[derive(Clone)]
 pub(crate) struct LazyLog {
-    path: Arc<std::path::PathBuf>,
+    sandbox: Arc<std::path::PathBuf>,
+    name: &'static str,
     file: Arc<std::sync::Mutex<Option<std::fs::File>>>,
 }
 
 impl LazyLog {
     /// Creates the (empty) file now, so it exists for the sandbox API.
-    pub(crate) fn new(path: std::path::PathBuf) -> std::io::Result<Self> {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
-        Ok(Self::existing(Arc::new(path)))
+    pub(crate) fn new(
+        sandbox: Arc<std::path::PathBuf>,
+        name: &'static str,
+    ) -> std::io::Result<Self> {
+        let log = Self::existing(sandbox, name);
+        log.open()?;
+        Ok(log)
     }
 
-    /// For a file already created (HTTP requests share their task's log paths).
-    pub(crate) fn existing(path: Arc<std::path::PathBuf>) -> Self {
+    /// For a file already created (HTTP requests share their task's logs).
+    pub(crate) fn existing(sandbox: Arc<std::path::PathBuf>, name: &'static str) -> Self {
         Self {
-            path,
+            sandbox,
+            name,
             file: Default::default(),
         }
+    }
+
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        let dir = crate::sandbox::open_dir(&self.sandbox)?;
+        crate::sandbox::open_append(&dir, Path::new(self.name))
     }
 }
 
@@ -237,12 +253,7 @@ impl tokio::io::AsyncWrite for LazyLog {
         use std::io::Write;
         let mut f = self.file.lock().expect("log file");
         if f.is_none() {
-            *f = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&*self.path)?,
-            );
+            *f = Some(self.open()?);
         }
         std::task::Poll::Ready(f.as_mut().expect("opened").write(buf))
     }
@@ -347,8 +358,9 @@ impl WasmRuntime {
     fn wasi_builder(t: &WasmTask) -> anyhow::Result<WasiCtxBuilder> {
         let mut b = WasiCtxBuilder::new();
         b.args(&t.args).envs(&t.env);
-        b.stdout(LazyLog::new(t.sandbox.join("stdout"))?);
-        b.stderr(LazyLog::new(t.sandbox.join("stderr"))?);
+        let sandbox = Arc::new(t.sandbox.to_path_buf());
+        b.stdout(LazyLog::new(sandbox.clone(), "stdout")?);
+        b.stderr(LazyLog::new(sandbox, "stderr")?);
         b.preopened_dir(t.sandbox, ".", FsPerms::ReadWrite)
             .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
         if t.allow_network {
@@ -391,19 +403,20 @@ impl WasmRuntime {
                          on the task's first port; give one in ports"
                     )
                 })?;
-                let listener = std::net::TcpListener::bind(("0.0.0.0", port))
-                    .map_err(|e| anyhow::anyhow!("ports: cannot listen on port {port}: {e}"))?;
+                let listener = std::net::TcpListener::bind((task.bind_ip, port)).map_err(|e| {
+                    anyhow::anyhow!("ports: cannot listen on {}:{port}: {e}", task.bind_ip)
+                })?;
                 let rx = crate::wasm_http::serve(
                     &self.handle,
                     &self.http,
                     component,
                     listener,
                     crate::wasm_http::HttpTask {
-                        stdout: Arc::new(task.sandbox.join("stdout")),
-                        stderr: Arc::new(task.sandbox.join("stderr")),
+                        id: task.id,
+                        max_connections: crate::wasm_http::MAX_CONNECTIONS,
                         args: task.args,
                         env: task.env,
-                        sandbox: task.sandbox.to_path_buf(),
+                        sandbox: Arc::new(task.sandbox.to_path_buf()),
                         memory_bytes: task.memory_bytes,
                         allow_network: task.allow_network,
                     },
@@ -591,6 +604,35 @@ fn outcome(r: wasmtime::Result<i32>, mem_exceeded: bool, killed: bool) -> WasmOu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14 hole 1: a guest replaced `stdout` with a symlink out of its sandbox and the
+    /// agent (root) wrote through it on the next print.
+    #[tokio::test]
+    async fn logs_are_never_written_through_a_guest_symlink() {
+        use tokio::io::AsyncWriteExt;
+        let outer = tempfile::tempdir().unwrap();
+        let sb = outer.path().join("sb");
+        std::fs::create_dir_all(&sb).unwrap();
+        let victim = outer.path().join("victim");
+        let log = LazyLog::new(Arc::new(sb.clone()), "stdout").unwrap();
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        std::os::unix::fs::symlink("../victim", sb.join("stdout")).unwrap();
+        let mut w = log.clone();
+        assert!(w.write_all(b"pwned\n").await.is_err());
+        assert!(!victim.exists());
+        // A FIFO in its place is refused without blocking; a regular file is written.
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        nix::unistd::mkfifo(&sb.join("stdout"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut w = LazyLog::existing(Arc::new(sb.clone()), "stdout");
+        assert!(w.write_all(b"x").await.is_err());
+        std::fs::remove_file(sb.join("stdout")).unwrap();
+        let mut w = LazyLog::existing(Arc::new(sb.clone()), "stdout");
+        w.write_all(b"fine\n").await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(sb.join("stdout")).unwrap(),
+            "fine\n"
+        );
+    }
 
     #[test]
     fn component_detection() {

@@ -3,7 +3,10 @@
 //! come from the pooling allocator, pre-linked once per task with `ProxyPre`), the task's env,
 //! its sandbox as the only preopened directory, its memory limit, and a deadline enforced by
 //! epoch interruption that also stops a killed task's guests mid-loop. Outgoing HTTP from the
-//! guest is denied unless the task is granted the network.
+//! guest is denied unless the task is granted the network. The listener is bound to the
+//! agent's address (not every interface), at most `MAX_CONNECTIONS` connections are served
+//! at once (more wait in the listen backlog), a client has `HEADER_TIMEOUT` to send its
+//! request head, and a failing request gets a generic 500: details go to the agent's log.
 
 use crate::wasm::{KillSwitch, LazyLog, MemLimiter, WasmOutcome};
 use bytes::Bytes;
@@ -24,6 +27,15 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 /// The longest one request may run in the guest.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Connections one HTTP task serves at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// How long a client may take to send a request's head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body of every 500 (what went wrong is logged by the agent, not told to clients).
+pub const INTERNAL_ERROR: &str = "internal server error\n";
 
 /// The export that makes a component an HTTP service (any 0.2.x, matched by semver).
 const INCOMING_HANDLER: &str = "wasi:http/incoming-handler@0.2.0";
@@ -114,11 +126,11 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<HttpState>> {
 
 /// One HTTP service task.
 pub struct HttpTask {
-    pub stdout: Arc<PathBuf>,
-    pub stderr: Arc<PathBuf>,
+    pub id: String,
+    pub max_connections: usize,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    pub sandbox: PathBuf,
+    pub sandbox: Arc<PathBuf>,
     pub memory_bytes: usize,
     pub allow_network: bool,
 }
@@ -144,22 +156,15 @@ pub fn serve(
         tokio::net::TcpListener::from_std(listener)?
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    for f in [&task.stdout, &task.stderr] {
-        LazyLog::new(f.to_path_buf())?;
+    for f in ["stdout", "stderr"] {
+        LazyLog::new(task.sandbox.clone(), f)?;
     }
     let task = Arc::new(task);
+    let limit = task.max_connections;
     handle.spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = killed.wait() => break,
-            };
-            let Ok((sock, _)) = accepted else {
-                continue;
-            };
-            let _ = sock.set_nodelay(true);
+        accept_loop(listener, limit, killed.clone(), move |sock| {
             let (pre, task, killed) = (pre.clone(), task.clone(), killed.clone());
-            tokio::spawn(async move {
+            async move {
                 let svc = service_fn(move |req| {
                     let (pre, task, killed) = (pre.clone(), task.clone(), killed.clone());
                     async move {
@@ -170,18 +175,63 @@ pub fn serve(
                         }
                         Ok(match handle_request(pre, &task, killed, req).await {
                             Ok(r) => r,
-                            Err(e) => text(500, format!("wasm error: {e:#}\n")),
+                            Err(e) => {
+                                tracing::warn!(task = %task.id, "wasm HTTP request failed: {e:#}");
+                                text(500, INTERNAL_ERROR.to_string())
+                            }
                         })
                     }
                 });
                 let _ = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(sock), svc)
                     .await;
-            });
-        }
+            }
+        })
+        .await;
         let _ = tx.send(WasmOutcome::Killed);
     });
     Ok(rx)
+}
+
+/// Accepts connections until `killed`, serving each with `serve`, at most `limit` at once:
+/// past the limit nothing more is accepted (clients wait in the listen backlog) until a
+/// connection ends.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    limit: usize,
+    killed: Arc<KillSwitch>,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = killed.wait() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = killed.wait() => break,
+        };
+        let Ok((sock, _)) = accepted else {
+            // Out of file descriptors, say: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let conn = serve(sock);
+        tokio::spawn(async move {
+            conn.await;
+            drop(permit);
+        });
+    }
 }
 
 fn text(status: u16, s: String) -> hyper::Response<HyperOutgoingBody> {
@@ -197,9 +247,9 @@ fn text(status: u16, s: String) -> hyper::Response<HyperOutgoingBody> {
 fn state(task: &HttpTask) -> anyhow::Result<HttpState> {
     let mut b = WasiCtx::builder();
     b.args(&task.args).envs(&task.env);
-    b.stdout(LazyLog::existing(task.stdout.clone()));
-    b.stderr(LazyLog::existing(task.stderr.clone()));
-    b.preopened_dir(&task.sandbox, ".", FsPerms::ReadWrite)
+    b.stdout(LazyLog::existing(task.sandbox.clone(), "stdout"));
+    b.stderr(LazyLog::existing(task.sandbox.clone(), "stderr"));
+    b.preopened_dir(&*task.sandbox, ".", FsPerms::ReadWrite)
         .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
     if task.allow_network {
         b.inherit_network();
@@ -268,5 +318,45 @@ async fn handle_request(
             Ok(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
             Err(e) => Err(e.into()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Issue 14 hole 10: connections were accepted without limit. Past the limit nothing is
+    /// served until a connection ends.
+    #[tokio::test]
+    async fn connections_past_the_limit_wait() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let killed = Arc::new(KillSwitch::default());
+        let served = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (s, r) = (served.clone(), release.clone());
+        let lp = tokio::spawn(accept_loop(l, 2, killed.clone(), move |sock| {
+            let (s, r) = (s.clone(), r.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                r.notified().await;
+                drop(sock);
+            }
+        }));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        release.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        killed.kill();
+        tokio::time::timeout(Duration::from_secs(5), lp)
+            .await
+            .expect("the accept loop ends when killed")
+            .unwrap();
     }
 }

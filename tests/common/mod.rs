@@ -14,8 +14,21 @@ pub fn bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_cairn"))
 }
 
+/// The Wasm test guests built by scripts/test.sh.
+pub fn guests_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guests")
+}
+
+/// Agents read Wasm files only from their allow-listed directories: the agents the tests
+/// start (which inherit this process's environment) may read the test guests.
+pub fn allow_test_guests() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("CAIRN_WASM_DIRS", guests_dir()));
+}
+
 /// Starts `n` masters in a fresh temp dir. Keep the TempDir alive for the test.
 pub fn lab(n: u64, extra: &[&str]) -> (tempfile::TempDir, Lab) {
+    allow_test_guests();
     let dir = tempfile::Builder::new()
         .prefix("cairn-test-")
         .tempdir_in("/var/tmp")

@@ -1,6 +1,7 @@
 //! `GET /anything` → `hello from wasm GET /anything task=<CAIRN_TASK_ID>`;
 //! `POST` echoes the body; `/spin` loops forever (for deadline and kill tests);
-//! `/fetch` tries an outgoing request (denied without the network grant).
+//! `/fetch` tries an outgoing request (denied without the network grant); `/panic` traps;
+//! `/logswap?TARGET` replaces `stdout` with a symlink to TARGET and prints to it.
 
 use std::io::{Read as _, Write as _};
 use wasi::http::types::{
@@ -17,6 +18,16 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
             Method::Post => "POST".to_string(),
             m => format!("{m:?}"),
         };
+        if path.starts_with("/panic") {
+            panic!("secret internal detail");
+        }
+        if let Some(target) = path.strip_prefix("/logswap?") {
+            let _ = std::fs::remove_file("stdout");
+            #[allow(deprecated)]
+            let _ = std::fs::soft_link(target, "stdout");
+            let _ = writeln!(std::io::stdout(), "pwned by http");
+            let _ = std::io::stdout().flush();
+        }
         if path.starts_with("/spin") {
             let mut i = 0u64;
             loop {
@@ -37,8 +48,24 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
         if path.starts_with("/fetch") {
             let req = wasi::http::types::OutgoingRequest::new(Fields::new());
             let _ = req.set_authority(Some("127.0.0.1:9"));
+            let _ = req.set_scheme(Some(&wasi::http::types::Scheme::Http));
+            let _ = req.set_path_with_query(Some("/"));
             let r = wasi::http::outgoing_handler::handle(req, None);
-            text.push_str(&format!(" fetch={}", if r.is_err() { "denied" } else { "allowed" }));
+            // Denied by the host (at once or when the response is awaited), or allowed (the
+            // request went out, whatever came back).
+            use wasi::http::types::ErrorCode;
+            let verdict = match r {
+                Err(ErrorCode::HttpRequestDenied) => "denied".to_string(),
+                Err(e) => format!("error:{e:?}"),
+                Ok(fut) => {
+                    fut.subscribe().block();
+                    match fut.get() {
+                        Some(Ok(Err(ErrorCode::HttpRequestDenied))) => "denied".to_string(),
+                        _ => "allowed".to_string(),
+                    }
+                }
+            };
+            text.push_str(&format!(" fetch={verdict}"));
         }
         let headers =
             Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())]).unwrap();
