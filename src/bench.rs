@@ -1006,7 +1006,7 @@ async fn scale(
                     Err(_) => None,
                 };
                 let _ = h.record(t.elapsed().as_micros() as u64);
-                if i % 5 == 0 {
+                if i.is_multiple_of(5) {
                     samples += 1;
                     if let Some(v) = &v {
                         with_leader += v["leader_id"].is_u64() as u64;

@@ -163,8 +163,11 @@ struct RaftTuning {
     /// Largest accepted API request body.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
-    /// In-flight bound for agents' control requests (registration, heartbeats, status);
-    /// past it they get 429 with Retry-After.
+    /// In-flight bound for agents' heartbeats (a class of their own: a refused heartbeat
+    /// makes an agent unreachable); past it they get 429 with Retry-After.
+    #[arg(long, default_value_t = 2048)]
+    max_in_flight_heartbeat: usize,
+    /// In-flight bound for agents' registration and status reports.
     #[arg(long, default_value_t = 512)]
     max_in_flight_agent: usize,
     /// In-flight bound for long-polls, blocking queries and event streams.
@@ -178,6 +181,7 @@ struct RaftTuning {
 impl RaftTuning {
     fn limits(&self) -> anyhow::Result<cairn_kernel::admission::Limits> {
         for (name, v) in [
+            ("--max-in-flight-heartbeat", self.max_in_flight_heartbeat),
             ("--max-in-flight-agent", self.max_in_flight_agent),
             ("--max-in-flight-longpoll", self.max_in_flight_longpoll),
             ("--max-in-flight-user", self.max_in_flight_user),
@@ -185,6 +189,7 @@ impl RaftTuning {
             anyhow::ensure!(v > 0, "{name} must be at least 1");
         }
         Ok(cairn_kernel::admission::Limits {
+            heartbeat: self.max_in_flight_heartbeat,
             agent: self.max_in_flight_agent,
             longpoll: self.max_in_flight_longpoll,
             user: self.max_in_flight_user,
@@ -724,6 +729,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         agent_timeout: Duration::from_secs(10),
         reschedule_after: Duration::from_secs(30),
         max_body_bytes: 1024 * 1024,
+        max_in_flight_heartbeat: 2048,
         max_in_flight_agent: 512,
         max_in_flight_longpoll: 20_000,
         max_in_flight_user: 256,

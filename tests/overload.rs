@@ -18,7 +18,7 @@ async fn status(c: &reqwest::Client, addr: &str) -> Option<serde_json::Value> {
     let r = c
         .get(format!("http://{addr}/api/v1/cluster"))
         .bearer_auth(TOKEN)
-        .timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
         .send()
         .await
         .ok()?;

@@ -14,7 +14,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Request classes, each with its own bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
-    /// Agents' registration, heartbeats and status reports.
+    /// Agents' heartbeats: cheap and leader-local, and an agent whose heartbeats are refused
+    /// for `--agent-timeout` is declared unreachable, so they never wait behind status
+    /// reports (which hold their seat until a Raft commit).
+    Heartbeat,
+    /// Agents' registration and status reports.
     Agent,
     /// Blocking queries (`?index=`), agents' assignment long-polls and event streams: cheap
     /// while they wait, but each holds a connection.
@@ -28,6 +32,7 @@ pub enum Class {
 impl Class {
     pub fn label(self) -> &'static str {
         match self {
+            Class::Heartbeat => "heartbeat",
             Class::Agent => "agent",
             Class::LongPoll => "longpoll",
             Class::User => "user",
@@ -49,7 +54,10 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> Class {
         return Class::LongPoll;
     }
     if let Some(rest) = path.strip_prefix("/api/v1/agents/") {
-        if rest.ends_with("/heartbeat") || rest.ends_with("/status") {
+        if rest.ends_with("/heartbeat") {
+            return Class::Heartbeat;
+        }
+        if rest.ends_with("/status") {
             return Class::Agent;
         }
         if rest.ends_with("/assignments") {
@@ -65,6 +73,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> Class {
 /// In-flight bounds per class.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    pub heartbeat: usize,
     pub agent: usize,
     pub longpoll: usize,
     pub user: usize,
@@ -73,6 +82,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            heartbeat: 2048,
             agent: 512,
             longpoll: 20_000,
             user: 256,
@@ -82,6 +92,7 @@ impl Default for Limits {
 
 /// The semaphores and their metrics.
 pub struct Admission {
+    heartbeat: Arc<Semaphore>,
     agent: Arc<Semaphore>,
     longpoll: Arc<Semaphore>,
     user: Arc<Semaphore>,
@@ -121,6 +132,7 @@ impl Admission {
             .register(Box::new(in_flight.clone()))
             .expect("register");
         Self {
+            heartbeat: Arc::new(Semaphore::new(limits.heartbeat)),
             agent: Arc::new(Semaphore::new(limits.agent)),
             longpoll: Arc::new(Semaphore::new(limits.longpoll)),
             user: Arc::new(Semaphore::new(limits.user)),
@@ -132,6 +144,7 @@ impl Admission {
     /// Takes a seat in the request's class, or says how long to wait before retrying.
     pub fn admit(&self, class: Class) -> Result<Seat, Response> {
         let sem = match class {
+            Class::Heartbeat => &self.heartbeat,
             Class::Agent => &self.agent,
             Class::LongPoll => &self.longpoll,
             Class::User => &self.user,
@@ -235,6 +248,7 @@ mod tests {
         let reg = Registry::new();
         let a = Admission::new(
             Limits {
+                heartbeat: 1,
                 agent: 2,
                 longpoll: 1,
                 user: 1,
