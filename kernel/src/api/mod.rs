@@ -7,6 +7,7 @@ mod cluster;
 mod events;
 mod kv;
 mod metrics;
+mod services;
 mod tasks;
 mod workloads;
 
@@ -66,6 +67,19 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/tasks/{id}/kill",
     "/api/v1/agents/{id}/assignments",
     "/api/v1/agents/{id}/status",
+    "/api/v1/services",
+    "/api/v1/services/{name}",
+    "/api/v1/services/{name}/history",
+    "/api/v1/services/{name}/plans",
+    "/api/v1/services/{name}/plans/{plan}",
+    "/api/v1/services/{name}/plans/{plan}/start",
+    "/api/v1/services/{name}/plans/{plan}/interrupt",
+    "/api/v1/services/{name}/plans/{plan}/continue",
+    "/api/v1/services/{name}/plans/{plan}/force-complete",
+    "/api/v1/services/{name}/plans/{plan}/restart",
+    "/api/v1/services/{name}/pods",
+    "/api/v1/services/{name}/pods/{pod}/restart",
+    "/api/v1/services/{name}/pods/{pod}/replace",
     "/api/v1/events",
     "/api/v1/openapi.json",
     "/metrics",
@@ -126,6 +140,54 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/tasks/{id}/kill", post(tasks::kill_task))
         .route("/api/v1/agents/{id}/assignments", get(agents::assignments))
         .route("/api/v1/agents/{id}/status", post(agents::task_status))
+        .route(
+            "/api/v1/services",
+            get(services::list_services).post(services::create_service),
+        )
+        .route(
+            "/api/v1/services/{name}",
+            get(services::get_service)
+                .put(services::update_service)
+                .delete(services::remove_service),
+        )
+        .route(
+            "/api/v1/services/{name}/history",
+            get(services::service_history),
+        )
+        .route("/api/v1/services/{name}/plans", get(services::list_plans))
+        .route(
+            "/api/v1/services/{name}/plans/{plan}",
+            get(services::get_plan),
+        )
+        .route(
+            "/api/v1/services/{name}/plans/{plan}/start",
+            post(services::start_plan),
+        )
+        .route(
+            "/api/v1/services/{name}/plans/{plan}/interrupt",
+            post(services::interrupt_plan),
+        )
+        .route(
+            "/api/v1/services/{name}/plans/{plan}/continue",
+            post(services::continue_plan),
+        )
+        .route(
+            "/api/v1/services/{name}/plans/{plan}/force-complete",
+            post(services::force_complete_step),
+        )
+        .route(
+            "/api/v1/services/{name}/plans/{plan}/restart",
+            post(services::restart_step),
+        )
+        .route("/api/v1/services/{name}/pods", get(services::list_pods))
+        .route(
+            "/api/v1/services/{name}/pods/{pod}/restart",
+            post(services::restart_pod),
+        )
+        .route(
+            "/api/v1/services/{name}/pods/{pod}/replace",
+            post(services::replace_pod),
+        )
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
