@@ -208,3 +208,36 @@ fn a_service_deploys_updates_and_scales_down_through_real_tasks() {
         .values()
         .all(|t| !t.is_live() || t.state == TaskState::Killing));
 }
+
+#[test]
+fn a_pod_no_agent_fits_waits_and_its_step_says_why() {
+    let mut w = World::new();
+    w.apply(Command::CreateService {
+        service: spec(4, "1"),
+        at: w.now,
+    });
+    w.run_until("three pods placed", |s| {
+        s.services["kv"]
+            .pods
+            .values()
+            .filter(|p| p.agent.is_some())
+            .count()
+            == 3
+    });
+    for _ in 0..10 {
+        w.tick();
+    }
+    let svc = &w.state.services["kv"];
+    assert!(svc.pods["node-3"].agent.is_none());
+    let step = &svc.plans["deploy"].phases[0].steps[3];
+    assert!(
+        step.message
+            .starts_with("waiting for an agent for node-3: ")
+            && step.message.len() > 34,
+        "{}",
+        step.message
+    );
+    // An unchanged situation proposes nothing more.
+    let again = crate::controller::reconcile(&w.state, w.now + 500, &Default::default());
+    assert!(again.is_empty(), "{again:?}");
+}
