@@ -9,7 +9,7 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EventParams {
-    /// Comma-separated topics (task, workload, agent, kv); all when absent.
+    /// Comma-separated topics (task, workload, agent, deployment, service, kv); all when absent.
     topic: Option<String>,
     /// Start after this Raft index (replays what the masters still keep); default: now.
     index: Option<u64>,
@@ -31,12 +31,14 @@ pub(super) async fn events(
         if let Some(bad) = ts.iter().find(|t| {
             !matches!(
                 t.as_str(),
-                "task" | "workload" | "agent" | "kv" | "deployment"
+                "task" | "workload" | "agent" | "kv" | "deployment" | "service"
             )
         }) {
             return Err(ApiError::bad_request(
                 "topic",
-                format!("unknown topic {bad:?}: use task, workload, agent, deployment or kv"),
+                format!(
+                    "unknown topic {bad:?}: use task, workload, agent, deployment, service or kv"
+                ),
             ));
         }
     }
