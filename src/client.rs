@@ -123,6 +123,21 @@ impl Client {
         self.send(self.http.put(format!("{}{path}", self.base)).json(body))
             .await
     }
+    /// A request with a raw body (e.g. a TOML spec) and its content type.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Value> {
+        let req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        self.send(req).await
+    }
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await

@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod service_cli;
 
 use anyhow::Context;
 use cairn_kernel::master::{Master, MasterConfig};
@@ -89,6 +90,13 @@ enum Cmd {
     Deployment {
         #[command(subcommand)]
         cmd: DeploymentCmd,
+    },
+    /// Stateful services: pods with stable identity and volumes, driven by plans.
+    Service {
+        #[command(subcommand)]
+        cmd: service_cli::ServiceCmd,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Inspect and change workloads.
     Workload {
@@ -957,6 +965,11 @@ fn main() -> anyhow::Result<()> {
                         Ok(())
                     }
                 }
+            }
+            Cmd::Service { cmd, client } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                service_cli::run(&c, client.json, cmd).await
             }
             Cmd::Workload { cmd } => {
                 init_tracing("warn");

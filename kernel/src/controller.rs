@@ -10,10 +10,11 @@
 //! - cron workloads start a run at each tick of their schedule, never two at once;
 //! - system workloads keep one task on every active agent that fits;
 //! - tasks on an agent that stops heartbeating become `unreachable`, then `lost` after
-//!   `lost_after_ms`, and are replaced elsewhere; stopped or removed workloads' tasks are killed.
+//!   `lost_after_ms`, and are replaced elsewhere; stopped or removed workloads' tasks are killed;
+//! - stateful services advance their plans (`service::driver::commands`).
 
 use crate::model::{AgentStatus, Task, TaskState, Workload, WorkloadKind};
-use crate::scheduler::{ask_for, Constraint, ConstraintOp, Snapshot};
+use crate::scheduler::{ask_for, Constraint, ConstraintOp};
 use crate::state::{Command, State};
 
 /// Controller settings.
@@ -110,12 +111,17 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
         .values()
         .filter(|t| t.is_live() && t.state != TaskState::Killing)
     {
+        // Pod tasks of stateful services are killed by `service::driver::sync_tasks`.
+        if crate::service::driver::service_of(t).is_some() {
+            continue;
+        }
         let gone = state.workloads.get(&t.workload).is_none_or(|w| w.stopped);
         if gone && !lost.contains(&t.id) {
             out.push(set(t, TaskState::Killing, "workload_stopped", now));
         }
     }
-    let mut snap = Snapshot::from_state(state);
+    // Counts what stateful services hold too (placed pods, volumes).
+    let mut snap = crate::service::driver::snapshot(state);
     for w in state.workloads.values().filter(|w| !w.stopped) {
         let tasks: Vec<&Task> = by_workload.get(w.id.as_str()).cloned().unwrap_or_default();
         // Live: holds resources and may still run (unreachable ones may come back).
@@ -312,6 +318,8 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
             }
         }
     }
+    // Stateful services: the plan engine's next steps.
+    out.extend(crate::service::driver::commands(state, now));
     out
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod liveness;
 pub mod master;
 pub mod model;
+pub mod protocol;
 pub mod resources;
 pub mod scheduler;
 pub mod service;

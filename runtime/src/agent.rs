@@ -2,8 +2,8 @@
 //! loop that follows leader changes and master failures on its own, and the agent's own API.
 
 use crate::tasks::TaskManager;
-use cairn_kernel::api::HeartbeatReply;
 use cairn_kernel::model::{AgentRegistration, AgentResources};
+use cairn_kernel::protocol::HeartbeatReply;
 use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

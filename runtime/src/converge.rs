@@ -6,8 +6,8 @@
 use crate::agent::{AgentConfig, AgentInfo};
 use crate::task::{reason, TaskSpec};
 use crate::tasks::TaskManager;
-use cairn_kernel::api::Assignment;
 use cairn_kernel::model::TaskState;
+use cairn_kernel::protocol::Assignment;
 use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -6,8 +6,8 @@
 
 use crate::agent::{heartbeat_loop, AgentConfig, AgentInfo};
 use crate::converge::{next_index, response_index};
-use cairn_kernel::api::Assignment;
 use cairn_kernel::model::AgentRegistration;
+use cairn_kernel::protocol::Assignment;
 use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

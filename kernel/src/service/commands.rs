@@ -2,6 +2,7 @@
 //! service `Command` calls one function here, which checks the command against the state
 //! (like `PlaceTasks` is re-checked) and changes it through `service::ops`. Pure.
 
+use super::driver;
 use super::model::{StatefulService, VolumeStatus};
 use super::ops::{self, ServiceOp};
 use crate::model::AgentStatus;
@@ -45,12 +46,14 @@ pub fn update(
             format!("no service {:?}", service.name),
         );
     };
+    let name = service.name.clone();
     match ops::update_service(svc, service, allow_decommission, index, at) {
         Err(e) => rejected("invalid", &e.field, e.message),
         // An unchanged spec keeps its version.
         Ok(false) => Outcome::Done { index: svc.version },
         Ok(true) => {
             state.indexes.services = index;
+            driver::sync_tasks(state, &name, index, at);
             Outcome::Done { index }
         }
     }
@@ -62,10 +65,13 @@ pub fn remove(state: &mut State, index: u64, name: &str, keep_volumes: bool) -> 
     let Some(svc) = state.services.remove(name) else {
         return rejected("not_found", "name", format!("no service {name:?}"));
     };
+    // `state::apply` passes no time here: the tasks killed carry the service's last change.
+    let at = svc.updated_at;
     for v in ops::remove_service(svc, keep_volumes) {
         state.detached_volumes.insert(v.id.clone(), v);
     }
     state.indexes.services = index;
+    driver::sync_tasks(state, name, index, at);
     Outcome::Done { index }
 }
 
@@ -86,6 +92,7 @@ pub fn op(state: &mut State, index: u64, service: &str, op: ServiceOp, at: u64) 
         Err(e) => rejected(e.code, e.field, e.message),
         Ok(()) => {
             state.indexes.services = index;
+            driver::sync_tasks(state, service, index, at);
             Outcome::Done { index }
         }
     }

@@ -12,9 +12,12 @@
 //! - `model`: replicated types (`ServiceState`, `PodInstance`, `VolumeReservation`);
 //! - `plan`: steps, phases, plans, strategies, operator operations, built-in plans;
 //! - `ops`: the pure state changes `state::apply` makes for service commands;
-//! - `reconcile`: `reconcile_service`, the engine deciding the next actions.
+//! - `reconcile`: `reconcile_service`, the engine deciding the next actions;
+//! - `driver`: the leader's commands from those actions (pods placed by the scheduler), and
+//!   the pod tasks `apply` hands to agents as ordinary `model::Task`s.
 
 pub mod commands;
+pub mod driver;
 pub mod model;
 pub mod ops;
 pub mod plan;

@@ -1,0 +1,350 @@
+//! End to end: stateful services on one master and three real agents (processes on
+//! loopback). `cairn service create --wait` deploys a 3-pod service of native `sleep` tasks
+//! with a readiness check (no volumes: agent-side volumes are not built yet); the pods keep
+//! their agents through a canary update steered with interrupt/continue and a rolling update
+//! that never has two pods down; a scale-down decommissions the highest index; bad input is
+//! a 400 naming the field and changes nothing.
+//! Needs root (native tasks run in namespaces and cgroups).
+
+mod common;
+
+use cairn_installer::lab::Lab;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn spec(count: u32, version: &str, deploy: &str) -> String {
+    format!(
+        r#"name = "kv"
+[[pod_types]]
+name = "node"
+count = {count}
+deploy = {deploy}
+deadline = "60s"
+constraints = [["@id", "UNIQUE"]]
+[[pod_types.tasks]]
+name = "server"
+runtime.native = {{ cmd = "/bin/sh", args = ["-c", "exec sleep 600"] }}
+resources = {{ cpus = 0.1, mem = 32 }}
+ports = [{{ name = "http", number = 0 }}]
+env = {{ V = "{version}" }}
+readiness_check = {{ type = "command", command = ["/bin/sh", "-c", "true"], grace = "100ms", interval = "300ms" }}
+"#
+    )
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    lab: Lab,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    fn master(&self) -> String {
+        self.lab.running_addrs()[0].clone()
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        ct: &str,
+        body: String,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .request(method, format!("http://{}{path}", self.master()))
+            .bearer_auth(TOKEN)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str) -> (u16, Value) {
+        self.send(
+            reqwest::Method::POST,
+            path,
+            "application/json",
+            String::new(),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.lab
+            .get(&self.master(), path)
+            .await
+            .unwrap_or(Value::Null)
+    }
+
+    async fn plan(&self, plan: &str) -> Value {
+        self.get(&format!("/api/v1/services/kv/plans/{plan}")).await
+    }
+
+    async fn wait_plan(&self, plan: &str, status: &str) -> Value {
+        eventually(
+            Duration::from_secs(90),
+            &format!("plan {plan} {status}"),
+            || async {
+                let p = self.plan(plan).await;
+                (p["status"] == status).then_some(p)
+            },
+        )
+        .await
+    }
+
+    /// Pod id → (agent, states of its tasks, ready).
+    async fn pods(&self) -> BTreeMap<String, (String, Vec<String>, bool)> {
+        let v = self.get("/api/v1/services/kv/pods").await;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let tasks = p["tasks"].as_array().cloned().unwrap_or_default();
+                let states = tasks.iter().map(|t| t["state"].to_string()).collect();
+                let ready = !tasks.is_empty() && tasks.iter().all(|t| t["ready"] == true);
+                (
+                    p["id"].as_str().unwrap_or("").to_string(),
+                    (p["agent"].to_string(), states, ready),
+                )
+            })
+            .collect()
+    }
+}
+
+async fn cluster() -> Cluster {
+    let (dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    for n in 0..3u16 {
+        let res = format!(
+            "cpus:2;mem:1024;disk:1000;ports:[{}-{}]",
+            24_000 + 100 * n,
+            24_000 + 100 * n + 99
+        );
+        lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
+            .unwrap();
+    }
+    let c = Cluster {
+        _dir: dir,
+        lab,
+        http: http(),
+    };
+    eventually(Duration::from_secs(30), "3 agents", || async {
+        let v = c.get("/api/v1/agents").await;
+        (v.as_array().map_or(0, |a| a.len()) == 3).then_some(())
+    })
+    .await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_deploys_is_steered_updated_and_scaled_down() {
+    let c = cluster().await;
+    let toml = "application/toml";
+
+    // Bad input: 400s naming the field, nothing created.
+    let bad = [
+        (
+            r#"{"name":"kv","pod_types":[],"bogus":1}"#.to_string(),
+            "application/json",
+            "bogus",
+        ),
+        (
+            spec(3, "1", "\"serial\"").replace("count = 3", "count = -1"),
+            toml,
+            "pod_types[0].count",
+        ),
+        (spec(3, "1", "\"sideways\""), toml, "pod_types[0].deploy"),
+    ];
+    for (body, ct, field) in bad {
+        let (status, v) = c
+            .send(reqwest::Method::POST, "/api/v1/services", ct, body)
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["field"].as_str().is_some_and(|f| f.contains(field)),
+            "expected field {field}: {v}"
+        );
+    }
+    assert_eq!(c.get("/api/v1/services").await, serde_json::json!([]));
+
+    // Create with the CLI and --wait: it returns when the deploy plan is complete.
+    let file = c._dir.path().join("kv.toml");
+    std::fs::write(&file, spec(3, "1", "\"serial\"")).unwrap();
+    let out = tokio::process::Command::new(bin())
+        .args(["service", "create", "--wait", "--master", &c.master()])
+        .args(["--token", TOKEN])
+        .arg(&file)
+        .output();
+    let Ok(out) = tokio::time::timeout(Duration::from_secs(90), out).await else {
+        panic!(
+            "create --wait did not return: plan {:#} tasks {:#}",
+            c.plan("deploy").await,
+            c.get("/api/v1/tasks").await
+        );
+    };
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deploy = c.plan("deploy").await;
+    assert_eq!(deploy["status"], "complete", "{deploy}");
+    // Every step has timestamps, in order, ending complete.
+    for st in deploy["phases"][0]["steps"].as_array().unwrap() {
+        let hist = st["history"].as_array().unwrap();
+        assert_eq!(hist.last().unwrap()["status"], "complete", "{st}");
+        let ts: Vec<u64> = hist.iter().map(|h| h["at"].as_u64().unwrap()).collect();
+        assert!(ts.windows(2).all(|w| w[0] <= w[1]) && ts[0] > 0, "{st}");
+    }
+    let pods = c.pods().await;
+    assert_eq!(pods.len(), 3, "{pods:?}");
+    assert!(pods
+        .values()
+        .all(|(_, st, ready)| *ready && st == &["\"running\""]));
+    let agents: BTreeMap<String, String> = pods
+        .iter()
+        .map(|(p, (a, _, _))| (p.clone(), a.clone()))
+        .collect();
+    assert_eq!(
+        agents
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "UNIQUE @id"
+    );
+
+    // A canary update: node-0 first, then the plan waits; interrupt, then continue.
+    let (status, v) = c
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/services/kv",
+            toml,
+            spec(3, "2", "{ canary = 1 }"),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let p = c.wait_plan("deploy", "waiting").await;
+    let steps = &p["phases"][0]["steps"];
+    assert_eq!(steps[0]["status"], "complete", "{p}");
+    assert_eq!(steps[1]["status"], "waiting", "{p}");
+    assert!(steps[1]["message"].as_str().unwrap().contains("continue"));
+    assert_eq!(
+        c.post("/api/v1/services/kv/plans/deploy/interrupt").await.0,
+        200
+    );
+    c.wait_plan("deploy", "interrupted").await;
+    assert_eq!(
+        c.post("/api/v1/services/kv/plans/deploy/continue").await.0,
+        200
+    );
+    c.wait_plan("deploy", "complete").await;
+
+    // A rolling update: never more than one pod not ready; every pod stays on its agent.
+    let (status, v) = c
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/services/kv",
+            toml,
+            spec(3, "3", "\"serial\""),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let pods = c.pods().await;
+        let down = pods.values().filter(|(_, _, ready)| !ready).count();
+        assert!(down <= 1, "two pods down at once: {pods:?}");
+        if c.plan("deploy").await["status"] == "complete" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rolling update stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pods = c.pods().await;
+    let now: BTreeMap<String, String> = pods
+        .iter()
+        .map(|(p, (a, _, _))| (p.clone(), a.clone()))
+        .collect();
+    assert_eq!(now, agents, "pods moved");
+    let history = c.get("/api/v1/services/kv/history").await;
+    assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
+
+    // Scale down needs allow_decommission; then node-2 goes.
+    let (status, v) = c
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/services/kv",
+            toml,
+            spec(2, "3", "\"serial\""),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["field"].as_str().unwrap_or("").contains("count"), "{v}");
+    let (status, v) = c
+        .send(
+            reqwest::Method::PUT,
+            "/api/v1/services/kv?allow_decommission=true",
+            toml,
+            spec(2, "3", "\"serial\""),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    c.wait_plan("decommission", "complete").await;
+    let pods = c.pods().await;
+    assert_eq!(
+        pods.keys().cloned().collect::<Vec<_>>(),
+        ["node-0", "node-1"],
+        "{pods:?}"
+    );
+    // The decommissioned pod's task ends on its agent.
+    eventually(Duration::from_secs(30), "node-2's task killed", || async {
+        let tasks = c.get("/api/v1/tasks").await;
+        let live = tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["id"].as_str().is_some_and(|id| id.contains(".node-2.")))
+            .all(|t| t["state"] == "killed");
+        live.then_some(())
+    })
+    .await;
+
+    // Bad operations name the field.
+    let (status, v) = c
+        .post("/api/v1/services/kv/plans/deploy/restart?phase=node")
+        .await;
+    assert_eq!((status, v["field"].as_str()), (400, Some("step")), "{v}");
+    let (status, _) = c.post("/api/v1/services/nope/pods/node-0/restart").await;
+    assert_eq!(status, 404);
+
+    // Removing it kills its tasks.
+    let (status, v) = c
+        .send(
+            reqwest::Method::DELETE,
+            "/api/v1/services/kv",
+            "application/json",
+            String::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    eventually(Duration::from_secs(30), "all tasks ended", || async {
+        let tasks = c.get("/api/v1/tasks").await;
+        tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|t| ["killed", "finished", "failed"].contains(&t["state"].as_str().unwrap_or("")))
+            .then_some(())
+    })
+    .await;
+}
