@@ -714,14 +714,7 @@ fn proc_rss_kib(pid: u32) -> u64 {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    proc_rss_kib(std::process::id())
 }
 
 /// Density: how many idle Wasm tasks one in-process agent holds, and what each costs.
