@@ -92,18 +92,29 @@ async fn submit(c: &reqwest::Client, masters: &[String], id: &str, instances: us
         "runtime": {"native": {"cmd": "/bin/true"}},
         "resources": {"cpus": 0.01, "mem": 1, "disk": 0},
     });
-    eventually(Duration::from_secs(60), &format!("submit {id}"), || {
+    // A write can outlast a client timeout under this load and still commit, so an attempt
+    // that fails is checked by reading the workload back (submitting is then done).
+    eventually(Duration::from_secs(180), &format!("submit {id}"), || {
         let spec = spec.clone();
         async move {
             for m in masters {
                 let r = c
                     .post(format!("http://{m}/api/v1/workloads"))
                     .bearer_auth(TOKEN)
+                    .timeout(Duration::from_secs(60))
                     .json(&spec)
                     .send()
-                    .await
-                    .ok()?;
-                if r.status().is_success() {
+                    .await;
+                if matches!(&r, Ok(r) if r.status().is_success()) {
+                    return Some(());
+                }
+                let exists = c
+                    .get(format!("http://{m}/api/v1/workloads/{id}"))
+                    .bearer_auth(TOKEN)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                if matches!(&exists, Ok(r) if r.status().is_success()) {
                     return Some(());
                 }
             }
