@@ -87,7 +87,7 @@ impl Lab {
         let mut lab = Lab {
             bin: bin.to_path_buf(),
             token: token.to_string(),
-            peer_token: format!("peer-{}-{}", std::process::id(), free_port()),
+            peer_token: format!("lab-peer-secret-{}-{}", std::process::id(), free_port()),
             masters: Vec::new(),
             agents: Vec::new(),
             dir: dir.to_path_buf(),
