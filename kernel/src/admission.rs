@@ -225,7 +225,7 @@ mod tests {
                 Method::POST,
                 "/api/v1/agents/a1/heartbeat",
                 None,
-                Class::Agent,
+                Class::Heartbeat,
             ),
             (Method::POST, "/api/v1/agents/a1/status", None, Class::Agent),
             (Method::POST, "/api/v1/agents", None, Class::Agent),

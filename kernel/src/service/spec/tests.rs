@@ -56,7 +56,7 @@ fn a_good_spec_validates_from_toml_and_json() {
         "pod_types": [{
             "name": "db", "count": 2,
             "volumes": [{"name": "data", "path": "var/data", "size_mb": 10}],
-            "tasks": [{"name": "server", "runtime": {"wasm": {"file": "kv.wasm"}}}]
+            "tasks": [{"name": "server", "runtime": {"wasm": {"file": "/var/lib/cairn/wasm/kv.wasm"}}}]
         }]
     });
     let s = from_json(json.to_string().as_bytes())
