@@ -517,14 +517,7 @@ fn random_hex(bytes: usize) -> String {
 
 /// The peer address a master has when none is given: its API port + 2 (5050 -> 5052).
 fn default_peer(api: &str) -> anyhow::Result<String> {
-    let a: SocketAddr = api
-        .parse()
-        .with_context(|| format!("{api:?} is not HOST:PORT"))?;
-    let port = a
-        .port()
-        .checked_add(2)
-        .with_context(|| format!("{api}: no port + 2 for the peer address; give it"))?;
-    Ok(SocketAddr::new(a.ip(), port).to_string())
+    MasterNode::default_peer(api).map_err(anyhow::Error::msg)
 }
 
 fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, MasterNode>> {

@@ -144,33 +144,26 @@ impl Admission {
     /// Takes a seat in the request's class, or says how long to wait before retrying.
     pub fn admit(&self, class: Class) -> Result<Seat, Response> {
         let sem = match class {
-            Class::Heartbeat => &self.heartbeat,
-            Class::Agent => &self.agent,
-            Class::LongPoll => &self.longpoll,
-            Class::User => &self.user,
-            Class::Exempt => {
-                let gauge = self.in_flight.with_label_values(&[class.label()]);
-                gauge.inc();
-                return Ok(Seat {
-                    _permit: None,
-                    gauge,
-                });
+            Class::Heartbeat => Some(&self.heartbeat),
+            Class::Agent => Some(&self.agent),
+            Class::LongPoll => Some(&self.longpoll),
+            Class::User => Some(&self.user),
+            Class::Exempt => None,
+        };
+        let permit = match sem.map(|s| s.clone().try_acquire_owned()) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                self.shed.with_label_values(&[class.label()]).inc();
+                return Err(overloaded(class));
             }
         };
-        match sem.clone().try_acquire_owned() {
-            Ok(p) => {
-                let gauge = self.in_flight.with_label_values(&[class.label()]);
-                gauge.inc();
-                Ok(Seat {
-                    _permit: Some(p),
-                    gauge,
-                })
-            }
-            Err(_) => {
-                self.shed.with_label_values(&[class.label()]).inc();
-                Err(overloaded(class))
-            }
-        }
+        let gauge = self.in_flight.with_label_values(&[class.label()]);
+        gauge.inc();
+        Ok(Seat {
+            _permit: permit,
+            gauge,
+        })
     }
 }
 

@@ -111,6 +111,10 @@ pub async fn campaign_loop<C: PreVoteClient>(
 ) {
     use rand::Rng;
     let mut timeout = lease + min.mul_f64(rand::thread_rng().gen::<f64>());
+    // When this node last campaigned: kept apart from `contact`, which means "heard a
+    // leader" and decides whether this node grants others' pre-votes. Counting our own
+    // rounds as leader contact made two candidates refuse each other for a lease each.
+    let mut last_round: Option<Instant> = None;
     let tick = (min / 10).max(Duration::from_millis(5));
     loop {
         tokio::time::sleep(tick).await;
@@ -124,7 +128,8 @@ pub async fn campaign_loop<C: PreVoteClient>(
         }
         let membership = m.membership_config.membership().clone();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
-        if !voters.contains(&m.id) || contact.silence() < timeout {
+        let waited = last_round.map_or(Duration::MAX, |t| t.elapsed());
+        if !voters.contains(&m.id) || contact.silence() < timeout || waited < timeout {
             continue;
         }
         contact.prevotes.fetch_add(1, Ordering::Relaxed);
@@ -153,7 +158,7 @@ pub async fn campaign_loop<C: PreVoteClient>(
             }
         }
         // Wait a fresh random timeout before the next round (split votes, lost pre-votes).
-        contact.touch();
+        last_round = Some(Instant::now());
         timeout = min + min.mul_f64(rand::thread_rng().gen::<f64>());
     }
 }

@@ -56,6 +56,21 @@ pub struct MasterNode {
     pub peer: String,
 }
 
+impl MasterNode {
+    /// The peer address a master has when none is given: its API host, port + 2
+    /// (5050 -> 5052).
+    pub fn default_peer(api: &str) -> Result<String, String> {
+        let a: std::net::SocketAddr = api
+            .parse()
+            .map_err(|_| format!("{api:?} is not HOST:PORT"))?;
+        let port = a
+            .port()
+            .checked_add(2)
+            .ok_or_else(|| format!("{api}: no port + 2 for the peer address; give it"))?;
+        Ok(std::net::SocketAddr::new(a.ip(), port).to_string())
+    }
+}
+
 impl std::fmt::Display for MasterNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "api={} peer={}", self.api, self.peer)

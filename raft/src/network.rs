@@ -72,21 +72,33 @@ impl PreVoteClient for HttpNetwork {
         req: PreVoteRequest,
         timeout: Duration,
     ) -> Option<PreVoteResponse> {
-        let body = bincode::serialize(&req).ok()?;
-        let resp = self
-            .client
-            .post(format!("http://{peer}/raft/prevote"))
-            .bearer_auth(&self.token)
-            .timeout(timeout)
-            .body(body)
-            .send()
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        bincode::deserialize(&resp.bytes().await.ok()?).ok()
+        post_bincode(&self.client, &self.token, &peer, "prevote", &req, timeout).await
     }
+}
+
+/// POSTs a bincode body to `/raft/{path}` on a peer with the peer token and decodes the
+/// bincode answer; `None` when it was not delivered or not answered with 2xx.
+pub(crate) async fn post_bincode<Req: Serialize, Resp: DeserializeOwned>(
+    client: &reqwest::Client,
+    token: &str,
+    peer: &str,
+    path: &str,
+    req: &Req,
+    timeout: Duration,
+) -> Option<Resp> {
+    let body = bincode::serialize(req).ok()?;
+    let resp = client
+        .post(format!("http://{peer}/raft/{path}"))
+        .bearer_auth(token)
+        .timeout(timeout)
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    bincode::deserialize(&resp.bytes().await.ok()?).ok()
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetwork {

@@ -553,20 +553,7 @@ impl<A: App> RaftNode<A> {
         req: &Req,
         timeout: Duration,
     ) -> Option<Forwarded<Resp>> {
-        let body = bincode::serialize(req).ok()?;
-        let resp = self
-            .client
-            .post(format!("http://{addr}/raft/{path}"))
-            .bearer_auth(&self.token)
-            .timeout(timeout)
-            .body(body)
-            .send()
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        bincode::deserialize(&resp.bytes().await.ok()?).ok()
+        crate::network::post_bincode(&self.client, &self.token, addr, path, req, timeout).await
     }
 }
 

@@ -122,23 +122,10 @@ pub(super) async fn add_member(
             format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr),
         ));
     }
-    let api_addr: std::net::SocketAddr = b.addr.parse().map_err(|_| {
-        ApiError::bad_request(
-            "addr",
-            format!("addr {:?} is not HOST:PORT, e.g. 127.0.0.1:5080", b.addr),
-        )
-    })?;
     let peer = match b.peer {
         Some(p) => p,
-        None => match api_addr.port().checked_add(2) {
-            Some(port) => std::net::SocketAddr::new(api_addr.ip(), port).to_string(),
-            None => {
-                return Err(ApiError::bad_request(
-                    "peer",
-                    "no default peer address (API port + 2); give peer",
-                ))
-            }
-        },
+        None => cairn_raft::MasterNode::default_peer(&b.addr)
+            .map_err(|e| ApiError::bad_request("peer", e))?,
     };
     if peer.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::bad_request(
