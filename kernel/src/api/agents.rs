@@ -152,6 +152,12 @@ pub(super) async fn assignments(
     q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
+    // Only registered agents get a waker: ids from a client must not grow the wakers map.
+    if !ctx.read(|s| s.agents.contains_key(&id)) {
+        return Err(ApiError::not_found(format!(
+            "unknown agent {id:?}: register first (POST /api/v1/agents)"
+        )));
+    }
     // Waits on this agent's own assignment index: a change elsewhere does not wake it, and
     // the wake-up itself comes from the state machine for this agent only.
     let index = match p.index {
