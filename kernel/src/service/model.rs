@@ -18,6 +18,16 @@ pub struct StatefulService {
     pub pod_types: Vec<PodType>,
     /// Plans the service declares besides the built-in `deploy`, `recovery`, `decommission`.
     pub plans: Vec<PlanDef>,
+    /// The service's options (a JSON object, as text so bincode can carry it): what config
+    /// templates see as `options`, and what a package was installed with.
+    pub options: String,
+}
+
+impl StatefulService {
+    /// The options as JSON (an empty object if none were given).
+    pub fn options_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.options).unwrap_or_else(|_| serde_json::json!({}))
+    }
 }
 
 impl StatefulService {
