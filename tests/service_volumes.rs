@@ -335,3 +335,119 @@ tasks = [{ name = "writer", runtime.native = { cmd = "/bin/sh", args = ["-c", "h
     assert_eq!(orphan["status"], "orphaned", "{orphan}");
     assert!(volume_dir(&c, &fill_vol).is_some(), "kept on disk");
 }
+
+const REPLACED: &str = r#"name = "rep"
+[[pod_types]]
+name = "node"
+count = 2
+deadline = "60s"
+replace_after = "2s"
+constraints = [["@id", "UNIQUE"]]
+volumes = [{ name = "data", path = "data", size_mb = 8 }]
+[[pod_types.tasks]]
+name = "server"
+runtime.native = { cmd = "/bin/sh", args = ["-c", "echo $CAIRN_POD >> data/log; exec sleep 600"] }
+resources = { cpus = 0.1, mem = 32 }
+readiness_check = { type = "command", command = ["/bin/sh", "-c", "true"], grace = "100ms", interval = "300ms" }
+"#;
+
+/// Running `rep.node-1.*` tasks on each reachable agent, asked of the agents themselves.
+async fn running_node1(c: &Cluster, http: &reqwest::Client) -> usize {
+    let mut n = 0;
+    for i in 0..3 {
+        let url = format!("http://{}/api/v1/tasks", c.lab.agent_addr(i));
+        let Ok(r) = http.get(url).bearer_auth(TOKEN).send().await else {
+            continue;
+        };
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        n += v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t["id"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("rep.node-1."))
+                    && t["state"] == "running"
+            })
+            .count();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_on_a_lost_agent_is_replaced_and_its_old_volume_destroyed_when_it_returns() {
+    let mut c = service_cluster_on(25_000).await;
+    let (status, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/services",
+            "application/toml",
+            REPLACED.into(),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    c.wait_plan("rep", "deploy", "complete").await;
+    let old_agent = task_of(&c, "rep", "node-1", "server").await["agent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = c.agent_index(&old_agent).await;
+    let old_vol = volume_ids(&c, "rep").await[1].1.clone();
+    let old_dir = eventually(Duration::from_secs(30), "node-1's data", || async {
+        let d = volume_dir(&c, &old_vol)?;
+        (read(&d, "log") == "node-1\n").then_some(d)
+    })
+    .await;
+
+    // The host of node-1 crashes (agent and tasks); after replace_after the pod moves to the
+    // free agent with a fresh volume. Never two node-1 tasks run, as the agents say.
+    let http = http();
+    let mut most = running_node1(&c, &http).await;
+    assert_eq!(most, 1);
+    c.lab.crash_agent(n);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let new_vol = loop {
+        most = most.max(running_node1(&c, &http).await);
+        let pods = c.pods("rep").await;
+        let vols = volume_ids(&c, "rep").await;
+        if let (Some(p), Some((_, vol))) = (pods.get("node-1"), vols.get(1)) {
+            if p.2 && !p.0.contains(&old_agent) && *vol != old_vol {
+                break vol.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 not replaced: {pods:?} {:#}",
+            c.plan("rep", "recovery").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new_dir = eventually(Duration::from_secs(30), "the fresh volume", || async {
+        let d = volume_dir(&c, &new_vol)?;
+        (read(&d, "log") == "node-1\n").then_some(d)
+    })
+    .await;
+    assert_ne!(new_dir, old_dir);
+
+    // The host comes back: its stale node-1 stays dead and its old volume is destroyed.
+    c.lab.restart_agent(n).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while old_dir.exists() {
+        most = most.max(running_node1(&c, &http).await);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old volume kept: {:#}",
+            c.get(&format!("/api/v1/agents/{old_agent}")).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually(Duration::from_secs(30), "old reservation gone", || async {
+        let a = c.get(&format!("/api/v1/agents/{old_agent}")).await;
+        (a["volumes"] == serde_json::json!([])).then_some(())
+    })
+    .await;
+    assert_eq!(running_node1(&c, &http).await, 1);
+    assert_eq!(most, 1, "two node-1 tasks ran at once");
+    assert_eq!(read(&new_dir, "log"), "node-1\n");
+}

@@ -15,6 +15,12 @@ pub struct Cluster {
 
 /// One master, three agents (cpus 2, mem 1024, disk 1000 each).
 pub async fn service_cluster() -> Cluster {
+    service_cluster_on(24_000).await
+}
+
+/// One master, three agents whose port ranges start at `port_base` (100 ports each), so
+/// clusters of tests running side by side never hand out the same port.
+pub async fn service_cluster_on(port_base: u16) -> Cluster {
     let (dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
     lab.wait_leader(Duration::from_secs(30))
         .await
@@ -22,8 +28,8 @@ pub async fn service_cluster() -> Cluster {
     for n in 0..3u16 {
         let res = format!(
             "cpus:2;mem:1024;disk:1000;ports:[{}-{}]",
-            24_000 + 100 * n,
-            24_000 + 100 * n + 99
+            port_base + 100 * n,
+            port_base + 100 * n + 99
         );
         lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
             .unwrap();
@@ -116,6 +122,15 @@ impl Cluster {
                 )
             })
             .collect()
+    }
+
+    /// The lab index of the agent with id `id`.
+    pub async fn agent_index(&self, id: &str) -> usize {
+        let a = self.get(&format!("/api/v1/agents/{id}")).await;
+        let addr = a["addr"].as_str().unwrap_or_default().to_string();
+        (0..3)
+            .find(|&n| self.lab.agent_addr(n) == addr)
+            .unwrap_or_else(|| panic!("no lab agent at {addr}: {a}"))
     }
 
     /// Runs the `cairn` CLI against the master; fails the test if it does not return in time.
