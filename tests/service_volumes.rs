@@ -451,3 +451,45 @@ async fn a_pod_on_a_lost_agent_is_replaced_and_its_old_volume_destroyed_when_it_
     assert_eq!(most, 1, "two node-1 tasks ran at once");
     assert_eq!(read(&new_dir, "log"), "node-1\n");
 }
+
+/// `examples/web-cluster.toml` deploys as documented: each pod serves the page its template
+/// rendered, from its volume, on the port `${PORT_HTTP}` expanded to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_service_deploys_with_the_cli() {
+    let c = service_cluster_on(26_000).await;
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/web-cluster.toml");
+    let out = c
+        .cli(&["service", "create", "--wait", file.to_str().unwrap()])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}\n{:#}",
+        String::from_utf8_lossy(&out.stderr),
+        c.plan("web", "deploy").await
+    );
+    let http = http();
+    for i in 0..3 {
+        let pod = format!("web-{i}");
+        let t = task_of(&c, "web", &pod, "httpd").await;
+        let port = t["ports"][0]["number"].as_u64().unwrap();
+        let page = http
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("<h1>Hello from Cairn</h1>"), "{page}");
+        assert!(
+            page.contains(&format!("This is {pod} (index {i})")),
+            "{page}"
+        );
+        let created = http
+            .get(format!("http://127.0.0.1:{port}/created"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 200);
+    }
+}

@@ -141,7 +141,7 @@ pub enum HealthKind {
     Http,
     /// A TCP connection to PORT opens.
     Tcp,
-    /// The command exits 0 (run on the host, in the task's sandbox, with its environment).
+    /// The command exits 0 (run inside the task: its namespaces, sandbox and environment).
     Command,
 }
 
