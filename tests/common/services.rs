@@ -21,7 +21,18 @@ pub async fn service_cluster() -> Cluster {
 /// One master, three agents whose port ranges start at `port_base` (100 ports each), so
 /// clusters of tests running side by side never hand out the same port.
 pub async fn service_cluster_on(port_base: u16) -> Cluster {
-    let (dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
+    service_cluster_with(1, port_base).await
+}
+
+/// `masters` masters and three agents whose port ranges start at `port_base`.
+pub async fn service_cluster_with(masters: u64, port_base: u16) -> Cluster {
+    // One master: agents lost fast (replace tests). Several: room for an election, so a
+    // leader change does not make healthy agents unreachable.
+    let timeout = if masters == 1 { "1500ms" } else { "6s" };
+    let (dir, mut lab) = lab(
+        masters,
+        &["--agent-timeout", timeout, "--request-timeout", "5s"],
+    );
     lab.wait_leader(Duration::from_secs(30))
         .await
         .expect("leader");
