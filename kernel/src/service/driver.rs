@@ -51,14 +51,18 @@ pub fn task_id(service: &str, pod: &str, task: &str, generation: u64) -> String 
 /// healthy; otherwise when it runs.
 pub fn observe(state: &State, svc: &ServiceState) -> Observed {
     let mut obs = Observed::default();
-    for a in state.agents.values() {
-        obs.agents.insert(
-            a.id.clone(),
-            AgentFact {
-                active: a.status == AgentStatus::Active,
-                since: a.status_changed_at,
-            },
-        );
+    // Only the agents of the service's pods matter (a pass over 1,000 services must not copy
+    // every agent 1,000 times).
+    for agent in svc.pods.values().filter_map(|p| p.agent.as_ref()) {
+        if let Some(a) = state.agents.get(agent) {
+            obs.agents.insert(
+                a.id.clone(),
+                AgentFact {
+                    active: a.status == AgentStatus::Active,
+                    since: a.status_changed_at,
+                },
+            );
+        }
     }
     for pod in svc.pods.values() {
         for (name, target) in &pod.tasks {
