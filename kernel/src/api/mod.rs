@@ -9,6 +9,7 @@ mod kv;
 mod metrics;
 mod services;
 mod tasks;
+mod volumes;
 mod workloads;
 
 pub use crate::protocol::{Assignment, HeartbeatReply, TaskReport};
@@ -69,6 +70,8 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/agents/{id}/status",
     "/api/v1/agents/{id}/volumes",
     "/api/v1/agents/{id}/volumes/destroyed",
+    "/api/v1/volumes",
+    "/api/v1/volumes/{id}",
     "/api/v1/services",
     "/api/v1/services/{name}",
     "/api/v1/services/{name}/history",
@@ -147,6 +150,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/agents/{id}/volumes/destroyed",
             post(agents::volumes_destroyed),
+        )
+        .route("/api/v1/volumes", get(volumes::list_volumes))
+        .route(
+            "/api/v1/volumes/{id}",
+            axum::routing::delete(volumes::delete_volume),
         )
         .route(
             "/api/v1/services",
