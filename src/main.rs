@@ -788,6 +788,15 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restores the default SIGPIPE action (terminate) that Rust's runtime sets to ignore.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called once at start, before any other thread exists; SIG_DFL installs no
+    // handler code, so no async-signal-safety rule applies.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> anyhow::Result<()> {
     // A native task's supervisor and PID 1 are this binary re-executed; they must run before
     // any thread exists (unshare of the mount namespace), so they skip clap and tokio.
@@ -802,6 +811,16 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
+    // A command-line client piped into `head` ends quietly on a closed pipe, as Unix tools
+    // do, instead of panicking in `println!`; daemons keep SIGPIPE ignored (a closed socket
+    // is an error to handle, not a reason to die).
+    let daemon = matches!(
+        cli.cmd,
+        Cmd::Master(_) | Cmd::Dev(_) | Cmd::Agent(AgentCmdArgs { cmd: None, .. })
+    );
+    if !daemon {
+        default_sigpipe();
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async move {
         match cli.cmd {
