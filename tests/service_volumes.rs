@@ -325,6 +325,17 @@ tasks = [{ name = "writer", runtime.native = { cmd = "/bin/sh", args = ["-c", "h
     )
     .await;
 
+    // `cairn ps` says how many ended tasks it hides; `--all` shows them with their reasons.
+    let out = c.cli(&["ps"]).await;
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ended tasks hidden") && err.contains("--all"),
+        "{err}"
+    );
+    let out = c.cli(&["ps", "--all"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("volume_limit"));
+
     // Removing a service destroys exactly its volumes; --keep-volumes keeps them orphaned.
     let fill_vol = volume_ids(&c, "fill").await[0].1.clone();
     let out = c.cli(&["service", "rm", "fill", "--keep-volumes"]).await;
