@@ -312,7 +312,8 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct DevArgs {
-    /// Where to keep state (default: a new temporary directory).
+    /// Where to keep state (default: a new directory under /var/lib/cairn for root, else
+    /// $XDG_STATE_HOME/cairn, removed when `cairn dev` exits).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:5050")]
@@ -712,11 +713,29 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a user's Cairn state lives: `/var/lib/cairn` for root, else `$XDG_STATE_HOME/cairn`
+/// (default `~/.local/state/cairn`). Not /tmp: tasks get a private /tmp of their own.
+fn state_home() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/cairn");
+    }
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("cairn"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/state/cairn"),
+    }
+}
+
 async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     let (data_dir, _tmp) = match a.data_dir {
         Some(d) => (d, None),
         None => {
-            let t = tempfile::Builder::new().prefix("cairn-dev-").tempdir()?;
+            let base = state_home();
+            std::fs::create_dir_all(&base)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", base.display()))?;
+            let t = tempfile::Builder::new()
+                .prefix("cairn-dev-")
+                .tempdir_in(&base)?;
             (t.path().to_path_buf(), Some(t))
         }
     };
