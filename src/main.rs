@@ -169,6 +169,13 @@ struct RaftTuning {
     /// Tasks of an agent unreachable this long are lost and rescheduled elsewhere.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     reschedule_after: Duration,
+    /// Ended tasks kept per workload (and per stateful-service pod type) past the retention.
+    #[arg(long, default_value_t = 10)]
+    task_gc_keep: usize,
+    /// Ended tasks younger than this are always kept; older ones beyond --task-gc-keep are
+    /// forgotten (a job's current completions always stay).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    task_gc_retention: Duration,
     /// Largest accepted API request body.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -638,6 +645,8 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         join: a.join,
         agent_timeout: a.tuning.agent_timeout,
         reschedule_after: a.tuning.reschedule_after,
+        task_gc_keep: a.tuning.task_gc_keep,
+        task_gc_retention: a.tuning.task_gc_retention,
         max_body: a.tuning.max_body_bytes,
         limits: a.tuning.limits()?,
     })
@@ -749,6 +758,8 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(10),
         agent_timeout: Duration::from_secs(10),
         reschedule_after: Duration::from_secs(30),
+        task_gc_keep: 10,
+        task_gc_retention: Duration::from_secs(3600),
         max_body_bytes: 1024 * 1024,
         max_in_flight_heartbeat: 2048,
         max_in_flight_agent: 512,
@@ -775,6 +786,8 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         join: false,
         agent_timeout: tuning.agent_timeout,
         reschedule_after: tuning.reschedule_after,
+        task_gc_keep: tuning.task_gc_keep,
+        task_gc_retention: tuning.task_gc_retention,
         max_body: tuning.max_body_bytes,
         limits: tuning.limits()?,
     })

@@ -22,11 +22,17 @@ use crate::state::{Command, State};
 pub struct Config {
     /// How long an unreachable agent's tasks wait before they are `lost` and replaced.
     pub lost_after_ms: u64,
+    /// Ended tasks kept per workload beyond the retention (`gc`).
+    pub gc_keep: usize,
+    /// Ended tasks younger than this are always kept (`gc`).
+    pub gc_retention_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
+            gc_keep: 10,
+            gc_retention_ms: 3_600_000,
             lost_after_ms: 30_000,
         }
     }
@@ -42,22 +48,31 @@ fn set(t: &Task, state: TaskState, reason: &str, now: u64) -> Command {
 }
 
 /// Consecutive failures of the workload's current version (newest first), and when the last
-/// one happened.
-fn failures(tasks: &[&Task], version: u64) -> (u32, u64) {
+/// one happened. A service task has no business ending, so for services an exit 0 counts
+/// too (else `/bin/true` as a service restarts as fast as the cluster can); a task that ran
+/// longer than the backoff's cap was healthy and ends the streak.
+fn failures(w: &Workload, tasks: &[&Task]) -> (u32, u64) {
     let mut ended: Vec<&&Task> = tasks
         .iter()
-        .filter(|t| t.version == version && t.state.is_terminal())
+        .filter(|t| t.version == w.version && t.state.is_terminal())
         .collect();
     ended.sort_by_key(|t| std::cmp::Reverse((t.updated_at, t.created_at)));
     let mut n = 0;
     let mut last = 0;
     for t in ended {
-        match t.state {
-            TaskState::Failed | TaskState::Lost => {
-                n += 1;
-                last = last.max(t.updated_at);
-            }
-            _ => break,
+        let failed = match t.state {
+            TaskState::Failed | TaskState::Lost => true,
+            TaskState::Finished => w.kind == WorkloadKind::Service,
+            _ => false,
+        };
+        let ran = t.updated_at.saturating_sub(t.created_at);
+        if !failed || (n > 0 && ran > w.restart.max_ms) {
+            break;
+        }
+        n += 1;
+        last = last.max(t.updated_at);
+        if ran > w.restart.max_ms {
+            break;
         }
     }
     (n, last)
@@ -136,7 +151,7 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
             .filter(|t| live(t) && t.version != w.version && t.state != TaskState::Killing)
             .copied()
             .collect();
-        let (fails, last_fail) = failures(&tasks, w.version);
+        let (fails, last_fail) = failures(w, &tasks);
         let backoff_ok = now >= backoff_until(w, fails, last_fail);
         let want: usize = match w.kind {
             WorkloadKind::Service => w.instances as usize,
@@ -320,6 +335,12 @@ pub fn reconcile(state: &State, now: u64, cfg: &Config) -> Vec<Command> {
     }
     // Stateful services: the plan engine's next steps.
     out.extend(crate::service::driver::commands(state, now));
+    out.extend(crate::gc::commands(
+        state,
+        now,
+        cfg.gc_keep,
+        cfg.gc_retention_ms,
+    ));
     out
 }
 
@@ -388,6 +409,7 @@ mod tests {
                 index: 0,
                 cfg: Config {
                     lost_after_ms: 10_000,
+                    ..Config::default()
                 },
             };
             for a in agents {
@@ -503,6 +525,40 @@ mod tests {
         assert!(w.live("web").is_empty());
         w.tick(4_100);
         assert_eq!(w.live("web").len(), 1);
+    }
+
+    /// Issue 13: a service task exiting 0 was restarted at once, forever (13 tasks a second
+    /// for `/bin/true`); now every exit of a service task counts for the backoff, and the
+    /// ended tasks are collected.
+    #[test]
+    fn a_service_exiting_zero_backs_off_and_its_ended_tasks_are_collected() {
+        let mut w = World::new(&["a1"]);
+        w.cfg.gc_keep = 2;
+        w.cfg.gc_retention_ms = 5_000;
+        w.apply(Command::PutWorkload {
+            workload: workload("web", WorkloadKind::Service, 1),
+            at: 0,
+        });
+        w.tick(0);
+        w.report("web", TaskState::Finished, 1_000);
+        w.tick(1_500);
+        assert!(w.live("web").is_empty(), "restarted before the backoff");
+        w.tick(2_000);
+        assert_eq!(w.live("web").len(), 1);
+        w.report("web", TaskState::Finished, 2_100);
+        w.tick(3_100);
+        assert!(w.live("web").is_empty(), "the second exit waits 2 s");
+        w.tick(4_100);
+        assert_eq!(w.live("web").len(), 1);
+        // Many exits later, only the newest ended tasks (and the young ones) stay.
+        let mut at = 4_200;
+        for _ in 0..6 {
+            w.report("web", TaskState::Finished, at);
+            at += 61_000;
+            w.tick(at);
+        }
+        let ended = w.s.tasks.values().filter(|t| !t.is_live()).count();
+        assert_eq!(ended, 2, "{:?}", w.s.tasks.keys().collect::<Vec<_>>());
     }
 
     #[test]

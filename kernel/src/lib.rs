@@ -5,6 +5,7 @@ pub mod admission;
 pub mod api;
 pub mod controller;
 pub mod error;
+pub mod gc;
 pub mod liveness;
 pub mod master;
 pub mod model;

@@ -28,6 +28,9 @@ pub struct MasterConfig {
     pub agent_timeout: Duration,
     /// Tasks of an agent unreachable this long are `lost` and run elsewhere.
     pub reschedule_after: Duration,
+    /// Ended tasks kept per workload past the retention, and the retention (`gc`).
+    pub task_gc_keep: usize,
+    pub task_gc_retention: Duration,
     pub max_body: usize,
     /// In-flight bounds per request class (load shedding).
     pub limits: crate::admission::Limits,
@@ -110,6 +113,8 @@ impl Master {
             api.clone(),
             crate::controller::Config {
                 lost_after_ms: cfg.reschedule_after.as_millis() as u64,
+                gc_keep: cfg.task_gc_keep,
+                gc_retention_ms: cfg.task_gc_retention.as_millis() as u64,
             },
             stop_rx,
         ));

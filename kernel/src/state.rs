@@ -215,6 +215,11 @@ pub enum Command {
         id: String,
         at: u64,
     },
+    /// Forget ended tasks (`gc`); a task that is live again is kept.
+    RemoveTasks {
+        ids: Vec<String>,
+        at: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -531,6 +536,13 @@ fn describe(cmd: &Command) -> Described {
             other("agent", agent, "volumes_destroyed", ids.join(", "), *at)
         }
         Command::DestroyVolume { id, at } => other("volume", id, "destroy", String::new(), *at),
+        Command::RemoveTasks { ids, at } => other(
+            "task",
+            "",
+            "collected",
+            format!("{} ended tasks forgotten", ids.len()),
+            *at,
+        ),
     }
 }
 
@@ -888,6 +900,19 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
         }
         Command::DestroyVolume { id, .. } => {
             crate::service::commands::destroy_orphan(state, index, &id)
+        }
+        Command::RemoveTasks { ids, .. } => {
+            for id in ids {
+                if state.tasks.get(&id).is_some_and(|t| !t.is_live()) {
+                    if let Some(t) = state.tasks.remove(&id) {
+                        if let Some(set) = state.tasks_by_agent.get_mut(&t.agent) {
+                            set.remove(&id);
+                        }
+                    }
+                }
+            }
+            state.indexes.tasks = index;
+            Outcome::Done { index }
         }
     }
 }
