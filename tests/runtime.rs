@@ -177,7 +177,8 @@ async fn native_task_is_isolated_logged_and_limited() {
     // environment, stdout and stderr in the sandbox.
     let mut spec = sh(
         "iso",
-        "echo pid=$$; hostname; echo env=$CAIRN_TASK_ID/$CAIRN_WORKLOAD/$PORT0/$PORT_WEB; \
+        // `$$$$`: the agent expands `$VAR` in native args, `$$` being a literal `$`.
+        "echo pid=$$$$; hostname; echo env=$CAIRN_TASK_ID/$CAIRN_WORKLOAD/$PORT0/$PORT_WEB; \
          echo procs=$(ls /proc | grep -c '^[0-9]'); touch /tmp/private; echo oops >&2",
     );
     spec["ports"] = json!([{"name": "web", "number": 31001}]);
@@ -192,6 +193,41 @@ async fn native_task_is_isolated_logged_and_limited() {
     );
     assert!(out.contains("iso\n"), "hostname is not the task id: {out}");
     assert!(out.contains("env=iso/test/31001/31001"), "{out}");
+    // The agent's Prometheus metrics count it, and promtool finds them well-formed.
+    let m = a
+        .http
+        .get(format!("http://{}/metrics", a.addr))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"cairn_agent_tasks{runtime="native",state="finished"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"cairn_agent_task_starts_total{result="started",runtime="native"} 1"#),
+        "{m}"
+    );
+    let check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(m.as_bytes());
+    assert!(
+        check.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let anonymous = a
+        .http
+        .get(format!("http://{}/metrics", a.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
     let procs: u32 = out
         .split("procs=")
         .nth(1)
@@ -879,4 +915,22 @@ async fn a_task_reaches_its_sandbox_by_path_when_the_data_dir_is_under_tmp() {
         a.file("tmpdir", "by-path").await,
         (200, "here\n".to_string())
     );
+}
+
+/// Runs a command with `input` on its stdin and collects its output.
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
+}
+
+impl OutputWithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
 }

@@ -44,6 +44,7 @@ pub fn router(info: Arc<Mutex<AgentInfo>>, tasks: Arc<TaskManager>, token: Strin
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/api/v1/images/{*name}", get(images_show).delete(images_rm))
+        .route("/metrics", get(metrics))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
         })
@@ -51,6 +52,22 @@ pub fn router(info: Arc<Mutex<AgentInfo>>, tasks: Arc<TaskManager>, token: Strin
         .layer(middleware::from_fn(auth))
         .route("/healthz", get(|| async { "ok" }))
         .layer(Extension(ctx))
+}
+
+/// Prometheus text exposition (see `metrics`).
+async fn metrics(ctx: C) -> Response {
+    let c = ctx.clone();
+    let text = tokio::task::spawn_blocking(move || c.tasks.metrics.render(&c.tasks, &c.info))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn auth(ctx: C, req: Request, next: Next) -> Response {

@@ -117,6 +117,8 @@ pub struct TaskManager {
     /// The only directories Wasm files are read from.
     wasm_dirs: Vec<PathBuf>,
     volumes: VolumeStore,
+    /// The agent's Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::AgentMetrics,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -281,6 +283,7 @@ impl TaskManager {
         let volumes = VolumeStore::open(data_dir)?;
         let mgr = Arc::new(Self {
             volumes,
+            metrics: crate::metrics::AgentMetrics::new(),
             bind_ip: bind_ip(host),
             wasm_dirs,
             cgroup_prefix,
@@ -417,6 +420,28 @@ impl TaskManager {
 
     /// Starts a task. Returns once the process or guest is running.
     pub fn launch(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskStatus, LaunchError> {
+        let runtime = match spec.runtime {
+            RuntimeSpec::Native { .. } => "native",
+            RuntimeSpec::Oci { .. } => "oci",
+            RuntimeSpec::Wasm { .. } => "wasm",
+        };
+        let t0 = Instant::now();
+        let r = self.launch_inner(spec);
+        let result = if r.is_ok() { "started" } else { "failed" };
+        self.metrics
+            .starts
+            .with_label_values(&[runtime, result])
+            .inc();
+        if r.is_ok() {
+            self.metrics
+                .start_seconds
+                .with_label_values(&[runtime])
+                .observe(t0.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    fn launch_inner(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskStatus, LaunchError> {
         spec.validate()
             .map_err(|(field, message)| LaunchError::Invalid { field, message })?;
         let exec = self
