@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod package_cli;
 mod service_cli;
 
 use anyhow::Context;
@@ -95,6 +96,14 @@ enum Cmd {
     Service {
         #[command(subcommand)]
         cmd: service_cli::ServiceCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The package catalog: search, describe, render, install, list, update, uninstall,
+    /// repo add.
+    Package {
+        #[command(subcommand)]
+        cmd: package_cli::PackageCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -963,6 +972,11 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 let c = Client::new(&client.master, &client.token)?;
                 service_cli::run(&c, client.json, cmd).await
+            }
+            Cmd::Package { cmd, client } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                package_cli::run(&c, client.json, cmd).await
             }
             Cmd::Workload { cmd } => {
                 init_tracing("warn");

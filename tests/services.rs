@@ -118,30 +118,12 @@ impl Cluster {
 }
 
 async fn cluster() -> Cluster {
-    let (dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
-    lab.wait_leader(Duration::from_secs(30))
-        .await
-        .expect("leader");
-    for n in 0..3u16 {
-        let res = format!(
-            "cpus:2;mem:1024;disk:1000;ports:[{}-{}]",
-            24_000 + 100 * n,
-            24_000 + 100 * n + 99
-        );
-        lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
-            .unwrap();
-    }
-    let c = Cluster {
+    let (dir, lab) = master_and_agents(3, 24_000).await;
+    Cluster {
         _dir: dir,
         lab,
         http: http(),
-    };
-    eventually(Duration::from_secs(30), "3 agents", || async {
-        let v = c.get("/api/v1/agents").await;
-        (v.as_array().map_or(0, |a| a.len()) == 3).then_some(())
-    })
-    .await;
-    c
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

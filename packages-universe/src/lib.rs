@@ -100,6 +100,9 @@ fn ferr<T>(file: &str, message: impl Into<String>) -> Result<T, FormatError> {
     })
 }
 
+/// Names no package may take: they are paths of the packages API.
+pub const RESERVED: [&str; 2] = ["installed", "repos"];
+
 /// A package or option name: lowercase letters, digits and '-', starting with a letter.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -210,6 +213,15 @@ fn check_meta(m: &PackageMeta) -> Result<(), FormatError> {
             f,
             format!(
                 "name {:?}: 1-48 lowercase letters, digits or '-', starting with a letter",
+                m.name
+            ),
+        );
+    }
+    if RESERVED.contains(&m.name.as_str()) {
+        return ferr(
+            f,
+            format!(
+                "name {:?} is reserved (an API path); choose another",
                 m.name
             ),
         );

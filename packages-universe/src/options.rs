@@ -70,6 +70,14 @@ pub fn defaults(schema: &Value) -> Value {
     out
 }
 
+/// Merges user options `over` into `base` (objects key by key, anything else replaced; a
+/// null `over` changes nothing): options in use, then the ones an update gives.
+pub fn merge_options(base: &mut Value, over: &Value) {
+    if !over.is_null() {
+        merge(base, over, false);
+    }
+}
+
 /// Merges `over` into `base`: objects key by key, anything else replaced. With
 /// `keep_base`, values already in `base` win (used to lay defaults under a value).
 fn merge(base: &mut Value, over: &Value, keep_base: bool) {

@@ -25,6 +25,8 @@ pub mod reconcile;
 pub mod spec;
 pub mod update;
 
-pub use model::{PodInstance, PodType, ServiceState, StatefulService, VolumeReservation};
+pub use model::{
+    PackageRef, PodInstance, PodType, ServiceState, StatefulService, VolumeReservation,
+};
 pub use ops::ServiceOp;
 pub use reconcile::{reconcile_service, Action, Observed};

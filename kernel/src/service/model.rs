@@ -18,6 +18,19 @@ pub struct StatefulService {
     pub pod_types: Vec<PodType>,
     /// Plans the service declares besides the built-in `deploy`, `recovery`, `decommission`.
     pub plans: Vec<PlanDef>,
+    /// The package this spec was rendered from (`None` for a spec written by hand).
+    pub package: Option<PackageRef>,
+}
+
+/// Which package and options rendered a service's spec (`/api/v1/packages/installed`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRef {
+    pub name: String,
+    pub version: String,
+    /// `builtin` or the repo it came from.
+    pub source: String,
+    /// The full options (defaults filled) as JSON text: bincode cannot carry a JSON value.
+    pub options: String,
 }
 
 impl StatefulService {

@@ -501,6 +501,7 @@ impl ServiceSpec {
             name: self.name,
             pod_types,
             plans,
+            package: None,
         })
     }
 }
