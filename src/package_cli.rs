@@ -1,7 +1,8 @@
 //! `cairn package ...`: the catalog from the command line — search, describe (options with
 //! defaults, README), render (a dry run printing the spec), install (`--options FILE.json`,
-//! `--set key=value`, `--wait` following the deploy plan), list, update, uninstall, and
-//! `repo add|list|remove` for local folders of packages (uploaded to the cluster).
+//! `--set key=value`, `--wait` following the deploy plan), list, update, history, rollback,
+//! uninstall, and `repo add|list|remove` for local folders of packages (uploaded to the
+//! cluster).
 
 use crate::client::Client;
 use clap::Subcommand;
@@ -65,6 +66,20 @@ pub enum PackageCmd {
         #[arg(long)]
         reset: bool,
         /// Allow a smaller pod count (its pods and volumes are destroyed).
+        #[arg(long)]
+        allow_decommission: bool,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The service's versions with the package version and options of each.
+    History { service: String },
+    /// Go back to the package version and options of an earlier service version (default:
+    /// the one before the current), rolled out by the deploy plan.
+    Rollback {
+        service: String,
+        /// The service version (see `cairn package history`).
+        #[arg(long)]
+        to: Option<u64>,
         #[arg(long)]
         allow_decommission: bool,
         #[arg(long)]
@@ -329,6 +344,50 @@ pub async fn run(c: &Client, json_out: bool, cmd: PackageCmd) -> anyhow::Result<
             ))
             .await?;
             println!("service {service} uninstalled");
+            Ok(())
+        }
+        PackageCmd::History { service } => {
+            let v = c
+                .get(&format!("/api/v1/services/{service}/history"))
+                .await?;
+            if json_out {
+                println!("{v:#}");
+                return Ok(());
+            }
+            let mut t = comfy_table::Table::new();
+            t.set_header(["VERSION", "PACKAGE", "OPTIONS"]);
+            for h in v.as_array().into_iter().flatten() {
+                let p = &h["spec"]["package"];
+                let (pkg, opts) = if p.is_object() {
+                    (
+                        format!("{}@{}", s(&p["name"]), s(&p["version"])),
+                        s(&p["options"]),
+                    )
+                } else {
+                    ("(hand-written spec)".into(), "-".into())
+                };
+                t.add_row([s(&h["version"]), pkg, opts]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        PackageCmd::Rollback {
+            service,
+            to,
+            allow_decommission,
+            wait,
+        } => {
+            let body = json!({ "to": to, "allow_decommission": allow_decommission });
+            let v = c
+                .post(
+                    &format!("/api/v1/packages/installed/{service}/rollback"),
+                    &body,
+                )
+                .await?;
+            println!("service {service} rolled back (version {})", v["version"]);
+            if wait {
+                crate::service_cli::wait_plan(c, &service, "deploy").await?;
+            }
             Ok(())
         }
         PackageCmd::Repo { cmd } => repo(c, json_out, cmd).await,

@@ -4,9 +4,10 @@
 //! deploys Debian's redis-server as a native task, checked with the real `redis-cli`
 //! (SET/GET, the options in `CONFIG GET`); `cairn package update` rolls new options out
 //! through the deploy plan; `uninstall` removes the service and stops the server; a repo
-//! added from a local folder shows up in search and describe.
-//! Needs root (native tasks run in namespaces and cgroups) and Debian's redis-server and
-//! redis-tools (scripts/test.sh installs them).
+//! added from a local folder shows up in search and describe. PostgreSQL installs with
+//! `initdb` and is checked with the real `psql`.
+//! Needs root (native tasks run in namespaces and cgroups) and Debian's redis-server,
+//! redis-tools and postgresql-15 (scripts/test.sh installs them).
 
 mod common;
 
@@ -202,6 +203,30 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     })
     .await;
     assert_eq!(policy, "maxmemory-policy\nallkeys-lru");
+    // Rollback: the previous options come back, as a new version.
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["package", "rollback", "cache", "--wait"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let installed = lab.get(&addr, "/api/v1/packages/installed").await.unwrap();
+    assert_eq!(
+        installed[0]["options"]["maxmemory_policy"], "noeviction",
+        "{installed}"
+    );
+    eventually(MIN, "redis-server with the old options", || async {
+        let port = redis_port(&lab, &addr, "cache").await;
+        let v = redis_cli(port, &["CONFIG", "GET", "maxmemory-policy"]).await?;
+        v.ends_with("noeviction").then_some(())
+    })
+    .await;
+    let (ok, out, err) = cairn_cli(&addr, &["package", "history", "cache"], MIN).await;
+    assert!(
+        ok && out.matches("redis@7.0.15-1").count() == 3,
+        "{out}{err}"
+    );
     let r = http
         .put(api("/api/v1/packages/installed/cache"))
         .bearer_auth(TOKEN)
@@ -275,4 +300,64 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     assert!(ok, "{err}");
     let found = lab.get(&addr, "/api/v1/packages?q=redis").await.unwrap();
     assert_eq!(found[0]["version"], "7.0.15-1", "{found}");
+}
+
+/// PostgreSQL with its defaults: `initdb` on first start, the database of the `database`
+/// option, rows written and read back with the real `psql`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_installs_and_serves_psql() {
+    let (_dir, lab) = master_and_agents(1, 25_500).await;
+    let addr = lab.running_addrs()[0].clone();
+    let args = [
+        "package",
+        "install",
+        "postgresql",
+        "--set",
+        "database=shop",
+        "--wait",
+    ];
+    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(180)).await;
+    assert!(
+        ok,
+        "{out}{err}\nplan: {:?}",
+        lab.get(&addr, "/api/v1/services/postgresql/plans/deploy")
+            .await
+    );
+    let port = eventually(MIN, "postgres task running", || async {
+        let pods = lab.get(&addr, "/api/v1/services/postgresql/pods").await?;
+        pods[0]["tasks"][0]["ports"][0]["number"].as_u64()
+    })
+    .await;
+    let psql = |sql: &str| {
+        let sql = sql.to_string();
+        async move {
+            let out = tokio::process::Command::new("/usr/bin/psql")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .args(["-d", "shop", "-tAc", &sql])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+    psql("CREATE TABLE orders (id serial PRIMARY KEY, item text)").await;
+    psql("INSERT INTO orders (item) SELECT 'item-' || g FROM generate_series(1, 100) g").await;
+    assert_eq!(psql("SELECT count(*) FROM orders").await, "100");
+    assert_eq!(psql("SHOW shared_buffers").await, "128MB");
+    let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "postgresql"], MIN).await;
+    assert!(ok, "{err}");
+    eventually(MIN, "postgres stopped", || async {
+        let st = tokio::process::Command::new("/usr/lib/postgresql/15/bin/pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .await
+            .ok()?;
+        (!st.success()).then_some(())
+    })
+    .await;
 }

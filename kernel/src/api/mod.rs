@@ -84,6 +84,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/packages",
     "/api/v1/packages/installed",
     "/api/v1/packages/installed/{service}",
+    "/api/v1/packages/installed/{service}/rollback",
     "/api/v1/packages/repos",
     "/api/v1/packages/repos/{repo}",
     "/api/v1/packages/{name}",
@@ -201,7 +202,12 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/packages/installed", get(packages::list_installed))
         .route(
             "/api/v1/packages/installed/{service}",
+            "/api/v1/packages/installed/{service}/rollback",
             axum::routing::put(packages::update).delete(packages::uninstall),
+        )
+        .route(
+            "/api/v1/packages/installed/{service}/rollback",
+            post(packages::rollback),
         )
         .route("/api/v1/packages/repos", get(packages::list_repos))
         .route(

@@ -562,3 +562,46 @@ pub(super) async fn delete_repo(ctx: Ctx, Path(repo): Path<String>) -> Result<Re
     ctx.propose(Command::KvDelete { key }).await?;
     Ok(with_index(0, json!({ "name": repo })))
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RollbackBody {
+    /// The service version to go back to (default: the one before the current).
+    to: Option<u64>,
+    #[serde(default)]
+    allow_decommission: bool,
+}
+
+/// Puts back the spec (package version and options) of an earlier service version, as a new
+/// version rolled out by the deploy plan (like `helm rollback`).
+pub(super) async fn rollback(
+    ctx: Ctx,
+    Path(service): Path<String>,
+    JsonBody(b): JsonBody<RollbackBody>,
+) -> Result<Response, ApiError> {
+    check_name("service", &service)?;
+    package_of(&ctx, &service)?;
+    let history = with_service(&ctx, &service, |_, svc| svc.history.clone())?;
+    let kept: Vec<u64> = history.iter().map(|h| h.version).collect();
+    let target = match b.to {
+        Some(v) => history.iter().find(|h| h.version == v),
+        None if history.len() >= 2 => history.get(history.len() - 2),
+        None => None,
+    }
+    .ok_or_else(|| {
+        ApiError::bad_request(
+            "to",
+            format!("service {service:?} keeps versions {kept:?}; name one of them (not the last)"),
+        )
+    })?;
+    if target.spec.package.is_none() {
+        return Err(ApiError::bad_request(
+            "to",
+            format!(
+                "version {} of {service:?} was a hand-written spec; roll it back with cairn service",
+                target.version
+            ),
+        ));
+    }
+    services::update(&ctx, target.spec.clone(), b.allow_decommission).await
+}
