@@ -202,7 +202,6 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/packages/installed", get(packages::list_installed))
         .route(
             "/api/v1/packages/installed/{service}",
-            "/api/v1/packages/installed/{service}/rollback",
             axum::routing::put(packages::update).delete(packages::uninstall),
         )
         .route(
