@@ -107,6 +107,78 @@ async fn redis_installs_serves_updates_and_uninstalls() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // Every input is checked and size-limited.
+    let big = "x".repeat(70 * 1024);
+    let inputs = [
+        (
+            "POST",
+            "/api/v1/packages/Bad_Name/render",
+            json!({}),
+            "name",
+        ),
+        (
+            "POST",
+            "/api/v1/packages/redis/install",
+            json!({ "options": { "name": big } }),
+            "options",
+        ),
+        (
+            "POST",
+            "/api/v1/packages/redis/render",
+            json!({ "options": {}, "bogus": 1 }),
+            "bogus",
+        ),
+        (
+            "POST",
+            "/api/v1/packages/redis/render",
+            json!({ "version": "../x" }),
+            "version",
+        ),
+        (
+            "PUT",
+            "/api/v1/packages/repos/builtin",
+            json!({ "packages": {} }),
+            "repo",
+        ),
+        (
+            "PUT",
+            "/api/v1/packages/repos/mine",
+            json!({ "packages": {} }),
+            "packages",
+        ),
+        (
+            "PUT",
+            "/api/v1/packages/repos/mine",
+            json!({ "packages": { "x": { "run.sh": "rm -rf /" } } }),
+            "packages.x",
+        ),
+        ("PUT", "/api/v1/packages/installed/nope", json!({}), "name"),
+    ];
+    for (method, path, body, field) in inputs {
+        let r = http
+            .request(method.parse().unwrap(), api(path))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(matches!(status, 400 | 404), "{method} {path}: {status} {v}");
+        assert!(
+            v["field"].as_str().is_some_and(|f| f.contains(field)),
+            "{method} {path}: want field {field}: {v}"
+        );
+    }
+    for q in ["?q=".to_string() + &"a".repeat(200), "?sort=name".into()] {
+        let r = http
+            .get(api(&format!("/api/v1/packages{q}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+    }
     assert_eq!(lab.get(&addr, "/api/v1/services").await, Some(json!([])));
 
     // A dry run.
