@@ -9,6 +9,40 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
+/// Where a service's pods listen: `redis-0 server redis=10.0.0.5:31000`, one line per task
+/// port (the host is the agent's API host; tasks share the agent's network).
+pub async fn endpoints(c: &Client, service: &str) -> anyhow::Result<Vec<String>> {
+    let pods = c.get(&format!("/api/v1/services/{service}/pods")).await?;
+    let agents = c.get("/api/v1/agents").await?;
+    let host = |id: &Value| {
+        agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| &a["id"] == id)
+            .and_then(|a| a["addr"].as_str())
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = Vec::new();
+    for p in pods.as_array().into_iter().flatten() {
+        for t in p["tasks"].as_array().into_iter().flatten() {
+            for port in t["ports"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "{} {} {}={}:{}",
+                    s(&p["id"]),
+                    s(&t["name"]),
+                    s(&port["name"]),
+                    host(&p["agent"]),
+                    s(&port["number"])
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Options given on the command line.
 #[derive(clap::Args, Clone, Default)]
 pub struct OptionArgs {
@@ -263,6 +297,9 @@ pub async fn run(c: &Client, json_out: bool, cmd: PackageCmd) -> anyhow::Result<
             );
             if wait {
                 crate::service_cli::wait_plan(c, &svc, "deploy").await?;
+                for e in endpoints(c, &svc).await? {
+                    println!("{e}");
+                }
             }
             Ok(())
         }
@@ -332,6 +369,9 @@ pub async fn run(c: &Client, json_out: bool, cmd: PackageCmd) -> anyhow::Result<
             );
             if wait {
                 crate::service_cli::wait_plan(c, &service, "deploy").await?;
+                for e in endpoints(c, &service).await? {
+                    println!("{e}");
+                }
             }
             Ok(())
         }

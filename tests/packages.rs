@@ -204,6 +204,12 @@ async fn redis_installs_serves_updates_and_uninstalls() {
         lab.get(&addr, "/api/v1/services/cache/plans/deploy").await,
         lab.get(&addr, "/api/v1/tasks").await
     );
+    // It prints where the server listens.
+    let port = redis_port(&lab, &addr, "cache").await;
+    assert!(
+        out.contains(&format!("redis-0 server redis=127.0.0.1:{port}")),
+        "{out}"
+    );
     let installed = lab.get(&addr, "/api/v1/packages/installed").await.unwrap();
     assert_eq!(installed[0]["service"], "cache", "{installed}");
     assert_eq!(installed[0]["package"], "redis");
@@ -221,7 +227,6 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     assert_eq!(services[0]["package"], "redis@7.0.15-1", "{services}");
 
     // The real client.
-    let port = redis_port(&lab, &addr, "cache").await;
     assert_eq!(
         redis_cli(port, &["SET", "greeting", "hello"])
             .await
