@@ -107,6 +107,22 @@ pub enum BenchCmd {
         #[arg(long)]
         port: u16,
     },
+    /// The stateful-service plan engine: SERVICES × PODS deployed in memory by the leader's
+    /// code; time of one `driver::commands` pass while deploying and once complete.
+    Plans {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 5)]
+        pods: u32,
+    },
+    /// Create → deploy complete of a 3-pod service (volume, template, readiness) on a local
+    /// master and agent, RUNS times.
+    ServiceDeploy {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Leader failover: kill -9 the leader, time until the next write is committed.
     Failover {
         #[arg(long, value_enum)]
@@ -505,6 +521,10 @@ async fn failover(
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
+        BenchCmd::Plans { services, pods } => crate::bench_services::plans(services, pods),
+        BenchCmd::ServiceDeploy { runs, dir } => {
+            crate::bench_services::service_deploy(runs, dir).await
+        }
         BenchCmd::Kv {
             target,
             clients,

@@ -2,6 +2,7 @@
 //! (`cluster`, `agent list`, `kv`, `bench`). Thin: the work lives in the library crates.
 
 mod bench;
+mod bench_services;
 mod client;
 mod package_cli;
 mod service_cli;

@@ -401,7 +401,7 @@ pub async fn run(c: &Client, json_out: bool, cmd: PackageCmd) -> anyhow::Result<
                 let (pkg, opts) = if p.is_object() {
                     (
                         format!("{}@{}", s(&p["name"]), s(&p["version"])),
-                        s(&p["options"]),
+                        s(&h["spec"]["options"]),
                     )
                 } else {
                     ("(hand-written spec)".into(), "-".into())

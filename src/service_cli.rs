@@ -1,7 +1,7 @@
 //! `cairn service ...`: stateful services from the command line — create (with `--wait`
-//! showing plan progress), list, show, update, rm, history, plans (a tree with statuses and
-//! timestamps, `--watch`; continue, interrupt, force-complete, restart) and pods. `wait_plan`
-//! is shared with `cairn package install --wait`.
+//! showing plan progress), list, show, update, rm, history, rollback, plans (a tree with
+//! statuses and timestamps, `--watch`; continue, interrupt, force-complete, restart) and pods.
+//! `wait_plan` is shared with `cairn package install --wait`.
 
 use crate::client::Client;
 use clap::Subcommand;
@@ -40,6 +40,19 @@ pub enum ServiceCmd {
     },
     /// Every kept version of the spec.
     History { name: String },
+    /// Return to an earlier kept spec (default: the previous) through the deploy plan.
+    Rollback {
+        name: String,
+        /// The kept version to return to (see `history`).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Allow a smaller pod count (its pods and volumes are destroyed, highest index first).
+        #[arg(long)]
+        allow_decommission: bool,
+        /// Show the deploy plan's progress; exit non-zero if it errors.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Plans: show, continue, interrupt, force-complete or restart a step.
     Plan {
         #[command(subcommand)]
@@ -225,6 +238,27 @@ pub async fn run(c: &Client, json: bool, cmd: ServiceCmd) -> anyhow::Result<()> 
                 t.add_row([s(&h["version"]), time(&h["at"]), types]);
             }
             println!("{t}");
+            Ok(())
+        }
+        ServiceCmd::Rollback {
+            name,
+            version,
+            allow_decommission,
+            wait,
+        } => {
+            let mut path =
+                format!("/api/v1/services/{name}/rollback?allow_decommission={allow_decommission}");
+            if let Some(v) = version {
+                path.push_str(&format!("&version={v}"));
+            }
+            let v = post(c, &path).await?;
+            println!(
+                "service {name} rolling back to the spec of version {} (now version {})",
+                v["rolled_back_to"], v["version"]
+            );
+            if wait {
+                wait_plan(c, &name, "deploy").await?;
+            }
             Ok(())
         }
         ServiceCmd::Plan { cmd } => plan(c, json, cmd).await,

@@ -280,6 +280,12 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     })
     .await;
     assert_eq!(policy, "maxmemory-policy\nallkeys-lru");
+    // The data survived the restart: the append-only file is on the pod's volume.
+    let port = redis_port(&lab, &addr, "cache").await;
+    assert_eq!(
+        redis_cli(port, &["GET", "greeting"]).await.as_deref(),
+        Some("hello")
+    );
     // Rollback: the previous options come back, as a new version.
     let (ok, out, err) = cairn_cli(
         &addr,
@@ -379,8 +385,36 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     assert_eq!(found[0]["version"], "7.0.15-1", "{found}");
 }
 
+/// Runs one SQL statement with the real `psql` against database `shop`; its output, or None.
+async fn psql(port: u64, sql: &str) -> Option<String> {
+    let out = tokio::process::Command::new("/usr/bin/psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-d", "shop", "-tAc", sql])
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The port of the running, ready postgres task.
+async fn pg_port(lab: &cairn_installer::lab::Lab, addr: &str) -> u64 {
+    eventually(Duration::from_secs(90), "postgres task ready", || async {
+        let pods = lab.get(addr, "/api/v1/services/postgresql/pods").await?;
+        let t = pods[0]["tasks"]
+            .as_array()?
+            .iter()
+            .find(|t| t["state"] == "running" && t["ready"] == true)?
+            .clone();
+        t["ports"][0]["number"].as_u64()
+    })
+    .await
+}
+
 /// PostgreSQL with its defaults: `initdb` on first start, the database of the `database`
-/// option, rows written and read back with the real `psql`.
+/// option, rows written and read back with the real `psql`, still there after the pod is
+/// restarted in place (the data directory is on the pod's volume).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_installs_and_serves_psql() {
     let (_dir, lab) = master_and_agents(1, 25_500).await;
@@ -400,32 +434,50 @@ async fn postgresql_installs_and_serves_psql() {
         lab.get(&addr, "/api/v1/services/postgresql/plans/deploy")
             .await
     );
-    let port = eventually(MIN, "postgres task running", || async {
-        let pods = lab.get(&addr, "/api/v1/services/postgresql/pods").await?;
-        pods[0]["tasks"][0]["ports"][0]["number"].as_u64()
-    })
+    let port = pg_port(&lab, &addr).await;
+    let sql = [
+        "CREATE TABLE orders (id serial PRIMARY KEY, item text)",
+        "INSERT INTO orders (item) SELECT 'item-' || g FROM generate_series(1, 100) g",
+    ];
+    for q in sql {
+        assert!(psql(port, q).await.is_some(), "{q}");
+    }
+    assert_eq!(
+        psql(port, "SELECT count(*) FROM orders").await.as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        psql(port, "SHOW shared_buffers").await.as_deref(),
+        Some("128MB")
+    );
+
+    let (ok, _, err) = cairn_cli(
+        &addr,
+        &["service", "pod", "restart", "postgresql", "postgresql-0"],
+        MIN,
+    )
     .await;
-    let psql = |sql: &str| {
-        let sql = sql.to_string();
-        async move {
-            let out = tokio::process::Command::new("/usr/bin/psql")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .args(["-d", "shop", "-tAc", &sql])
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        }
-    };
-    psql("CREATE TABLE orders (id serial PRIMARY KEY, item text)").await;
-    psql("INSERT INTO orders (item) SELECT 'item-' || g FROM generate_series(1, 100) g").await;
-    assert_eq!(psql("SELECT count(*) FROM orders").await, "100");
-    assert_eq!(psql("SHOW shared_buffers").await, "128MB");
+    assert!(ok, "{err}");
+    let count = eventually(
+        Duration::from_secs(90),
+        "rows after the restart",
+        || async {
+            let pods = lab.get(&addr, "/api/v1/services/postgresql/pods").await?;
+            let t = pods[0]["tasks"].as_array()?.first()?.clone();
+            if t["generation"].as_u64()? < 2 || t["ready"] != true {
+                return None;
+            }
+            psql(
+                t["ports"][0]["number"].as_u64()?,
+                "SELECT count(*) FROM orders",
+            )
+            .await
+        },
+    )
+    .await;
+    assert_eq!(count, "100");
+
+    let port = pg_port(&lab, &addr).await;
     let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "postgresql"], MIN).await;
     assert!(ok, "{err}");
     eventually(MIN, "postgres stopped", || async {

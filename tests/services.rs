@@ -1,6 +1,6 @@
 //! End to end: stateful services on one master and three real agents (processes on
 //! loopback). `cairn service create --wait` deploys a 3-pod service of native `sleep` tasks
-//! with a readiness check (no volumes: agent-side volumes are not built yet); the pods keep
+//! with a readiness check (volumes and templates: tests/service_volumes.rs); the pods keep
 //! their agents through a canary update steered with interrupt/continue and a rolling update
 //! that never has two pods down; a scale-down decommissions the highest index; bad input is
 //! a 400 naming the field and changes nothing.
@@ -8,9 +8,8 @@
 
 mod common;
 
-use cairn_installer::lab::Lab;
+use common::services::*;
 use common::*;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -34,101 +33,9 @@ readiness_check = {{ type = "command", command = ["/bin/sh", "-c", "true"], grac
     )
 }
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    lab: Lab,
-    http: reqwest::Client,
-}
-
-impl Cluster {
-    fn master(&self) -> String {
-        self.lab.running_addrs()[0].clone()
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        ct: &str,
-        body: String,
-    ) -> (u16, Value) {
-        let r = self
-            .http
-            .request(method, format!("http://{}{path}", self.master()))
-            .bearer_auth(TOKEN)
-            .header("content-type", ct)
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str) -> (u16, Value) {
-        self.send(
-            reqwest::Method::POST,
-            path,
-            "application/json",
-            String::new(),
-        )
-        .await
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        self.lab
-            .get(&self.master(), path)
-            .await
-            .unwrap_or(Value::Null)
-    }
-
-    async fn plan(&self, plan: &str) -> Value {
-        self.get(&format!("/api/v1/services/kv/plans/{plan}")).await
-    }
-
-    async fn wait_plan(&self, plan: &str, status: &str) -> Value {
-        eventually(
-            Duration::from_secs(90),
-            &format!("plan {plan} {status}"),
-            || async {
-                let p = self.plan(plan).await;
-                (p["status"] == status).then_some(p)
-            },
-        )
-        .await
-    }
-
-    /// Pod id → (agent, states of its tasks, ready).
-    async fn pods(&self) -> BTreeMap<String, (String, Vec<String>, bool)> {
-        let v = self.get("/api/v1/services/kv/pods").await;
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                let tasks = p["tasks"].as_array().cloned().unwrap_or_default();
-                let states = tasks.iter().map(|t| t["state"].to_string()).collect();
-                let ready = !tasks.is_empty() && tasks.iter().all(|t| t["ready"] == true);
-                (
-                    p["id"].as_str().unwrap_or("").to_string(),
-                    (p["agent"].to_string(), states, ready),
-                )
-            })
-            .collect()
-    }
-}
-
-async fn cluster() -> Cluster {
-    let (dir, lab) = master_and_agents(3, 24_000).await;
-    Cluster {
-        _dir: dir,
-        lab,
-        http: http(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_deploys_is_steered_updated_and_scaled_down() {
-    let c = cluster().await;
+    let c = service_cluster().await;
     let toml = "application/toml";
 
     // Bad input: 400s naming the field, nothing created.
@@ -158,7 +65,7 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
     assert_eq!(c.get("/api/v1/services").await, serde_json::json!([]));
 
     // Create with the CLI and --wait: it returns when the deploy plan is complete.
-    let file = c._dir.path().join("kv.toml");
+    let file = c.dir.path().join("kv.toml");
     std::fs::write(&file, spec(3, "1", "\"serial\"")).unwrap();
     let out = tokio::process::Command::new(bin())
         .args(["service", "create", "--wait", "--master", &c.master()])
@@ -168,7 +75,7 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
     let Ok(out) = tokio::time::timeout(Duration::from_secs(90), out).await else {
         panic!(
             "create --wait did not return: plan {:#} tasks {:#}",
-            c.plan("deploy").await,
+            c.plan("kv", "deploy").await,
             c.get("/api/v1/tasks").await
         );
     };
@@ -178,7 +85,7 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deploy = c.plan("deploy").await;
+    let deploy = c.plan("kv", "deploy").await;
     assert_eq!(deploy["status"], "complete", "{deploy}");
     // Every step has timestamps, in order, ending complete.
     for st in deploy["phases"][0]["steps"].as_array().unwrap() {
@@ -187,7 +94,7 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
         let ts: Vec<u64> = hist.iter().map(|h| h["at"].as_u64().unwrap()).collect();
         assert!(ts.windows(2).all(|w| w[0] <= w[1]) && ts[0] > 0, "{st}");
     }
-    let pods = c.pods().await;
+    let pods = c.pods("kv").await;
     assert_eq!(pods.len(), 3, "{pods:?}");
     assert!(pods
         .values()
@@ -215,7 +122,7 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
         )
         .await;
     assert_eq!(status, 200, "{v}");
-    let p = c.wait_plan("deploy", "waiting").await;
+    let p = c.wait_plan("kv", "deploy", "waiting").await;
     let steps = &p["phases"][0]["steps"];
     assert_eq!(steps[0]["status"], "complete", "{p}");
     assert_eq!(steps[1]["status"], "waiting", "{p}");
@@ -224,12 +131,12 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
         c.post("/api/v1/services/kv/plans/deploy/interrupt").await.0,
         200
     );
-    c.wait_plan("deploy", "interrupted").await;
+    c.wait_plan("kv", "deploy", "interrupted").await;
     assert_eq!(
         c.post("/api/v1/services/kv/plans/deploy/continue").await.0,
         200
     );
-    c.wait_plan("deploy", "complete").await;
+    c.wait_plan("kv", "deploy", "complete").await;
 
     // A rolling update: never more than one pod not ready; every pod stays on its agent.
     let (status, v) = c
@@ -243,16 +150,16 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
     assert_eq!(status, 200, "{v}");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let pods = c.pods().await;
+        let pods = c.pods("kv").await;
         let down = pods.values().filter(|(_, _, ready)| !ready).count();
         assert!(down <= 1, "two pods down at once: {pods:?}");
-        if c.plan("deploy").await["status"] == "complete" {
+        if c.plan("kv", "deploy").await["status"] == "complete" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "rolling update stuck");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pods = c.pods().await;
+    let pods = c.pods("kv").await;
     let now: BTreeMap<String, String> = pods
         .iter()
         .map(|(p, (a, _, _))| (p.clone(), a.clone()))
@@ -281,8 +188,8 @@ async fn a_service_deploys_is_steered_updated_and_scaled_down() {
         )
         .await;
     assert_eq!(status, 200, "{v}");
-    c.wait_plan("decommission", "complete").await;
-    let pods = c.pods().await;
+    c.wait_plan("kv", "decommission", "complete").await;
+    let pods = c.pods("kv").await;
     assert_eq!(
         pods.keys().cloned().collect::<Vec<_>>(),
         ["node-0", "node-1"],

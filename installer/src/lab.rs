@@ -261,6 +261,32 @@ impl Lab {
         }
     }
 
+    /// A host crash of agent `n`: kill -9 of the agent and of every process of its tasks
+    /// (supervisors outlive an agent on purpose; a dead machine takes them along).
+    pub fn crash_agent(&mut self, n: usize) {
+        self.kill_agent(n);
+        let dir = self.agents[n].data_dir.display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&format!("{dir}/")) {
+                // The supervisor's PID 1 dies with it (PR_SET_PDEATHSIG), and the task's
+                // PID namespace with PID 1.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// The agent's API address (`host:port`).
+    pub fn agent_addr(&self, n: usize) -> &str {
+        &self.agents[n].addr
+    }
+
     pub fn restart_agent(&mut self, n: usize) -> std::io::Result<()> {
         let log = self.dir.join(format!("agent-{n}.log"));
         let a = &mut self.agents[n];

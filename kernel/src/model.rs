@@ -141,7 +141,7 @@ pub enum HealthKind {
     Http,
     /// A TCP connection to PORT opens.
     Tcp,
-    /// The command exits 0 (run on the host, in the task's sandbox, with its environment).
+    /// The command exits 0 (run inside the task: its namespaces, sandbox and environment).
     Command,
 }
 
@@ -336,6 +336,31 @@ pub struct Task {
     pub health_checks: Vec<HealthCheck>,
     /// What the agent's checks say (`None`: no checks, or none has passed yet).
     pub healthy: Option<bool>,
+    /// Persistent volumes mounted into the task (pod tasks of stateful services).
+    pub volumes: Vec<TaskVolume>,
+    /// Config files rendered by the masters, written by the agent just before start.
+    pub files: Vec<TaskFile>,
+}
+
+/// A persistent volume as a task mounts it: the agent keeps its data in
+/// `<data dir>/volumes/<id>` and bind-mounts (native, OCI) or preopens (Wasm) it at `path`
+/// inside the sandbox, killing the task with reason `volume_limit` past `size_mb`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskVolume {
+    pub id: String,
+    /// Relative to the sandbox, validated (no `..`, not absolute).
+    pub path: String,
+    pub size_mb: u64,
+}
+
+/// A rendered config file; `path` is relative to the sandbox (inside a volume's path, the
+/// file lands in that volume).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFile {
+    pub path: String,
+    pub content: String,
 }
 
 impl Task {
@@ -381,6 +406,8 @@ impl Task {
             network: w.network.clone(),
             health_checks: w.health_checks.clone(),
             healthy: None,
+            volumes: Vec::new(),
+            files: Vec::new(),
         }
     }
 

@@ -128,13 +128,20 @@ impl Agent {
             tasks.clone(),
             stop_rx.clone(),
         ));
+        let volumes = tokio::spawn(crate::converge::volume_loop(
+            cfg.clone(),
+            reg.id.clone(),
+            info.clone(),
+            tasks.clone(),
+            stop_rx.clone(),
+        ));
         let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
         Ok(Agent {
             info,
             tasks,
             addr,
             stop,
-            handles: vec![server, hb, assign, report],
+            handles: vec![server, hb, assign, report, volumes],
         })
     }
 

@@ -8,6 +8,8 @@ use crate::task::{reason, TaskSpec};
 use crate::tasks::TaskManager;
 use cairn_kernel::model::TaskState;
 use cairn_kernel::protocol::Assignment;
+use cairn_kernel::service::model::VolumeStatus;
+use cairn_kernel::service::VolumeReservation;
 use cairn_raft::backoff::{retry_after, Backoff};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,8 @@ pub fn spec_for(a: &Assignment) -> Result<TaskSpec, serde_json::Error> {
         "timeout_ms": t.timeout_ms,
         "network": t.network,
         "health_checks": t.health_checks,
+        "volumes": t.volumes,
+        "files": t.files,
         "assigned": true,
     }))
 }
@@ -220,6 +224,78 @@ pub async fn status_loop(
             _ = changed.changed() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// How often the agent asks which of its volumes to destroy.
+const VOLUME_POLL: Duration = Duration::from_secs(3);
+
+/// Deletes the data of this agent's volumes the masters mark `destroying` once no task here
+/// mounts them, and reports them (so the reservation and its disk go). Volumes the masters
+/// do not list are never touched: only the replicated state decides what data goes.
+pub async fn volume_loop(
+    cfg: AgentConfig,
+    agent_id: String,
+    info: Arc<Mutex<AgentInfo>>,
+    tasks: Arc<TaskManager>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client");
+    let mut cur = 0usize;
+    loop {
+        let jitter = Duration::from_millis((uuid::Uuid::new_v4().as_u128() % 1000) as u64);
+        tokio::select! {
+            _ = tokio::time::sleep(VOLUME_POLL + jitter) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let ms = masters(&cfg, &info);
+        let master = ms[cur % ms.len()].clone();
+        let url = format!("http://{master}/api/v1/agents/{agent_id}/volumes?stale=true");
+        let list = match http.get(url).bearer_auth(&cfg.token).send().await {
+            Ok(r) if r.status().is_success() => r.json::<Vec<VolumeReservation>>().await,
+            other => {
+                tracing::debug!(%master, "volume poll failed: {other:?}");
+                cur += 1;
+                continue;
+            }
+        };
+        let Ok(list) = list else {
+            cur += 1;
+            continue;
+        };
+        let in_use = tasks.volumes_in_use();
+        let mut done = Vec::new();
+        for v in list
+            .iter()
+            .filter(|v| v.status == VolumeStatus::Destroying && !in_use.contains(&v.id))
+        {
+            match tasks.volumes().destroy(&v.id) {
+                Ok(()) => {
+                    tracing::info!(volume = %v.id, "volume destroyed");
+                    done.push(v.id.clone());
+                }
+                Err(e) => tracing::warn!(volume = %v.id, "cannot destroy volume: {e}"),
+            }
+        }
+        if done.is_empty() {
+            continue;
+        }
+        let url = format!("http://{master}/api/v1/agents/{agent_id}/volumes/destroyed");
+        let r = http
+            .post(url)
+            .bearer_auth(&cfg.token)
+            .json(&serde_json::json!({ "ids": done }))
+            .send()
+            .await;
+        if !r.as_ref().is_ok_and(|r| r.status().is_success()) {
+            // Reported again next round (the data is already gone; destroy is idempotent).
+            tracing::debug!(%master, "volume report failed: {r:?}");
+            cur += 1;
         }
     }
 }

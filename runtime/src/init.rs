@@ -43,6 +43,10 @@ pub struct InitSpec {
     /// Set for OCI tasks: PID 1 pivots into an overlay of this image.
     #[serde(default)]
     pub container: Option<ContainerFs>,
+    /// Volumes: (host directory, directory in the sandbox) bind-mounted before the command
+    /// starts, inside PID 1's mount namespace.
+    #[serde(default)]
+    pub binds: Vec<(PathBuf, PathBuf)>,
 }
 
 /// The root filesystem of an OCI task.
@@ -242,6 +246,10 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         None::<&str>,
     )
     .map_err(|e| anyhow::anyhow!("making mounts private: {e}"))?;
+    // Volumes first: the container's view of the sandbox (a recursive bind) carries them.
+    for (from, to) in &spec.binds {
+        bind(from, to)?;
+    }
     let tmp = spec.sandbox.join("tmp");
     std::fs::create_dir_all(&tmp)?;
     if let Some(fs) = &spec.container {
@@ -426,7 +434,15 @@ fn enter_container(spec: &InitSpec, fs: &ContainerFs) -> anyhow::Result<()> {
     bind(&spec.sandbox.join("tmp"), &root.join("tmp"))?;
     let sb = root.join(CONTAINER_SANDBOX.trim_start_matches('/'));
     std::fs::create_dir_all(&sb)?;
-    bind(&spec.sandbox, &sb)?;
+    // Recursive: the volumes mounted inside the sandbox come along.
+    mount(
+        Some(&spec.sandbox),
+        &sb,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("bind-mounting the sandbox on {}: {e}", sb.display()))?;
     // Name resolution as on the host (host network); the files land in the overlay's upper.
     std::fs::create_dir_all(root.join("etc"))?;
     if let Ok(r) = std::fs::read("/etc/resolv.conf") {

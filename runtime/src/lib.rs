@@ -13,5 +13,6 @@ pub mod sandbox;
 pub mod sim;
 pub mod task;
 pub mod tasks;
+pub mod volumes;
 pub mod wasm;
 pub mod wasm_http;

@@ -171,6 +171,52 @@ pub fn write_atomic_in(dir: impl AsFd, name: &str, data: &[u8]) -> std::io::Resu
     )?)
 }
 
+/// Creates the directories of `rel` beneath `dir` (mode `0o755`) and opens the last one,
+/// through no symlink: a task's planted link in the way fails the call instead of leading
+/// the agent's writes elsewhere.
+pub fn mkdirs_beneath(dir: impl AsFd, rel: &Path) -> std::io::Result<OwnedFd> {
+    let mut cur = rustix::fs::openat(
+        dir.as_fd(),
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            if matches!(c, Component::CurDir) {
+                continue;
+            }
+            return Err(rustix::io::Errno::XDEV.into());
+        };
+        match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        cur = open_beneath(
+            &cur,
+            Path::new(name),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            0,
+            true,
+        )?;
+    }
+    Ok(cur)
+}
+
+/// Writes `data` to `rel` beneath `root` (creating its directories), through no symlink.
+pub fn write_beneath(root: &Path, rel: &Path, data: &[u8]) -> std::io::Result<()> {
+    let root = open_dir(root)?;
+    let name = rel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
+    let parent = match rel.parent() {
+        Some(p) if !p.as_os_str().is_empty() => mkdirs_beneath(&root, p)?,
+        _ => root,
+    };
+    write_atomic_in(&parent, name, data)
+}
+
 /// Opens the subdirectory `rel` of `root` through no symlink.
 pub fn open_subdir(root: &Path, rel: &str) -> std::io::Result<OwnedFd> {
     let d = open_dir(root)?;

@@ -1,6 +1,7 @@
 //! What an agent runs: the task spec it receives and the status it reports.
 
 use cairn_kernel::model::{RuntimeSpec, TaskResources, TaskState};
+use cairn_kernel::service::spec::check_sandbox_path;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -66,6 +67,12 @@ pub struct TaskSpec {
     /// reason `unhealthy`.
     #[serde(default)]
     pub health_checks: Vec<cairn_kernel::model::HealthCheck>,
+    /// Persistent volumes (kept in `<data dir>/volumes/<id>`) mounted at their path.
+    #[serde(default)]
+    pub volumes: Vec<cairn_kernel::model::TaskVolume>,
+    /// Files written into the sandbox (or a volume) just before start.
+    #[serde(default)]
+    pub files: Vec<cairn_kernel::model::TaskFile>,
 }
 
 /// Why a task ended, when the agent knows more than the exit code.
@@ -80,6 +87,7 @@ pub mod reason {
     pub const TRAP: &str = "trap";
     pub const START_FAILED: &str = "start_failed";
     pub const UNHEALTHY: &str = "unhealthy";
+    pub const VOLUME_LIMIT: &str = "volume_limit";
 }
 
 /// Resource usage of a task.
@@ -193,6 +201,34 @@ impl TaskSpec {
         }
         if self.log_max_bytes < 1024 {
             return bad("log_max_bytes", "at least 1024");
+        }
+        if self.volumes.len() > 16 {
+            return bad("volumes", "at most 16 volumes");
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !crate::volumes::valid_id(&v.id) {
+                return bad(
+                    &format!("volumes[{i}].id"),
+                    "volume ids are 1-200 letters, digits, '-', '_', '.', not starting with '.'",
+                );
+            }
+            if let Err(e) = check_sandbox_path("", &v.path) {
+                return bad(&format!("volumes[{i}].path"), &e.message);
+            }
+            if v.size_mb == 0 {
+                return bad(&format!("volumes[{i}].size_mb"), "at least 1 (MiB)");
+            }
+        }
+        if self.files.len() > 64 {
+            return bad("files", "at most 64 files");
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if let Err(e) = check_sandbox_path("", &f.path) {
+                return bad(&format!("files[{i}].path"), &e.message);
+            }
+            if f.content.len() > 1 << 20 {
+                return bad(&format!("files[{i}].content"), "at most 1 MiB");
+            }
         }
         Ok(())
     }

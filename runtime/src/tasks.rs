@@ -12,8 +12,9 @@ use crate::images::ImageStore;
 use crate::init::{state_dir, ContainerFs, ExitInfo, InitSpec};
 use crate::sandbox;
 use crate::task::{reason, Network, TaskSpec, TaskStatus, TaskUsage};
+use crate::volumes::VolumeStore;
 use crate::wasm::{KillSwitch, WasmOutcome, WasmRuntime, WasmTask, WasmUsage};
-use cairn_kernel::model::{RuntimeSpec, TaskState};
+use cairn_kernel::model::{RuntimeSpec, TaskState, TaskVolume};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -115,6 +116,7 @@ pub struct TaskManager {
     bind_ip: std::net::IpAddr,
     /// The only directories Wasm files are read from.
     wasm_dirs: Vec<PathBuf>,
+    volumes: VolumeStore,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -276,7 +278,9 @@ impl TaskManager {
             .take(8)
             .collect();
         let wasm_dirs = wasm_dirs(data_dir, std::env::var(WASM_DIRS_ENV).ok().as_deref())?;
+        let volumes = VolumeStore::open(data_dir)?;
         let mgr = Arc::new(Self {
+            volumes,
             bind_ip: bind_ip(host),
             wasm_dirs,
             cgroup_prefix,
@@ -304,6 +308,21 @@ impl TaskManager {
 
     pub fn images(&self) -> &Arc<ImageStore> {
         &self.images
+    }
+
+    pub fn volumes(&self) -> &VolumeStore {
+        &self.volumes
+    }
+
+    /// Ids of the volumes a task here that has not ended mounts.
+    pub fn volumes_in_use(&self) -> std::collections::HashSet<String> {
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .values()
+            .filter(|e| !e.status.state.is_terminal())
+            .flat_map(|e| e.spec.volumes.iter().map(|v| v.id.clone()))
+            .collect()
     }
 
     /// A running task that uses the image, if any.
@@ -444,9 +463,13 @@ impl TaskManager {
             .mode(0o700)
             .create(state_dir(&sandbox))
             .map_err(|e| LaunchError::Start(e.to_string()))?;
+        let mounts = match self.prepare_volumes(&spec, &sandbox) {
+            Ok(m) => m,
+            Err(e) => return Err(self.start_failed(spec, status, sandbox, e)),
+        };
         let result = match wasm {
-            None => self.start_native(&spec, &sandbox),
-            Some(bytes) => self.start_wasm(&spec, &sandbox, bytes),
+            None => self.start_native(&spec, &sandbox, &mounts),
+            Some(bytes) => self.start_wasm(&spec, &sandbox, bytes, &mounts),
         };
         let (control, child, start_ticks) = match result {
             Ok(x) => x,
@@ -483,6 +506,25 @@ impl TaskManager {
         Ok(status)
     }
 
+    /// The task's volume directories (created on first use, kept after), its mount points in
+    /// the fresh sandbox and its rendered config files.
+    fn prepare_volumes(
+        &self,
+        spec: &TaskSpec,
+        sandbox: &Path,
+    ) -> Result<Vec<(TaskVolume, PathBuf)>, String> {
+        let mut mounts = Vec::with_capacity(spec.volumes.len());
+        for v in &spec.volumes {
+            let dir = self
+                .volumes
+                .prepare(v)
+                .map_err(|e| format!("volume {}: {e}", v.id))?;
+            mounts.push((v.clone(), dir));
+        }
+        crate::volumes::prepare_sandbox(sandbox, &mounts, &spec.files)?;
+        Ok(mounts)
+    }
+
     /// Records a task that could not start as failed.
     fn start_failed(
         &self,
@@ -516,10 +558,14 @@ impl TaskManager {
         &self,
         spec: &TaskSpec,
         sandbox: &Path,
+        mounts: &[(TaskVolume, PathBuf)],
     ) -> Result<(Control, Child, Option<u64>), String> {
         let mut env = spec.task_env(&sandbox.display().to_string(), &self.host);
         let (cmd, args, container) = match &spec.runtime {
-            RuntimeSpec::Native { cmd, args } => (cmd.clone(), args.clone(), None),
+            RuntimeSpec::Native { cmd, args } => {
+                let (cmd, args) = expand_command(cmd, args, &env);
+                (cmd, args, None)
+            }
             RuntimeSpec::Oci { image, cmd } => {
                 let img = self.images.get(image).ok_or_else(|| {
                     format!("no image {image:?} on this agent; import it with `cairn image import`")
@@ -583,6 +629,10 @@ impl TaskManager {
             network_none: spec.network() == Network::None,
             log_max_bytes: spec.log_max_bytes,
             container,
+            binds: mounts
+                .iter()
+                .map(|(v, dir)| (dir.clone(), sandbox.join(&v.path)))
+                .collect(),
         };
         let spec_path = state_dir(sandbox).join("init.json");
         {
@@ -633,6 +683,7 @@ impl TaskManager {
         spec: &TaskSpec,
         sandbox: &Path,
         bytes: Vec<u8>,
+        mounts: &[(TaskVolume, PathBuf)],
     ) -> Result<(Control, Child, Option<u64>), String> {
         let RuntimeSpec::Wasm { file, args } = &spec.runtime else {
             unreachable!("checked by can_handle")
@@ -656,6 +707,10 @@ impl TaskManager {
             args: argv,
             env: spec.task_env(".", &self.host),
             sandbox,
+            volumes: mounts
+                .iter()
+                .map(|(v, dir)| (dir.clone(), v.path.clone()))
+                .collect(),
             memory_bytes: mem,
             // Sockets only with the spec's `network = "host"` (Wasm tasks default to none).
             allow_network: spec.network() == Network::Host,
@@ -728,7 +783,7 @@ impl TaskManager {
     /// The cgroup files and the sandbox walk are read without holding the task table's lock,
     /// and the walk (Mesos' `disk/du`) runs only every `DISK_EVERY` ticks.
     fn check_limits(&self, id: &str, started: Instant, tick: u64) -> Option<&'static str> {
-        let (cgroup, sandbox_dir, timeout_ms, disk_mib) = {
+        let (cgroup, sandbox_dir, timeout_ms, disk_mib, volumes) = {
             let mut tasks = self.tasks.lock().expect("tasks");
             let e = tasks.get(id)?;
             if e.kill_reason.is_some() {
@@ -755,6 +810,7 @@ impl TaskManager {
                 e.sandbox.clone(),
                 e.spec.timeout_ms,
                 e.spec.resources.disk,
+                e.spec.volumes.clone(),
             )
         };
         let usage = cgroup.map(|cg| cg.usage());
@@ -778,6 +834,13 @@ impl TaskManager {
         }
         if disk_mib > 0 && disk.is_some_and(|d| d > disk_mib << 20) {
             return Some(reason::DISK_LIMIT);
+        }
+        if disk.is_some()
+            && volumes
+                .iter()
+                .any(|v| self.volumes.usage(&v.id) > v.size_mb << 20)
+        {
+            return Some(reason::VOLUME_LIMIT);
         }
         None
     }
@@ -998,6 +1061,25 @@ impl TaskManager {
 }
 
 /// Whether the supervisor `pid` is still the process this agent started (same start time).
+/// Expands `$VAR` and `${VAR}` (also `${VAR:-default}`) in a native command and its
+/// arguments from the task's environment, as a shell would but without one: no word
+/// splitting, no globbing, no command substitution. A variable the task does not have is
+/// left as written; `$$` is a literal `$`.
+pub fn expand_command(
+    cmd: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (String, Vec<String>) {
+    let lookup = |name: &str| -> Option<String> {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let expand = |s: &str| shellexpand::env_with_context_no_errors(s, lookup).into_owned();
+    (expand(cmd), args.iter().map(|a| expand(a)).collect())
+}
+
 fn supervisor_alive(pid: u32, start_ticks: Option<u64>) -> bool {
     pid > 1 && start_ticks.is_some() && proc_start_ticks(pid) == start_ticks
 }
@@ -1260,6 +1342,27 @@ impl TaskManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_expand_the_tasks_variables_only() {
+        let env: Vec<(String, String)> = [("PORT_HTTP", "8080"), ("POD", "node-1"), ("POD", "x")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cases: &[(&str, &str)] = &[
+            ("--port=$PORT_HTTP", "--port=8080"),
+            ("${POD}.log", "x.log"),
+            ("$NOPE stays", "$NOPE stays"),
+            ("${NOPE:-dflt}", "dflt"),
+            ("$0 and $$", "$0 and $"),
+            ("no vars; `date` $(id)", "no vars; `date` $(id)"),
+        ];
+        for (arg, want) in cases {
+            let (cmd, args) = expand_command("$POD", &[arg.to_string()], &env);
+            assert_eq!(cmd, "x");
+            assert_eq!(args, [want.to_string()], "{arg}");
+        }
+    }
 
     /// Issue 14 hole 8: `runtime.wasm.file` was read whole by root from any host path.
     #[test]

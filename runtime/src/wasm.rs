@@ -152,6 +152,8 @@ pub struct WasmTask<'a> {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub sandbox: &'a Path,
+    /// Volume directories preopened at their sandbox-relative paths.
+    pub volumes: Vec<(std::path::PathBuf, String)>,
     pub memory_bytes: usize,
     pub allow_network: bool,
     /// Where an HTTP component listens: the agent's own address, not every interface.
@@ -363,6 +365,10 @@ impl WasmRuntime {
         b.stderr(LazyLog::new(sandbox, "stderr")?);
         b.preopened_dir(t.sandbox, ".", FsPerms::ReadWrite)
             .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
+        for (dir, path) in &t.volumes {
+            b.preopened_dir(dir, path, FsPerms::ReadWrite)
+                .map_err(|e| anyhow::anyhow!("preopening volume {path:?}: {e}"))?;
+        }
         if t.allow_network {
             b.inherit_network();
         } else {
@@ -417,6 +423,7 @@ impl WasmRuntime {
                         args: task.args,
                         env: task.env,
                         sandbox: Arc::new(task.sandbox.to_path_buf()),
+                        volumes: Arc::new(task.volumes.clone()),
                         memory_bytes: task.memory_bytes,
                         allow_network: task.allow_network,
                     },

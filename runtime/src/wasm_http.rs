@@ -131,6 +131,8 @@ pub struct HttpTask {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub sandbox: Arc<PathBuf>,
+    /// Volume directories preopened at their sandbox-relative paths.
+    pub volumes: Arc<Vec<(PathBuf, String)>>,
     pub memory_bytes: usize,
     pub allow_network: bool,
 }
@@ -251,6 +253,10 @@ fn state(task: &HttpTask) -> anyhow::Result<HttpState> {
     b.stderr(LazyLog::existing(task.sandbox.clone(), "stderr"));
     b.preopened_dir(&*task.sandbox, ".", FsPerms::ReadWrite)
         .map_err(|e| anyhow::anyhow!("preopening the sandbox: {e}"))?;
+    for (dir, path) in task.volumes.iter() {
+        b.preopened_dir(dir, path, FsPerms::ReadWrite)
+            .map_err(|e| anyhow::anyhow!("preopening volume {path:?}: {e}"))?;
+    }
     if task.allow_network {
         b.inherit_network();
     } else {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod linearizability;
+pub mod services;
 
 use cairn_installer::lab::Lab;
 use std::future::Future;

@@ -6,6 +6,7 @@ use crate::error::{ApiError, JsonBody};
 use crate::model::{Agent, AgentRegistration};
 use crate::protocol::{Assignment, HeartbeatReply, TaskReport};
 use crate::resources::validate_resources;
+use crate::service::VolumeReservation;
 use crate::state::{Command, Outcome};
 use axum::extract::{Path, Query};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -30,12 +31,68 @@ pub(super) async fn get_agent(
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
     let index = ctx.prepare_read(&p, |s| s.indexes.agents).await?;
-    let agent = ctx.read(|s| s.agents.get(&id).cloned()).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no agent {id:?}; list them with GET /api/v1/agents"
-        ))
-    })?;
-    Ok(with_index(index, agent))
+    let (agent, volumes) = ctx
+        .read(|s| Some((s.agents.get(&id).cloned()?, volumes_on(s, &id))))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no agent {id:?}; list them with GET /api/v1/agents"
+            ))
+        })?;
+    let mut v = serde_json::to_value(agent)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()))?;
+    v["volumes"] = serde_json::json!(volumes);
+    Ok(with_index(index, v))
+}
+
+/// Every volume reservation on `agent` (of services and detached ones), by id.
+fn volumes_on(s: &crate::state::State, agent: &str) -> Vec<VolumeReservation> {
+    s.services
+        .values()
+        .flat_map(|svc| svc.volumes.values())
+        .chain(s.detached_volumes.values())
+        .filter(|v| v.agent == agent)
+        .cloned()
+        .collect()
+}
+
+/// The volumes reserved on an agent with their status: the agent deletes the data of those
+/// `destroying` and reports them (`volumes_destroyed`).
+pub(super) async fn agent_volumes(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx.prepare_read(&p, |s| s.indexes.services).await?;
+    let volumes = ctx.read(|s| volumes_on(s, &id));
+    Ok(with_index(index, volumes))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DestroyedVolumes {
+    ids: Vec<String>,
+}
+
+/// An agent deleted volumes' data: their reservations go.
+pub(super) async fn volumes_destroyed(
+    ctx: Ctx,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<DestroyedVolumes>,
+) -> Result<Response, ApiError> {
+    if body.ids.len() > 10_000 || body.ids.iter().any(|i| i.is_empty() || i.len() > 256) {
+        return Err(ApiError::bad_request(
+            "ids",
+            "at most 10000 volume ids of 1-256 characters",
+        ));
+    }
+    ctx.propose(Command::VolumesDestroyed {
+        agent,
+        ids: body.ids,
+        at: now_ms(),
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(super) async fn register_agent(

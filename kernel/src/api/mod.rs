@@ -68,9 +68,12 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/tasks/{id}/kill",
     "/api/v1/agents/{id}/assignments",
     "/api/v1/agents/{id}/status",
+    "/api/v1/agents/{id}/volumes",
+    "/api/v1/agents/{id}/volumes/destroyed",
     "/api/v1/services",
     "/api/v1/services/{name}",
     "/api/v1/services/{name}/history",
+    "/api/v1/services/{name}/rollback",
     "/api/v1/services/{name}/plans",
     "/api/v1/services/{name}/plans/{plan}",
     "/api/v1/services/{name}/plans/{plan}/start",
@@ -150,6 +153,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/tasks/{id}/kill", post(tasks::kill_task))
         .route("/api/v1/agents/{id}/assignments", get(agents::assignments))
         .route("/api/v1/agents/{id}/status", post(agents::task_status))
+        .route("/api/v1/agents/{id}/volumes", get(agents::agent_volumes))
+        .route(
+            "/api/v1/agents/{id}/volumes/destroyed",
+            post(agents::volumes_destroyed),
+        )
         .route(
             "/api/v1/services",
             get(services::list_services).post(services::create_service),
@@ -163,6 +171,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/services/{name}/history",
             get(services::service_history),
+        )
+        .route(
+            "/api/v1/services/{name}/rollback",
+            post(services::rollback_service),
         )
         .route("/api/v1/services/{name}/plans", get(services::list_plans))
         .route(

@@ -203,11 +203,12 @@ fn render(pkg: &Package, user: &Value) -> Result<(Options, String, StatefulServi
             )
             .field(format!("spec.{}", e.field))
         })?;
+    // The options go where config templates see them at launch (`options`).
+    service.options = o.0.to_string();
     service.package = Some(PackageRef {
         name: pkg.meta.name.clone(),
         version: pkg.meta.version.clone(),
         source: pkg.source.clone(),
-        options: o.0.to_string(),
     });
     Ok((o, text, service))
 }
@@ -366,7 +367,7 @@ fn instance(svc: &crate::service::ServiceState) -> Option<Value> {
         "package": p.name,
         "version": p.version,
         "source": p.source,
-        "options": serde_json::from_str::<Value>(&p.options).unwrap_or(Value::Null),
+        "options": svc.spec.options_value(),
         "service_version": svc.version,
         "updated_at": svc.updated_at,
         "plans": svc.plans.iter().map(|(n, p)| (n.clone(), p.status())).collect::<BTreeMap<_, _>>(),
@@ -417,13 +418,10 @@ pub(super) async fn update(
     check_name("service", &service)?;
     let (_, c) = fresh_catalog(&ctx, false).await?;
     let current = package_of(&ctx, &service)?;
+    let in_use = with_service(&ctx, &service, |_, svc| svc.spec.options_value())?;
     let version = b.version.clone().or(Some(current.version.clone()));
     let pkg = pick(&c, &current.name, &version)?;
-    let mut options = if b.reset {
-        json!({})
-    } else {
-        serde_json::from_str(&current.options).unwrap_or_else(|_| json!({}))
-    };
+    let mut options = if b.reset { json!({}) } else { in_use };
     if !b.options.is_object() && !b.options.is_null() {
         return Err(ApiError::bad_request(
             "options",

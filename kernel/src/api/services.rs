@@ -185,6 +185,59 @@ pub(super) async fn update(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RollbackParams {
+    /// The kept version to return to (default: the one before the current).
+    version: Option<u64>,
+    allow_decommission: Option<bool>,
+}
+
+/// Returns to an earlier kept spec through the same careful `deploy` as any update (one pod
+/// at a time, readiness between); the rollback is itself a new version in the history.
+pub(super) async fn rollback_service(
+    ctx: Ctx,
+    Path(name): Path<String>,
+    q: Q<RollbackParams>,
+) -> Result<Response, ApiError> {
+    check_name("name", &name)?;
+    let p = query(q)?;
+    ctx.prepare_read(&ReadParams::default(), |s| s.indexes.services)
+        .await?;
+    let target = with_service(&ctx, &name, |_, svc| {
+        let kept: Vec<u64> = svc.history.iter().map(|h| h.version).collect();
+        let found = match p.version {
+            Some(v) => svc.history.iter().find(|h| h.version == v),
+            None => svc.history.iter().rev().nth(1),
+        };
+        found
+            .map(|h| (h.version, h.spec.clone()))
+            .ok_or_else(|| match p.version {
+                Some(v) => ApiError::bad_request(
+                    "version",
+                    format!("no kept version {v}; the service keeps {kept:?}"),
+                ),
+                None => ApiError::bad_request(
+                    "version",
+                    "the service has no earlier version to roll back to",
+                ),
+            })
+    })??;
+    let (from, service) = target;
+    let index = done_index(
+        ctx.propose(Command::UpdateService {
+            service,
+            allow_decommission: p.allow_decommission.unwrap_or(false),
+            at: now_ms(),
+        })
+        .await?,
+    )?;
+    Ok(with_index(
+        index,
+        serde_json::json!({ "name": name, "version": index, "rolled_back_to": from }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RemoveParams {
     keep_volumes: Option<bool>,
 }
@@ -380,7 +433,11 @@ pub(super) async fn list_pods(
                             "launched_at": target.launched_at,
                             "state": t.map(|t| t.state),
                             "healthy": t.and_then(|t| t.healthy),
-                            "ready": t.is_some_and(|t| t.is_ready()),
+                            "ready": t.is_some_and(|t| match target.goal {
+                                crate::service::model::TaskGoal::Running => t.is_ready(),
+                                // A `finish`/`once` task is done when it has finished.
+                                _ => t.state == crate::model::TaskState::Finished,
+                            }),
                             "reason": t.and_then(|t| t.reason.clone()),
                             "ports": t.map(|t| t.ports.clone()).unwrap_or_default(),
                         })

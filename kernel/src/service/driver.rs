@@ -12,16 +12,21 @@
 //!   marks `killing` every live pod task that is no longer wanted (an older generation, a
 //!   stopping or replaced pod, a removed service).
 //!
-//! Volumes and config templates travel as data only: the task gets no mount yet and
-//! templates are not rendered (agent-side volumes and rendering are not built).
+//! A pod task carries its pod's volumes (the agent mounts them) and its config files,
+//! rendered here (`service::render`) from the spec version it runs. A template that does not
+//! render makes the task `failed` at once with reason `template_error: ...` naming the file
+//! and line; the plan step stops in `error` with that message.
 
 use super::model::{PodInstance, PodTask, ServiceState, StatefulService, TaskTarget};
 use super::reconcile::{reconcile_service, Action, AgentFact, Observed, TaskFact};
 use super::ServiceOp;
-use crate::model::{AgentStatus, HealthCheck, PortAsk, Task, TaskState};
+use crate::model::{AgentStatus, HealthCheck, PortAsk, Task, TaskState, TaskVolume};
 use crate::scheduler::{Allocation, Ask, Snapshot, Strategy};
 use crate::state::{Command, Event, State};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The reason of a pod task whose config templates did not render (no retry helps).
+pub const TEMPLATE_ERROR: &str = "template_error";
 
 /// The `Task::workload` of a pod task: `service:<service>/<pod type>` (workload ids never hold
 /// ':' so the two never mix).
@@ -46,14 +51,18 @@ pub fn task_id(service: &str, pod: &str, task: &str, generation: u64) -> String 
 /// healthy; otherwise when it runs.
 pub fn observe(state: &State, svc: &ServiceState) -> Observed {
     let mut obs = Observed::default();
-    for a in state.agents.values() {
-        obs.agents.insert(
-            a.id.clone(),
-            AgentFact {
-                active: a.status == AgentStatus::Active,
-                since: a.status_changed_at,
-            },
-        );
+    // Only the agents of the service's pods matter (a pass over 1,000 services must not copy
+    // every agent 1,000 times).
+    for agent in svc.pods.values().filter_map(|p| p.agent.as_ref()) {
+        if let Some(a) = state.agents.get(agent) {
+            obs.agents.insert(
+                a.id.clone(),
+                AgentFact {
+                    active: a.status == AgentStatus::Active,
+                    since: a.status_changed_at,
+                },
+            );
+        }
     }
     for pod in svc.pods.values() {
         for (name, target) in &pod.tasks {
@@ -349,6 +358,33 @@ fn pod_task(
             ..r.clone()
         });
     }
+    let volumes: Vec<TaskVolume> = pod
+        .volumes
+        .iter()
+        .filter_map(|id| svc.volumes.get(id))
+        .map(|v| TaskVolume {
+            id: v.id.clone(),
+            path: v.path.clone(),
+            size_mb: v.size_mb,
+        })
+        .collect();
+    let ctx = super::render::context(
+        state,
+        svc,
+        spec.options_value(),
+        &pod.id,
+        name,
+        &ports,
+        &env,
+    );
+    let (task_state, reason, files) = match super::render::render(&k.templates, &ctx) {
+        Ok(files) => (TaskState::Staging, None, files),
+        Err(e) => (
+            TaskState::Failed,
+            Some(format!("{TEMPLATE_ERROR}: {e}")),
+            Vec::new(),
+        ),
+    };
     let pool = role
         .filter(|r| {
             state
@@ -361,8 +397,8 @@ fn pod_task(
         id: task_id(&svc.spec.name, &pod.id, name, generation),
         workload: task_workload(&svc.spec.name, &pod.pod_type),
         agent: agent.to_string(),
-        state: TaskState::Staging,
-        reason: None,
+        state: task_state,
+        reason,
         updated_at: at,
         created_at: at,
         version,
@@ -376,6 +412,8 @@ fn pod_task(
         network: "host".into(),
         health_checks: checks,
         healthy: None,
+        volumes,
+        files,
     })
 }
 
@@ -427,6 +465,17 @@ pub fn sync_tasks(state: &mut State, name: &str, index: u64, at: u64) {
     }
     for (id, t) in wanted {
         let agent = t.agent.clone();
+        if let (TaskState::Failed, Some(why)) = (t.state, &t.reason) {
+            events.push((id.clone(), "failed".to_string(), why.clone()));
+            state
+                .tasks_by_agent
+                .entry(agent)
+                .or_default()
+                .insert(id.clone());
+            state.indexes.tasks = index;
+            state.tasks.insert(id, t);
+            continue;
+        }
         state
             .tasks_by_agent
             .entry(agent.clone())

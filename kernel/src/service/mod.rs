@@ -13,6 +13,7 @@
 //! - `plan`: steps, phases, plans, strategies, operator operations, built-in plans;
 //! - `ops`: the pure state changes `state::apply` makes for service commands;
 //! - `reconcile`: `reconcile_service`, the engine deciding the next actions;
+//! - `render`: config templates rendered (minijinja) into the files a pod task gets;
 //! - `driver`: the leader's commands from those actions (pods placed by the scheduler), and
 //!   the pod tasks `apply` hands to agents as ordinary `model::Task`s.
 
@@ -22,6 +23,7 @@ pub mod model;
 pub mod ops;
 pub mod plan;
 pub mod reconcile;
+pub mod render;
 pub mod spec;
 pub mod update;
 

@@ -18,19 +18,28 @@ pub struct StatefulService {
     pub pod_types: Vec<PodType>,
     /// Plans the service declares besides the built-in `deploy`, `recovery`, `decommission`.
     pub plans: Vec<PlanDef>,
-    /// The package this spec was rendered from (`None` for a spec written by hand).
+    /// The service's options (a JSON object, as text so bincode can carry it): what config
+    /// templates see as `options`, and what a package was installed with.
+    pub options: String,
+    /// The package this spec was rendered from (`None` for a spec written by hand); the
+    /// package's options (defaults filled) are `options`.
     pub package: Option<PackageRef>,
 }
 
-/// Which package and options rendered a service's spec (`/api/v1/packages/installed`).
+impl StatefulService {
+    /// The options as JSON (an empty object if none were given).
+    pub fn options_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.options).unwrap_or_else(|_| serde_json::json!({}))
+    }
+}
+
+/// Which package rendered a service's spec (`/api/v1/packages/installed`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackageRef {
     pub name: String,
     pub version: String,
     /// `builtin` or the repo it came from.
     pub source: String,
-    /// The full options (defaults filled) as JSON text: bincode cannot carry a JSON value.
-    pub options: String,
 }
 
 impl StatefulService {

@@ -173,8 +173,10 @@ pub fn update_service(
         return Ok(false);
     }
     // Only a change to what runs restarts a pod type (not its count, deploy strategy,
-    // deadline or replace_after).
+    // deadline or replace_after); new options restart the pod types that render templates.
+    let options_changed = spec.options != svc.spec.options;
     for t in &spec.pod_types {
+        let templated = t.tasks.iter().any(|k| !k.templates.is_empty());
         let same = svc.spec.pod_type(&t.name).is_some_and(|o| {
             let mut o = o.clone();
             o.count = t.count;
@@ -183,7 +185,7 @@ pub fn update_service(
             o.replace_after_ms = t.replace_after_ms;
             o == *t
         });
-        if !same {
+        if !same || (options_changed && templated) {
             svc.type_versions.insert(t.name.clone(), index);
         }
     }

@@ -307,6 +307,9 @@ impl Cx<'_> {
         let late = deadline_ms > 0 && self.now >= started_at + deadline_ms;
         let deadline = humantime::format_duration(std::time::Duration::from_millis(deadline_ms));
         if let Some((_, why)) = failed.first() {
+            if why.contains(super::driver::TEMPLATE_ERROR) {
+                return self.to(plan, pi, si, StepStatus::Error, why.clone());
+            }
             if late {
                 let m = format!("{why}; not done within {deadline}");
                 return self.to(plan, pi, si, StepStatus::Error, m);

@@ -24,6 +24,9 @@ pub struct ServiceSpec {
     pub pod_types: Vec<PodTypeSpec>,
     #[serde(default)]
     pub plans: Vec<PlanSpec>,
+    /// Free-form options config templates see as `options` (a table / JSON object).
+    #[serde(default)]
+    pub options: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -98,6 +101,8 @@ fn serial() -> PhaseStrategy {
 
 /// Most pod instances of one pod type.
 pub const MAX_COUNT: u32 = 1_000;
+/// Largest `options` object, as JSON.
+pub const MAX_OPTIONS_BYTES: usize = 64 * 1024;
 /// Names of the built-in plans (a declared plan may not take them).
 pub const BUILT_IN_PLANS: [&str; 3] = ["deploy", "recovery", "decommission"];
 
@@ -497,10 +502,25 @@ impl ServiceSpec {
                 phases,
             });
         }
+        let options = match self.options {
+            None => "{}".to_string(),
+            Some(v @ serde_json::Value::Object(_)) => v.to_string(),
+            Some(_) => return err("options", "options is a table (a JSON object)"),
+        };
+        if options.len() > MAX_OPTIONS_BYTES {
+            return err(
+                "options",
+                format!(
+                    "options take at most {} KiB as JSON",
+                    MAX_OPTIONS_BYTES >> 10
+                ),
+            );
+        }
         Ok(StatefulService {
             name: self.name,
             pod_types,
             plans,
+            options,
             package: None,
         })
     }
