@@ -147,12 +147,31 @@ fn redis_renders_options_into_its_spec() {
     assert_eq!(pt.volumes[0].size_mb, 64);
     let task = &pt.tasks[0];
     assert_eq!(task.resources.mem, 100);
-    let cairn_kernel::model::RuntimeSpec::Native { args, .. } = &task.runtime else {
+    let cairn_kernel::model::RuntimeSpec::Native { cmd, args } = &task.runtime else {
         panic!("native");
     };
-    assert!(args[1].contains("appendonly no\n"), "{}", args[1]);
-    assert!(args[1].contains("maxmemory 80mb\n"), "{}", args[1]);
-    assert!(args[1].ends_with("CAIRN_EOF\n"), "{}", args[1]);
+    assert_eq!(
+        (cmd.as_str(), args.as_slice()),
+        ("/usr/bin/redis-server", &["redis.conf".to_string()][..])
+    );
+    let conf = &task.templates[0];
+    assert_eq!(conf.path, "redis.conf");
+    // Options rendered now; the pod's address and port left for the launch-time rendering.
+    assert!(
+        conf.template.contains("appendonly no\n"),
+        "{}",
+        conf.template
+    );
+    assert!(
+        conf.template.contains("maxmemory 80mb\n"),
+        "{}",
+        conf.template
+    );
+    assert!(
+        conf.template.contains("port {{ ports.redis }}\n"),
+        "{}",
+        conf.template
+    );
 }
 
 fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
