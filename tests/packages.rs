@@ -5,9 +5,10 @@
 //! (SET/GET, the options in `CONFIG GET`); `cairn package update` rolls new options out
 //! through the deploy plan; `uninstall` removes the service and stops the server; a repo
 //! added from a local folder shows up in search and describe. PostgreSQL installs with
-//! `initdb` and is checked with the real `psql`.
+//! `initdb` and is checked with the real `psql`; etcd forms a 3-member cluster on three agents,
+//! checked with `etcdctl`.
 //! Needs root (native tasks run in namespaces and cgroups) and Debian's redis-server,
-//! redis-tools and postgresql-15 (scripts/test.sh installs them).
+//! redis-tools, postgresql-15, etcd-server and etcd-client (scripts/test.sh installs them).
 
 mod common;
 
@@ -487,6 +488,88 @@ async fn postgresql_installs_and_serves_psql() {
             .await
             .ok()?;
         (!st.success()).then_some(())
+    })
+    .await;
+}
+
+/// etcd with its defaults on three agents: one member per agent, each later member added to
+/// the running ones; a key written through one member is read through another, and
+/// `etcdctl member list` shows three started members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_three_members_form_one_cluster() {
+    let (_dir, lab) = master_and_agents(3, 26_000).await;
+    let addr = lab.running_addrs()[0].clone();
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["package", "install", "etcd", "--wait"],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert!(
+        ok,
+        "{out}{err}\nplan: {:?}",
+        lab.get(&addr, "/api/v1/services/etcd/plans/deploy").await
+    );
+    // `--wait` printed every member's client address.
+    let clients: Vec<String> = out
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" member client=")
+                .map(|(_, a)| format!("http://{a}"))
+        })
+        .collect();
+    assert_eq!(clients.len(), 3, "{out}");
+    let pods = lab.get(&addr, "/api/v1/services/etcd/pods").await.unwrap();
+    let agents: std::collections::BTreeSet<String> = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["agent"].to_string())
+        .collect();
+    assert_eq!(agents.len(), 3, "one member per agent: {pods}");
+    let etcdctl = |endpoint: String, args: Vec<&'static str>| async move {
+        let out = tokio::process::Command::new("/usr/bin/etcdctl")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        etcdctl(clients[0].clone(), vec!["put", "greeting", "hello"]).await,
+        "OK"
+    );
+    assert_eq!(
+        etcdctl(
+            clients[2].clone(),
+            vec!["get", "greeting", "--print-value-only"]
+        )
+        .await,
+        "hello"
+    );
+    let members = etcdctl(clients[1].clone(), vec!["member", "list"]).await;
+    assert_eq!(members.matches(", started, etcd-").count(), 3, "{members}");
+    let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "etcd"], MIN).await;
+    assert!(ok, "{err}");
+    let first = clients[0].clone();
+    eventually(MIN, "etcd stopped", || async {
+        let st = tokio::process::Command::new("/usr/bin/etcdctl")
+            .args([
+                &format!("--endpoints={first}"),
+                "--dial-timeout=300ms",
+                "endpoint",
+                "health",
+            ])
+            .output()
+            .await
+            .ok()?;
+        (!st.status.success()).then_some(())
     })
     .await;
 }
