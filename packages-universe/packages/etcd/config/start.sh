@@ -13,9 +13,14 @@ STATE=new
 if [ -n "$ENDPOINTS" ] && [ ! -d data/member ]; then
   # A new member joins the running cluster: added first (once), then started as existing.
   STATE=existing
-  if ! /usr/bin/etcdctl --endpoints="$ENDPOINTS" member list | grep -q "$PEER_URL"; then
-    /usr/bin/etcdctl --endpoints="$ENDPOINTS" member add "$ME" --peer-urls="$PEER_URL"
-  fi
+  # etcd refuses a member add for a few seconds after the previous member joined: retry.
+  tries=0
+  until /usr/bin/etcdctl --endpoints="$ENDPOINTS" member list | grep -q "$PEER_URL" ||
+    /usr/bin/etcdctl --endpoints="$ENDPOINTS" member add "$ME" --peer-urls="$PEER_URL"; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 60 ] || exit 1
+    sleep 1
+  done
 fi
 exec /usr/bin/etcd --name "$ME" --data-dir data \
   --listen-peer-urls "$PEER_URL" --initial-advertise-peer-urls "$PEER_URL" \
