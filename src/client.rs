@@ -545,13 +545,18 @@ async fn print_job_output(c: &Client, tasks: &[&Value]) {
 
 pub async fn ps(c: &Client, workload: Option<&str>, all: bool, json: bool) -> anyhow::Result<()> {
     let v = c.get("/api/v1/tasks").await?;
-    let tasks: Vec<&Value> = v
+    let of_workload: Vec<&Value> = v
         .as_array()
         .into_iter()
         .flatten()
         .filter(|t| workload.is_none_or(|w| t["workload"] == w))
+        .collect();
+    let tasks: Vec<&Value> = of_workload
+        .iter()
+        .copied()
         .filter(|t| all || !is_terminal(t))
         .collect();
+    let hidden = of_workload.len() - tasks.len();
     if json {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
         return Ok(());
@@ -579,6 +584,10 @@ pub async fn ps(c: &Client, workload: Option<&str>, all: bool, json: bool) -> an
         ]);
     }
     println!("{t}");
+    if hidden > 0 {
+        // On stderr, so scripts reading the table are not confused.
+        eprintln!("({hidden} ended tasks hidden; `cairn ps --all` shows them with their reasons)");
+    }
     Ok(())
 }
 

@@ -321,7 +321,8 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct DevArgs {
-    /// Where to keep state (default: a new temporary directory).
+    /// Where to keep state (default: a new directory under /var/lib/cairn for root, else
+    /// $XDG_STATE_HOME/cairn, removed when `cairn dev` exits).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:5050")]
@@ -721,11 +722,29 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a user's Cairn state lives: `/var/lib/cairn` for root, else `$XDG_STATE_HOME/cairn`
+/// (default `~/.local/state/cairn`). Not /tmp: tasks get a private /tmp of their own.
+fn state_home() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/cairn");
+    }
+    match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("cairn"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/state/cairn"),
+    }
+}
+
 async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     let (data_dir, _tmp) = match a.data_dir {
         Some(d) => (d, None),
         None => {
-            let t = tempfile::Builder::new().prefix("cairn-dev-").tempdir()?;
+            let base = state_home();
+            std::fs::create_dir_all(&base)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", base.display()))?;
+            let t = tempfile::Builder::new()
+                .prefix("cairn-dev-")
+                .tempdir_in(&base)?;
             (t.path().to_path_buf(), Some(t))
         }
     };
@@ -797,6 +816,15 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restores the default SIGPIPE action (terminate) that Rust's runtime sets to ignore.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called once at start, before any other thread exists; SIG_DFL installs no
+    // handler code, so no async-signal-safety rule applies.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> anyhow::Result<()> {
     // A native task's supervisor and PID 1 are this binary re-executed; they must run before
     // any thread exists (unshare of the mount namespace), so they skip clap and tokio.
@@ -811,6 +839,16 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(code);
     }
     let cli = Cli::parse();
+    // A command-line client piped into `head` ends quietly on a closed pipe, as Unix tools
+    // do, instead of panicking in `println!`; daemons keep SIGPIPE ignored (a closed socket
+    // is an error to handle, not a reason to die).
+    let daemon = matches!(
+        cli.cmd,
+        Cmd::Master(_) | Cmd::Dev(_) | Cmd::Agent(AgentCmdArgs { cmd: None, .. })
+    );
+    if !daemon {
+        default_sigpipe();
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async move {
         match cli.cmd {

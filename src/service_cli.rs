@@ -53,6 +53,10 @@ pub enum ServiceCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Every volume reservation (service, pod, agent, size, status).
+    Volumes,
+    /// Delete an orphaned volume (kept by `rm --keep-volumes`).
+    VolumeRm { id: String },
     /// Plans: show, continue, interrupt, force-complete or restart a step.
     Plan {
         #[command(subcommand)]
@@ -259,6 +263,33 @@ pub async fn run(c: &Client, json: bool, cmd: ServiceCmd) -> anyhow::Result<()> 
             if wait {
                 wait_plan(c, &name, "deploy").await?;
             }
+            Ok(())
+        }
+        ServiceCmd::Volumes => {
+            let v = c.get("/api/v1/volumes").await?;
+            if json {
+                println!("{v:#}");
+                return Ok(());
+            }
+            let mut t = comfy_table::Table::new();
+            t.set_header(["ID", "SERVICE", "POD", "AGENT", "SIZE MB", "PATH", "STATUS"]);
+            for vol in v.as_array().into_iter().flatten() {
+                t.add_row([
+                    s(&vol["id"]),
+                    s(&vol["service"]),
+                    s(&vol["pod"]),
+                    s(&vol["agent"]),
+                    s(&vol["size_mb"]),
+                    s(&vol["path"]),
+                    s(&vol["status"]),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        ServiceCmd::VolumeRm { id } => {
+            c.delete(&format!("/api/v1/volumes/{id}")).await?;
+            println!("volume {id} is being destroyed on its agent");
             Ok(())
         }
         ServiceCmd::Plan { cmd } => plan(c, json, cmd).await,

@@ -335,3 +335,21 @@ fn bad_flags_fail_with_a_clear_message() {
     ]);
     assert!(e.contains("--peer-token must differ from --token"), "{e}");
 }
+
+/// A CLI command whose reader goes away (`cairn ... | head`) ends by SIGPIPE, quietly, not
+/// with a panic about a broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (read, write) = std::io::pipe().unwrap();
+    drop(read);
+    let out = std::process::Command::new(bin())
+        .args(["bench", "plans", "--services", "2", "--pods", "1"])
+        .stdout(write)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?} {stderr}", out.status);
+}

@@ -16,7 +16,11 @@ struct Agent {
 }
 
 async fn agent() -> Agent {
-    let (dir, mut lab) = lab(1, &[]);
+    let (dir, lab) = lab(1, &[]);
+    agent_in(dir, lab).await
+}
+
+async fn agent_in(dir: tempfile::TempDir, mut lab: cairn_installer::lab::Lab) -> Agent {
     let n = lab.start_agent(&["--heartbeat-interval", "500ms"]).unwrap();
     let addr = lab.agents[n].addr.clone();
     let http = http();
@@ -847,4 +851,32 @@ async fn wasm_http_component_serves_its_port() {
     let (code, v) = a.launch(noport).await;
     assert_eq!(code, 422, "{v}");
     assert!(v["message"].as_str().unwrap().contains("ports"), "{v}");
+}
+
+/// Issue 13 (first run): with the data dir under /tmp (as `cairn dev` used to default to), a
+/// native task's private /tmp hid its own sandbox path, so `cd $CAIRN_SANDBOX` failed. The
+/// sandbox is mounted back at its path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_reaches_its_sandbox_by_path_when_the_data_dir_is_under_tmp() {
+    allow_test_guests();
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-tmp-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let lab = cairn_installer::lab::Lab::start(bin(), dir.path(), 1, TOKEN, &[]).unwrap();
+    let a = agent_in(dir, lab).await;
+    let script = r#"cd "$CAIRN_SANDBOX" && test -e stdout && echo here > by-path && echo private > /tmp/t && test ! -e "$CAIRN_SANDBOX/t""#;
+    let (code, v) = a.launch(sh("tmpdir", script)).await;
+    assert!(code < 300, "{v}");
+    let s = a.wait_state("tmpdir", Duration::from_secs(30)).await;
+    assert_eq!(
+        s["state"],
+        "finished",
+        "{s} {:?}",
+        a.file("tmpdir", "stderr").await
+    );
+    assert_eq!(
+        a.file("tmpdir", "by-path").await,
+        (200, "here\n".to_string())
+    );
 }

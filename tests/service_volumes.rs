@@ -24,7 +24,7 @@ options = { greeting = "GREETING" }
 [[pod_types]]
 name = "node"
 count = 3
-deadline = "60s"
+deadline = "150s"
 constraints = [["@id", "UNIQUE"]]
 volumes = [{ name = "data", path = "data", size_mb = 16 }]
 [[pod_types.tasks]]
@@ -120,6 +120,41 @@ async fn volumes_keep_data_templates_render_and_quotas_hold() {
         "{v}"
     );
     assert!(v["message"].as_str().unwrap().contains("line 2"), "{v}");
+    let good = spec("hello", "");
+    let bad = [
+        (
+            good.replace("path = \"data\", size_mb", "path = \"../data\", size_mb"),
+            "pod_types[0].volumes[0].path",
+        ),
+        (
+            good.replace("path = \"data\", size_mb", "path = \"/etc\", size_mb"),
+            "pod_types[0].volumes[0].path",
+        ),
+        (
+            good.replace("size_mb = 16", "size_mb = -1"),
+            "pod_types[0].volumes[0].size_mb",
+        ),
+        (
+            good.replace("name = \"node\"\ncount", "name = \"node\"\nbogus = 1\ncount"),
+            "pod_types[0].bogus",
+        ),
+        (
+            format!("{good}[[plans]]\nname = \"backup\"\nphases = [{{ name = \"b\", pod_type = \"nope\", tasks = [\"server\"] }}]\n"),
+            "plans[0].phases[0].pod_type",
+        ),
+    ];
+    for (body, field) in bad {
+        let (status, v) = c
+            .send(
+                reqwest::Method::POST,
+                "/api/v1/services",
+                "application/toml",
+                body,
+            )
+            .await;
+        assert_eq!((status, v["field"].as_str()), (400, Some(field)), "{v}");
+    }
+    assert_eq!(c.get("/api/v1/services").await, serde_json::json!([]));
 
     // Create and wait for the deploy.
     let file = c.dir.path().join("vol.toml");
@@ -290,6 +325,17 @@ tasks = [{ name = "writer", runtime.native = { cmd = "/bin/sh", args = ["-c", "h
     )
     .await;
 
+    // `cairn ps` says how many ended tasks it hides; `--all` shows them with their reasons.
+    let out = c.cli(&["ps"]).await;
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ended tasks hidden") && err.contains("--all"),
+        "{err}"
+    );
+    let out = c.cli(&["ps", "--all"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("volume_limit"));
+
     // Removing a service destroys exactly its volumes; --keep-volumes keeps them orphaned.
     let fill_vol = volume_ids(&c, "fill").await[0].1.clone();
     let out = c.cli(&["service", "rm", "fill", "--keep-volumes"]).await;
@@ -334,6 +380,20 @@ tasks = [{ name = "writer", runtime.native = { cmd = "/bin/sh", args = ["-c", "h
     assert_eq!(orphan["id"], fill_vol.as_str(), "{orphan}");
     assert_eq!(orphan["status"], "orphaned", "{orphan}");
     assert!(volume_dir(&c, &fill_vol).is_some(), "kept on disk");
+    // A volume a pod owns cannot be deleted alone; the orphan can, and its data goes.
+    let out = c.cli(&["service", "volume-rm", "nope"]).await;
+    assert!(!out.status.success());
+    let out = c.cli(&["service", "volume-rm", &fill_vol]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(30), "the orphan destroyed", || async {
+        let all = c.get("/api/v1/volumes").await;
+        (volume_dir(&c, &fill_vol).is_none() && all == serde_json::json!([])).then_some(())
+    })
+    .await;
 }
 
 const REPLACED: &str = r#"name = "rep"

@@ -210,6 +210,11 @@ pub enum Command {
         ids: Vec<String>,
         at: u64,
     },
+    /// Delete an orphaned volume (kept by `remove --keep-volumes`): its agent deletes the data.
+    DestroyVolume {
+        id: String,
+        at: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -525,6 +530,7 @@ fn describe(cmd: &Command) -> Described {
         Command::VolumesDestroyed { agent, ids, at } => {
             other("agent", agent, "volumes_destroyed", ids.join(", "), *at)
         }
+        Command::DestroyVolume { id, at } => other("volume", id, "destroy", String::new(), *at),
     }
 }
 
@@ -879,6 +885,9 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
         }
         Command::VolumesDestroyed { agent, ids, .. } => {
             crate::service::commands::volumes_destroyed(state, index, &agent, ids)
+        }
+        Command::DestroyVolume { id, .. } => {
+            crate::service::commands::destroy_orphan(state, index, &id)
         }
     }
 }

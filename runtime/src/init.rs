@@ -257,6 +257,20 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
     } else {
         mount_proc(Path::new("/proc"))?;
         bind(&tmp, Path::new("/tmp"))?;
+        // A data dir under /tmp: the private /tmp just hid the sandbox's own path, which the
+        // task knows as $CAIRN_SANDBOX (and $PWD). Mount the sandbox (PID 1's working
+        // directory, with its volumes) back at that path inside the new /tmp.
+        if spec.sandbox.starts_with("/tmp") {
+            std::fs::create_dir_all(&spec.sandbox)?;
+            mount(
+                Some("."),
+                &spec.sandbox,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| anyhow::anyhow!("re-mounting the sandbox at its path: {e}"))?;
+        }
     }
     nix::unistd::sethostname(&spec.hostname).map_err(|e| anyhow::anyhow!("sethostname: {e}"))?;
 

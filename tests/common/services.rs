@@ -107,7 +107,7 @@ impl Cluster {
 
     pub async fn wait_plan(&self, svc: &str, plan: &str, status: &str) -> Value {
         eventually(
-            Duration::from_secs(90),
+            Duration::from_secs(180),
             &format!("plan {plan} of {svc} {status}"),
             || async {
                 let p = self.plan(svc, plan).await;
@@ -150,7 +150,7 @@ impl Cluster {
             .args(args)
             .args(["--master", &self.master(), "--token", TOKEN])
             .output();
-        match tokio::time::timeout(Duration::from_secs(120), out).await {
+        match tokio::time::timeout(Duration::from_secs(200), out).await {
             Ok(o) => o.expect("run cairn"),
             Err(_) => panic!("cairn {args:?} did not return"),
         }

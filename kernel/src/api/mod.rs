@@ -10,6 +10,7 @@ mod metrics;
 mod packages;
 mod services;
 mod tasks;
+mod volumes;
 mod workloads;
 
 pub use crate::protocol::{Assignment, HeartbeatReply, TaskReport};
@@ -70,6 +71,8 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/agents/{id}/status",
     "/api/v1/agents/{id}/volumes",
     "/api/v1/agents/{id}/volumes/destroyed",
+    "/api/v1/volumes",
+    "/api/v1/volumes/{id}",
     "/api/v1/services",
     "/api/v1/services/{name}",
     "/api/v1/services/{name}/history",
@@ -157,6 +160,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/agents/{id}/volumes/destroyed",
             post(agents::volumes_destroyed),
+        )
+        .route("/api/v1/volumes", get(volumes::list_volumes))
+        .route(
+            "/api/v1/volumes/{id}",
+            axum::routing::delete(volumes::delete_volume),
         )
         .route(
             "/api/v1/services",

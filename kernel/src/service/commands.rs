@@ -120,6 +120,29 @@ pub fn volumes_destroyed(state: &mut State, index: u64, agent: &str, ids: Vec<St
     Outcome::Done { index }
 }
 
+/// Marks an orphaned volume `destroying` (its agent deletes the data and reports it). A
+/// volume a pod owns is refused: it goes with its pod (replace, decommission, remove).
+pub fn destroy_orphan(state: &mut State, index: u64, id: &str) -> Outcome {
+    if let Some(v) = state.detached_volumes.get_mut(id) {
+        if v.status == VolumeStatus::Orphaned {
+            v.status = VolumeStatus::Destroying;
+        }
+        state.indexes.services = index;
+        return Outcome::Done { index };
+    }
+    if let Some(v) = state.services.values().find_map(|s| s.volumes.get(id)) {
+        return rejected(
+            "in_use",
+            "id",
+            format!(
+                "volume {id:?} belongs to pod {} of service {}; it goes with its pod (replace, scale down or remove the service)",
+                v.pod, v.service
+            ),
+        );
+    }
+    rejected("not_found", "id", format!("no volume {id:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::model::{AgentRegistration, AgentResources};
