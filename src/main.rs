@@ -4,6 +4,7 @@
 mod bench;
 mod bench_services;
 mod client;
+mod package_cli;
 mod service_cli;
 
 use anyhow::Context;
@@ -96,6 +97,14 @@ enum Cmd {
     Service {
         #[command(subcommand)]
         cmd: service_cli::ServiceCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The package catalog: search, describe, render, install, list, update, uninstall,
+    /// repo add.
+    Package {
+        #[command(subcommand)]
+        cmd: package_cli::PackageCmd,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -1015,6 +1024,11 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 let c = Client::new(&client.master, &client.token)?;
                 service_cli::run(&c, client.json, cmd).await
+            }
+            Cmd::Package { cmd, client } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                package_cli::run(&c, client.json, cmd).await
             }
             Cmd::Workload { cmd } => {
                 init_tracing("warn");

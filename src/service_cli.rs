@@ -1,6 +1,7 @@
 //! `cairn service ...`: stateful services from the command line — create (with `--wait`
-//! showing plan progress), list, show, update, rm, history, rollback, plans (a tree with statuses and
-//! timestamps, `--watch`; continue, interrupt, force-complete, restart) and pods.
+//! showing plan progress), list, show, update, rm, history, rollback, plans (a tree with
+//! statuses and timestamps, `--watch`; continue, interrupt, force-complete, restart) and pods.
+//! `wait_plan` is shared with `cairn package install --wait`.
 
 use crate::client::Client;
 use clap::Subcommand;
@@ -408,7 +409,7 @@ pub fn tree(p: &Value) -> String {
 }
 
 /// Follows a plan with a progress bar until it completes (Ok) or errors (Err).
-async fn wait_plan(c: &Client, name: &str, plan: &str) -> anyhow::Result<()> {
+pub async fn wait_plan(c: &Client, name: &str, plan: &str) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")

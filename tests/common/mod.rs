@@ -137,3 +137,43 @@ pub async fn put_until_ok(lab: &Lab, key: &str, value: &str) {
     })
     .await
 }
+
+/// One master and `agents` real agents, each with its own port range from `port_base`
+/// (`port_base + 100 * n ..+99`), waiting until every agent is registered. For stateful
+/// service and package tests.
+pub async fn master_and_agents(agents: u16, port_base: u16) -> (tempfile::TempDir, Lab) {
+    let (dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    for n in 0..agents {
+        let first = port_base + 100 * n;
+        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{first}-{}]", first + 99);
+        lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
+            .unwrap();
+    }
+    let addr = lab.running_addrs()[0].clone();
+    eventually(Duration::from_secs(30), "agents registered", || async {
+        let v = lab.get(&addr, "/api/v1/agents").await?;
+        (v.as_array().map_or(0, |a| a.len()) == agents as usize).then_some(())
+    })
+    .await;
+    (dir, lab)
+}
+
+/// Runs `cairn ARGS --master ADDR --token TOKEN`, at most `timeout`; (success, stdout, stderr).
+pub async fn cairn_cli(addr: &str, args: &[&str], timeout: Duration) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin())
+        .args(args)
+        .args(["--master", addr, "--token", TOKEN])
+        .output();
+    let out = tokio::time::timeout(timeout, out)
+        .await
+        .unwrap_or_else(|_| panic!("cairn {args:?} did not return within {timeout:?}"))
+        .expect("run cairn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -7,6 +7,7 @@ mod cluster;
 mod events;
 mod kv;
 mod metrics;
+mod packages;
 mod services;
 mod tasks;
 mod volumes;
@@ -86,6 +87,15 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/services/{name}/pods",
     "/api/v1/services/{name}/pods/{pod}/restart",
     "/api/v1/services/{name}/pods/{pod}/replace",
+    "/api/v1/packages",
+    "/api/v1/packages/installed",
+    "/api/v1/packages/installed/{service}",
+    "/api/v1/packages/installed/{service}/rollback",
+    "/api/v1/packages/repos",
+    "/api/v1/packages/repos/{repo}",
+    "/api/v1/packages/{name}",
+    "/api/v1/packages/{name}/render",
+    "/api/v1/packages/{name}/install",
     "/api/v1/events",
     "/api/v1/openapi.json",
     "/metrics",
@@ -208,6 +218,27 @@ pub fn router(api: Arc<Api>) -> Router {
             "/api/v1/services/{name}/pods/{pod}/replace",
             post(services::replace_pod),
         )
+        .route("/api/v1/packages", get(packages::search))
+        .route("/api/v1/packages/installed", get(packages::list_installed))
+        .route(
+            "/api/v1/packages/installed/{service}",
+            axum::routing::put(packages::update).delete(packages::uninstall),
+        )
+        .route(
+            "/api/v1/packages/installed/{service}/rollback",
+            post(packages::rollback),
+        )
+        .route("/api/v1/packages/repos", get(packages::list_repos))
+        .route(
+            "/api/v1/packages/repos/{repo}",
+            axum::routing::put(packages::put_repo).delete(packages::delete_repo),
+        )
+        .route("/api/v1/packages/{name}", get(packages::describe))
+        .route(
+            "/api/v1/packages/{name}/render",
+            post(packages::render_package),
+        )
+        .route("/api/v1/packages/{name}/install", post(packages::install))
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))

@@ -35,7 +35,7 @@ fn parse_spec(
         .map_err(|e| ApiError::bad_request(&e.field, e.message))
 }
 
-fn check_name(field: &str, v: &str) -> Result<(), ApiError> {
+pub(super) fn check_name(field: &str, v: &str) -> Result<(), ApiError> {
     let ok = !v.is_empty()
         && v.len() <= 128
         && v.chars()
@@ -57,7 +57,7 @@ fn no_service(name: &str) -> ApiError {
     .field("name")
 }
 
-fn with_service<T>(
+pub(super) fn with_service<T>(
     ctx: &Ctx,
     name: &str,
     f: impl FnOnce(&State, &ServiceState) -> T,
@@ -74,6 +74,7 @@ fn summary(svc: &ServiceState) -> serde_json::Value {
         "created_at": svc.created_at,
         "updated_at": svc.updated_at,
         "pods": svc.pods.len(),
+        "package": svc.spec.package.as_ref().map(|p| format!("{}@{}", p.name, p.version)),
         "plans": svc.plans.iter().map(|(n, p)| (n.clone(), p.status())).collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
@@ -91,6 +92,15 @@ pub(super) async fn create_service(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let service = parse_spec(&headers, &body)?;
+    create(&ctx, service).await
+}
+
+/// Creates a validated service (a spec posted here, or a package rendered by
+/// `api::packages`): one `CreateService` command.
+pub(super) async fn create(
+    ctx: &Ctx,
+    service: crate::service::StatefulService,
+) -> Result<Response, ApiError> {
     let name = service.name.clone();
     let index = done_index(
         ctx.propose(Command::CreateService {
@@ -148,10 +158,21 @@ pub(super) async fn update_service(
             ),
         ));
     }
+    update(&ctx, service, p.allow_decommission.unwrap_or(false)).await
+}
+
+/// Changes a service's spec (a spec put here, or a package rendered anew): one
+/// `UpdateService` command; the deploy plan rolls it out.
+pub(super) async fn update(
+    ctx: &Ctx,
+    service: crate::service::StatefulService,
+    allow_decommission: bool,
+) -> Result<Response, ApiError> {
+    let name = service.name.clone();
     let index = done_index(
         ctx.propose(Command::UpdateService {
             service,
-            allow_decommission: p.allow_decommission.unwrap_or(false),
+            allow_decommission,
             at: now_ms(),
         })
         .await?,
@@ -228,10 +249,19 @@ pub(super) async fn remove_service(
 ) -> Result<Response, ApiError> {
     check_name("name", &name)?;
     let p = query(q)?;
+    remove(&ctx, name, p.keep_volumes.unwrap_or(false)).await
+}
+
+/// Removes a service (here, or a package's by `api::packages`): one `RemoveService`.
+pub(super) async fn remove(
+    ctx: &Ctx,
+    name: String,
+    keep_volumes: bool,
+) -> Result<Response, ApiError> {
     let index = done_index(
         ctx.propose(Command::RemoveService {
             name,
-            keep_volumes: p.keep_volumes.unwrap_or(false),
+            keep_volumes,
             at: now_ms(),
         })
         .await?,

@@ -27,6 +27,8 @@ pub mod render;
 pub mod spec;
 pub mod update;
 
-pub use model::{PodInstance, PodType, ServiceState, StatefulService, VolumeReservation};
+pub use model::{
+    PackageRef, PodInstance, PodType, ServiceState, StatefulService, VolumeReservation,
+};
 pub use ops::ServiceOp;
 pub use reconcile::{reconcile_service, Action, Observed};

@@ -21,6 +21,9 @@ pub struct StatefulService {
     /// The service's options (a JSON object, as text so bincode can carry it): what config
     /// templates see as `options`, and what a package was installed with.
     pub options: String,
+    /// The package this spec was rendered from (`None` for a spec written by hand); the
+    /// package's options (defaults filled) are `options`.
+    pub package: Option<PackageRef>,
 }
 
 impl StatefulService {
@@ -28,6 +31,15 @@ impl StatefulService {
     pub fn options_value(&self) -> serde_json::Value {
         serde_json::from_str(&self.options).unwrap_or_else(|_| serde_json::json!({}))
     }
+}
+
+/// Which package rendered a service's spec (`/api/v1/packages/installed`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRef {
+    pub name: String,
+    pub version: String,
+    /// `builtin` or the repo it came from.
+    pub source: String,
 }
 
 impl StatefulService {

@@ -521,6 +521,7 @@ impl ServiceSpec {
             pod_types,
             plans,
             options,
+            package: None,
         })
     }
 }
