@@ -136,6 +136,13 @@ pub fn converge(tasks: &Arc<TaskManager>, assignments: &[Assignment]) {
         .map(|(s, st)| (s.id.clone(), (s, st.state)))
         .collect();
     let wanted: HashSet<&str> = assignments.iter().map(|a| a.task.id.as_str()).collect();
+    // Kills first: a pod task restarted in place gets its old ports back, which the old
+    // launch frees as it stops.
+    for (id, (spec, state)) in &here {
+        if spec.assigned && !state.is_terminal() && !wanted.contains(id.as_str()) {
+            tasks.kill(id, reason::KILLED);
+        }
+    }
     for a in assignments {
         if here.contains_key(&a.task.id) {
             continue;
@@ -147,11 +154,6 @@ pub fn converge(tasks: &Arc<TaskManager>, assignments: &[Assignment]) {
                 }
             }
             Err(e) => tracing::warn!(task = %a.task.id, "bad assignment: {e}"),
-        }
-    }
-    for (id, (spec, state)) in &here {
-        if spec.assigned && !state.is_terminal() && !wanted.contains(id.as_str()) {
-            tasks.kill(id, reason::KILLED);
         }
     }
 }

@@ -279,19 +279,42 @@ fn spec_at(svc: &ServiceState, version: u64) -> &StatefulService {
         .map_or(&svc.spec, |h| &h.spec)
 }
 
-/// Ports for a task on `agent`: fixed ones as asked, 0 → the lowest port of the agent's
-/// ranges (its role's first) no live task there holds.
-fn ports_on(state: &State, agent: &str, role: Option<&str>, asks: &[PortAsk]) -> Vec<PortAsk> {
+/// Ports for a launch of a pod task on `agent`: fixed ones as asked; 0 → the port the
+/// previous launch of the same pod task had (a pod keeps its address across restarts in
+/// place, as it keeps its volumes; peers rendered into configs stay right), else the lowest
+/// port of the agent's ranges (its role's first) no other live task there holds. `own` is
+/// the id prefix of this pod task's launches (`<service>.<pod>.<task>.`), whose ports are
+/// the task's own, not taken.
+fn ports_on(
+    state: &State,
+    agent: &str,
+    role: Option<&str>,
+    asks: &[PortAsk],
+    own: &str,
+) -> Vec<PortAsk> {
     let Some(a) = state.agents.get(agent) else {
         return asks.to_vec();
     };
-    let mut used: BTreeSet<u16> = state
-        .tasks_by_agent
-        .get(agent)
-        .into_iter()
-        .flatten()
-        .filter_map(|id| state.tasks.get(id))
-        .filter(|t| t.is_live())
+    let on_agent = || {
+        state
+            .tasks_by_agent
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.tasks.get(id))
+    };
+    let previous: Vec<PortAsk> = on_agent()
+        .filter(|t| t.id.starts_with(own))
+        .max_by_key(|t| {
+            (
+                t.created_at,
+                t.id.rsplit('.').next().and_then(|g| g.parse::<u64>().ok()),
+            )
+        })
+        .map(|t| t.ports.clone())
+        .unwrap_or_default();
+    let mut used: BTreeSet<u16> = on_agent()
+        .filter(|t| t.is_live() && !t.id.starts_with(own))
         .flat_map(|t| t.ports.iter().map(|p| p.number))
         .collect();
     used.extend(asks.iter().map(|p| p.number).filter(|&n| n != 0));
@@ -301,10 +324,19 @@ fn ports_on(state: &State, agent: &str, role: Option<&str>, asks: &[PortAsk]) ->
         .chain(std::iter::once(&a.resources.unreserved))
         .flat_map(|r| r.ports.iter().cloned())
         .collect();
+    let in_ranges = |n: u16| ranges.iter().any(|r| (r.begin..=r.end).contains(&n));
     asks.iter()
         .map(|p| {
+            let kept = previous
+                .iter()
+                .find(|q| q.name == p.name && q.number != 0)
+                .map(|q| q.number)
+                .filter(|&n| in_ranges(n) && !used.contains(&n));
             let number = if p.number != 0 {
                 p.number
+            } else if let Some(n) = kept {
+                used.insert(n);
+                n
             } else {
                 let n = ranges
                     .iter()
@@ -343,7 +375,8 @@ fn pod_task(
     env.insert("CAIRN_SERVICE".into(), svc.spec.name.clone());
     env.insert("CAIRN_POD".into(), pod.id.clone());
     env.insert("CAIRN_POD_INDEX".into(), pod.index.to_string());
-    let ports = ports_on(state, agent, role, &k.ports);
+    let own = format!("{}.{}.{}.", svc.spec.name, pod.id, name);
+    let ports = ports_on(state, agent, role, &k.ports, &own);
     for p in &ports {
         env.insert(
             format!("PORT_{}", p.name.to_uppercase().replace('-', "_")),

@@ -378,6 +378,7 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                 p.next_generation += 1;
                 let goal = t.task(&l.task).map(|k| k.goal).expect("checked");
                 s.launched.insert(l.task.clone(), generation);
+                *s.attempts.entry(l.task.clone()).or_default() += 1;
                 p.tasks.insert(
                     l.task,
                     TaskTarget {

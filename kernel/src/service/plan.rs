@@ -110,7 +110,16 @@ pub struct Step {
     pub started_at: Option<u64>,
     /// Tasks launched in this attempt, with the generation they were launched at.
     pub launched: BTreeMap<String, u64>,
+    /// Launches of each task in this attempt: a failed task is relaunched after a backoff
+    /// growing with them (`relaunch_delay_ms`), never in a tight loop.
+    pub attempts: BTreeMap<String, u32>,
     pub history: Vec<StepChange>,
+}
+
+/// How long after its last launch a task that failed `attempts` launches in a row is
+/// launched again: 0.5 s, doubling, at most 30 s.
+pub fn relaunch_delay_ms(attempts: u32) -> u64 {
+    (500u64 << attempts.saturating_sub(1).min(6)).min(30_000)
 }
 
 impl Step {
@@ -126,6 +135,7 @@ impl Step {
             updated_at: 0,
             started_at: None,
             launched: BTreeMap::new(),
+            attempts: BTreeMap::new(),
             history: Vec::new(),
         }
     }
@@ -150,6 +160,7 @@ impl Step {
         if to == StepStatus::Pending {
             self.started_at = None;
             self.launched.clear();
+            self.attempts.clear();
         }
         self.status = to;
         self.message = message.to_string();

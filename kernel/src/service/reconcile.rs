@@ -314,6 +314,24 @@ impl Cx<'_> {
                 let m = format!("{why}; not done within {deadline}");
                 return self.to(plan, pi, si, StepStatus::Error, m);
             }
+            // Relaunch after a backoff from the last launch, growing with the attempts.
+            let wait = failed
+                .iter()
+                .filter_map(|(t, _)| {
+                    let n = s.attempts.get(t).copied().unwrap_or(1);
+                    let at = pod.tasks.get(t)?.launched_at + super::plan::relaunch_delay_ms(n);
+                    (at > self.now).then_some(n)
+                })
+                .max();
+            if let Some(n) = wait {
+                // A message that stays the same while it waits (no write per pass).
+                let m = format!(
+                    "{why}; launching it again {} s after the last launch (attempt {})",
+                    super::plan::relaunch_delay_ms(n) as f64 / 1000.0,
+                    n + 1
+                );
+                return self.to(plan, pi, si, s.status, m);
+            }
             let tasks = failed.iter().map(|(t, _)| self.launch(pod, s, t)).collect();
             self.out.push(Action::Op(ServiceOp::Launch {
                 plan: plan.name.clone(),

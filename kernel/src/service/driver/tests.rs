@@ -173,6 +173,7 @@ fn a_service_deploys_updates_and_scales_down_through_real_tasks() {
     assert!(deploy_complete(&w.state));
     let live = w.live();
     assert_eq!(live.len(), 3, "{live:?}");
+
     assert!(live.iter().all(|(id, _)| w.state.tasks[id].env["V"] == "2"));
     // Each pod stayed on its agent.
     assert_eq!(
@@ -240,4 +241,61 @@ fn a_pod_no_agent_fits_waits_and_its_step_says_why() {
     // An unchanged situation proposes nothing more.
     let again = crate::controller::reconcile(&w.state, w.now + 500, &Default::default());
     assert!(again.is_empty(), "{again:?}");
+}
+
+/// A pod restarted in place keeps its ports (peers rendered into configs stay right), even
+/// when a lower port has come free on its agent meanwhile.
+#[test]
+fn a_pod_keeps_its_ports_across_restarts_in_place() {
+    let mut w = World::new();
+    w.apply(Command::CreateService {
+        service: spec(3, "1"),
+        at: w.now,
+    });
+    w.run_until("kv deployed", deploy_complete);
+    let mut other = spec(3, "1");
+    other.name = "kv2".into();
+    w.apply(Command::CreateService {
+        service: other.clone(),
+        at: w.now,
+    });
+    let kv2_done = |s: &State| {
+        s.services["kv2"].plans["deploy"].status() == crate::service::plan::PlanStatus::Complete
+    };
+    w.run_until("kv2 deployed", kv2_done);
+    let ports = |w: &World| -> Vec<String> {
+        w.state
+            .tasks
+            .values()
+            .filter(|t| t.is_live() && t.id.starts_with("kv2."))
+            .map(|t| t.env["PORT_HTTP"].clone())
+            .collect()
+    };
+    assert_eq!(ports(&w), ["31001", "31001", "31001"]);
+    // 31000 comes free on every agent; kv2 is updated (restarted in place, pod by pod).
+    w.apply(Command::RemoveService {
+        name: "kv".into(),
+        keep_volumes: false,
+        at: w.now,
+    });
+    w.tick();
+    other.pod_types[0].tasks[0]
+        .env
+        .insert("V".into(), "2".into());
+    let out = w.apply(Command::UpdateService {
+        service: other,
+        allow_decommission: false,
+        at: w.now,
+    });
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    w.run_until("kv2 updated", kv2_done);
+    let live: Vec<_> = w
+        .state
+        .tasks
+        .values()
+        .filter(|t| t.is_live() && t.id.starts_with("kv2."))
+        .map(|t| (t.id.clone(), t.env["V"].clone()))
+        .collect();
+    assert!(live.iter().all(|(_, v)| v == "2"), "{live:?}");
+    assert_eq!(ports(&w), ["31001", "31001", "31001"]);
 }

@@ -489,6 +489,36 @@ fn a_failing_task_is_relaunched_until_the_deadline_then_the_step_errors() {
     assert_eq!(sim.status("deploy"), "Error node-0=Error node-1=Pending");
 }
 
+/// A task failing at once is relaunched after a growing backoff (0.5 s, 1 s, 2 s, ... at most
+/// 30 s from its last launch), not once per pass: the package tests saw ~1,000 launches in
+/// two minutes before.
+#[test]
+fn a_failing_task_is_relaunched_after_a_growing_backoff() {
+    let spec = SPEC.replace("deadline = \"10s\"", "deadline = \"120s\"");
+    let mut sim = Sim::new(&spec, &["a1", "a2"]);
+    sim.failing.insert("node-0/server".into());
+    let mut at = Vec::new();
+    let mut waited = false;
+    let mut all = String::new();
+    for _ in 0..110 {
+        sim.tick();
+        let log = sim.take();
+        if log.contains("deploy/node-0: launch server@v1") {
+            at.push(sim.now / 1000);
+        }
+        waited |= log.contains("launching it again 8 s after the last launch (attempt 6)");
+        all.push_str(&log);
+    }
+    assert!(waited, "the step says how long it waits: {at:?}\n{all}");
+    let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(at.len() <= 10, "{at:?}");
+    assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "gaps grow: {gaps:?}");
+    assert!(
+        gaps.last().is_some_and(|&g| (30..=32).contains(&g)),
+        "capped: {gaps:?}"
+    );
+}
+
 #[test]
 fn recovery_restarts_in_place_and_replaces_only_after_replace_after() {
     let spec = SPEC.replace(
