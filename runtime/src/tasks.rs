@@ -1075,6 +1075,20 @@ impl TaskManager {
                 .insert(cp.spec.id.clone(), entry);
         }
         for id in reattach {
+            // A supervisor that died while the agent was down (a host crash, a kill) ends
+            // its task now: listing it `running` until the first monitor tick would tell the
+            // masters, and anyone asking this agent, that a dead task runs.
+            let (pid, ticks) = {
+                let t = self.tasks.lock().expect("tasks");
+                t.get(&id)
+                    .map(|e| (e.status.pid, e.start_ticks))
+                    .unwrap_or((None, None))
+            };
+            if !pid.is_some_and(|p| supervisor_alive(p, ticks)) {
+                tracing::info!(task = %id, "its supervisor is gone: the task ended");
+                self.finish_native(&id);
+                continue;
+            }
             tracing::info!(task = %id, "re-attaching to a running task");
             if !checks_of(&self.tasks, &id).is_empty() {
                 tokio::spawn(self.clone().health_loop(id.clone()));
