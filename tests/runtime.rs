@@ -934,3 +934,42 @@ impl OutputWithStdin for std::process::Command {
         child.wait_with_output().unwrap()
     }
 }
+
+/// A persistent volume is mounted at its path in OCI tasks (under `/mnt/sandbox`) and native
+/// ones, its rendered files are written into it, and its data outlives the tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_shared_by_oci_and_native_tasks_and_outlives_them() {
+    let a = agent().await;
+    import_busybox(&a);
+    let vol = json!([{"id": "t.p-0.data.0", "path": "data", "size_mb": 8}]);
+    let mut spec = oci(
+        "oci-vol",
+        "cat /mnt/sandbox/data/conf > /mnt/sandbox/data/seen && echo oci >> /mnt/sandbox/data/log",
+    );
+    spec["volumes"] = vol.clone();
+    spec["files"] = json!([{"path": "data/conf", "content": "rendered\n"}]);
+    let (code, v) = a.launch(spec).await;
+    assert_eq!(code, 201, "{v}");
+    let s = a.wait_state("oci-vol", Duration::from_secs(30)).await;
+    assert_eq!(
+        s["state"],
+        "finished",
+        "{s} {:?}",
+        a.file("oci-vol", "stderr").await
+    );
+    let mut spec = sh("native-vol", "echo native >> data/log; cat data/log");
+    spec["volumes"] = vol;
+    let (code, v) = a.launch(spec).await;
+    assert_eq!(code, 201, "{v}");
+    let s = a.wait_state("native-vol", Duration::from_secs(30)).await;
+    assert_eq!(s["state"], "finished", "{s}");
+    assert_eq!(a.file("native-vol", "stdout").await.1, "oci\nnative\n");
+    let dir = a.lab.agents[0].data_dir.join("volumes/t.p-0.data.0");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("seen")).unwrap(),
+        "rendered\n"
+    );
+    // The volume is not in the sandbox on the host: nothing to lose with it.
+    let (_, listing) = a.file("native-vol", "data/log").await;
+    assert!(!listing.contains("native"), "{listing}");
+}
