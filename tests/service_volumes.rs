@@ -41,6 +41,13 @@ templates = [
   { path = "conf/peers.txt", template = "{% for p in pods %}{{ p.name }} {{ p.host or 'pending' }}\n{% endfor %}greeting={{ options.greeting }}EXTRA\n" },
   { path = "data/conf/server.conf", template = "pod={{ pod.name }} index={{ pod.index }} port={{ ports.http }}\n" },
 ]
+[[pod_types.tasks]]
+name = "backup"
+goal = "finish"
+runtime.native = { cmd = "/bin/sh", args = ["-c", "echo backup >> data/backups"] }
+[[plans]]
+name = "backup"
+phases = [{ name = "all", pod_type = "node", strategy = "parallel", tasks = ["backup"] }]
 "#;
 
 fn spec(greeting: &str, extra: &str) -> String {
@@ -139,8 +146,8 @@ async fn volumes_keep_data_templates_render_and_quotas_hold() {
             "pod_types[0].bogus",
         ),
         (
-            format!("{good}[[plans]]\nname = \"backup\"\nphases = [{{ name = \"b\", pod_type = \"nope\", tasks = [\"server\"] }}]\n"),
-            "plans[0].phases[0].pod_type",
+            format!("{good}[[plans]]\nname = \"restore\"\nphases = [{{ name = \"b\", pod_type = \"nope\", tasks = [\"server\"] }}]\n"),
+            "plans[1].phases[0].pod_type",
         ),
     ];
     for (body, field) in bad {
@@ -291,6 +298,26 @@ async fn volumes_keep_data_templates_render_and_quotas_hold() {
         );
         assert!(read(d, "peers").contains("greeting=bye"));
     }
+
+    // A declared plan: `backup` runs its `finish` task once in every pod (it also runs once
+    // per deploy, as `finish` tasks do).
+    let before: Vec<usize> = dirs
+        .iter()
+        .map(|d| read(d, "backups").lines().count())
+        .collect();
+    assert!(before.iter().all(|&n| n >= 1), "{before:?}");
+    let out = c.cli(&["service", "plan", "start", "vol", "backup"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_plan("vol", "backup", "complete").await;
+    let after: Vec<usize> = dirs
+        .iter()
+        .map(|d| read(d, "backups").lines().count())
+        .collect();
+    assert_eq!(after, before.iter().map(|n| n + 1).collect::<Vec<_>>());
 
     // Scale down: `decommission` takes node-2 (the highest index) and destroys exactly its
     // volume on its agent.
