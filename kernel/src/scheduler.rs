@@ -79,7 +79,15 @@ impl Constraint {
                 if v.len() > 1024 {
                     return Err("the regular expression is longer than 1024 bytes".into());
                 }
-                regex::Regex::new(&format!("^(?:{v})$"))
+                // On its own first: `zzz)|(.*` would otherwise close the anchoring group and
+                // match every value.
+                regex::RegexBuilder::new(v)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| format!("bad regular expression {v:?}: {e}"))?;
+                regex::RegexBuilder::new(&format!("^(?:{v})$"))
+                    .size_limit(1 << 20)
+                    .build()
                     .map(|_| ())
                     .map_err(|e| format!("bad regular expression {v:?}: {e}"))
             }

@@ -129,6 +129,32 @@ pub fn check_wasm_file(file: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An OCI image reference as `cairn image import` names images: `name[:tag]` or
+/// `name@sha256:...`, path components of lowercase letters, digits, `.`, `_`, `-`, never `.`
+/// or `..` (the name becomes a path in the agent's image store).
+pub fn check_image_name(image: &str) -> Result<(), String> {
+    let bad = || {
+        Err(format!(
+            "{image:?} is not an image name: use e.g. \"busybox:latest\" or \"library/redis@sha256:...\""
+        ))
+    };
+    if image.len() > 255 || image.starts_with('/') || image.ends_with('/') {
+        return bad();
+    }
+    let name = image.split(['@', ':']).next().unwrap_or("");
+    let ok_chars = image
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'));
+    let ok_parts = name
+        .split('/')
+        .all(|p| !p.is_empty() && p != "." && p != ".." && !p.starts_with('.'));
+    if ok_chars && ok_parts && !image.contains("..") {
+        Ok(())
+    } else {
+        bad()
+    }
+}
+
 /// Parses a TOML spec (unknown fields and wrong types are errors that name the key).
 pub fn from_toml(text: &str) -> Result<WorkloadSpec, SpecError> {
     let de = toml::Deserializer::new(text);
@@ -193,6 +219,9 @@ impl WorkloadSpec {
                         "runtime.oci.image",
                         "name an image imported with `cairn image import`",
                     );
+                }
+                if let Err(m) = check_image_name(image) {
+                    return err("runtime.oci.image", m);
                 }
                 if cmd.len() > 1024 {
                     return err("runtime.oci.cmd", "at most 1024 arguments");
@@ -354,10 +383,19 @@ impl WorkloadSpec {
                         format!("bad cron expression {:?}: {e}; use 5 fields: minute hour day month weekday", s.cron),
                     );
                 }
-                Some(Schedule {
+                let schedule = Schedule {
                     cron: s.cron.clone(),
                     timezone: s.timezone.clone(),
-                })
+                };
+                // `0 0 31 2 *` parses but never fires: refuse what has no run in 5 years.
+                let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+                if next_fire(&schedule, now).is_none_or(|t| t > now + 5 * 366 * 86_400_000) {
+                    return err(
+                        "schedule.cron",
+                        format!("{:?} never fires (no run in the next 5 years); check the day and month", s.cron),
+                    );
+                }
+                Some(schedule)
             }
             (_, Some(_)) => return err("schedule", "only cron workloads have a schedule"),
             (_, None) => None,
@@ -407,6 +445,12 @@ impl WorkloadSpec {
             let path = h.path.clone().unwrap_or_else(|| "/".into());
             if h.kind == HealthKind::Http && !path.starts_with('/') {
                 return err(f("path"), "the path starts with /");
+            }
+            if path.len() > 1024 || path.chars().any(|c| c.is_control() || c == ' ') {
+                return err(
+                    f("path"),
+                    "a URL path of at most 1024 characters, without spaces or control characters (CR/LF)",
+                );
             }
             let check = crate::model::HealthCheck {
                 kind: h.kind,
@@ -556,6 +600,45 @@ max = "30s"
             "schedule.timezone"
         );
         assert!(cron("*/5 * * * *", "Europe/Paris").is_ok());
+        // Issue 13 #18: parses, but never fires.
+        assert_eq!(
+            cron("0 0 31 2 *", "UTC").unwrap_err().field,
+            "schedule.cron"
+        );
+    }
+
+    /// Issue 13 #18: accepted before, refused now, each naming the field.
+    #[test]
+    fn break_outs_and_impossible_values_are_refused() {
+        let spec = |extra: &str, runtime: &str| {
+            let text = format!("id = \"w\"\n{extra}\n{runtime}\n");
+            match from_toml(&text) {
+                Err(e) => e,
+                Ok(s) => s.validate().unwrap_err(),
+            }
+        };
+        let native = "[runtime.native]\ncmd = \"/bin/true\"\nargs = []";
+        let e = spec(
+            "constraints = [[\"@hostname\", \"LIKE\", \"zzz)|(.*\"]]",
+            native,
+        );
+        assert_eq!(e.field, "constraints[0]", "{e}");
+        let e = spec(
+            "ports = [{ name = \"http\", number = 0 }]\nhealth_checks = [{ type = \"http\", port = \"http\", path = \"/x\\r\\nHost: evil\" }]",
+            native,
+        );
+        assert_eq!(e.field, "health_checks[0].path", "{e}");
+        for image in ["../../etc", "/etc", "a/../b", ".hidden", "x y"] {
+            let e = spec("", &format!("[runtime.oci]\nimage = \"{image}\""));
+            assert_eq!(e.field, "runtime.oci.image", "{image}: {e}");
+        }
+        for image in [
+            "busybox:latest",
+            "library/redis@sha256:abc",
+            "r.io/a/b-c_d:1.2",
+        ] {
+            assert!(check_image_name(image).is_ok(), "{image}");
+        }
     }
 
     /// Issue 14 holes 8 and 10: a Wasm file must be an absolute path without `..` (agents
