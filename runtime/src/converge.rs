@@ -16,6 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// The HTTP client of an agent loop: a short connect timeout (a dead master is skipped fast)
+/// and the loop's own request timeout.
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(timeout)
+        .build()
+        .expect("http client")
+}
+
 fn masters(cfg: &AgentConfig, info: &Arc<Mutex<AgentInfo>>) -> Vec<String> {
     let learned = info.lock().expect("info").masters.clone();
     if learned.is_empty() {
@@ -74,11 +84,7 @@ pub async fn assignment_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(40))
-        .build()
-        .expect("http client");
+    let http = client(Duration::from_secs(40));
     let mut index = 0u64;
     let mut cur = 0usize;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -165,11 +171,7 @@ pub async fn status_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("http client");
+    let http = client(Duration::from_secs(15));
     // Reports are built from each task's current state when sent, so while the masters are
     // away only the latest state per task waits (coalescing): the backlog never grows.
     let mut acked: HashMap<String, (TaskState, Option<bool>)> = HashMap::new();
@@ -243,11 +245,7 @@ pub async fn volume_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http client");
+    let http = client(Duration::from_secs(10));
     let mut cur = 0usize;
     loop {
         let jitter = Duration::from_millis((uuid::Uuid::new_v4().as_u128() % 1000) as u64);

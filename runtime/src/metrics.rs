@@ -109,13 +109,12 @@ impl AgentMetrics {
     pub fn render(&self, tasks: &TaskManager, info: &Arc<Mutex<AgentInfo>>) -> String {
         self.tasks.reset();
         self.usage.reset();
-        for (spec, st) in tasks.specs() {
+        for st in tasks.list() {
             let state = format!("{:?}", st.state).to_lowercase();
             self.tasks
                 .with_label_values(&[st.runtime.as_str(), state.as_str()])
                 .inc();
             if !st.state.is_terminal() {
-                let _ = spec;
                 let u = &st.usage;
                 for (res, v) in [
                     ("cpu_seconds", u.cpu_usec as f64 / 1e6),

@@ -46,10 +46,7 @@ pub(super) async fn get_agent(
 
 /// Every volume reservation on `agent` (of services and detached ones), by id.
 fn volumes_on(s: &crate::state::State, agent: &str) -> Vec<VolumeReservation> {
-    s.services
-        .values()
-        .flat_map(|svc| svc.volumes.values())
-        .chain(s.detached_volumes.values())
+    crate::service::driver::all_volumes(s)
         .filter(|v| v.agent == agent)
         .cloned()
         .collect()

@@ -16,14 +16,8 @@ pub(super) async fn list_volumes(
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
     let index = ctx.prepare_read(&p, |s| s.indexes.services).await?;
-    let all: Vec<VolumeReservation> = ctx.read(|s| {
-        s.services
-            .values()
-            .flat_map(|svc| svc.volumes.values())
-            .chain(s.detached_volumes.values())
-            .cloned()
-            .collect()
-    });
+    let all: Vec<VolumeReservation> =
+        ctx.read(|s| crate::service::driver::all_volumes(s).cloned().collect());
     Ok(with_index(index, all))
 }
 

@@ -149,12 +149,7 @@ pub fn snapshot(state: &State) -> Snapshot {
             ));
         }
     }
-    let volumes = state
-        .services
-        .values()
-        .flat_map(|s| s.volumes.values())
-        .chain(state.detached_volumes.values());
-    for v in volumes {
+    for v in all_volumes(state) {
         allocs.push((
             v.agent.clone(),
             Allocation {
@@ -168,6 +163,16 @@ pub fn snapshot(state: &State) -> Snapshot {
         state.agents.values(),
         allocs.iter().map(|(a, al)| (a.as_str(), al.clone())),
     )
+}
+
+/// Every volume reservation: of services' pods and detached ones (orphaned or being
+/// destroyed after their service went).
+pub fn all_volumes(state: &State) -> impl Iterator<Item = &super::VolumeReservation> {
+    state
+        .services
+        .values()
+        .flat_map(|s| s.volumes.values())
+        .chain(state.detached_volumes.values())
 }
 
 fn volumes_mb(pt: &super::PodType) -> u64 {
