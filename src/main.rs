@@ -607,6 +607,7 @@ async fn wait_for_signal() {
 }
 
 async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
+    cairn_runtime::tasks::raise_fd_limit();
     if a.token.len() < 8 {
         anyhow::bail!("--token must be at least 8 characters (the cluster secret)");
     }

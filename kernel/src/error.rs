@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An error as the API returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,6 +18,16 @@ pub struct ApiError {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Every problem with its field, when there are several (e.g. package options).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub errors: Vec<FieldError>,
+}
+
+/// One field's problem in `ApiError::errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
 }
 
 impl ApiError {
@@ -27,10 +37,15 @@ impl ApiError {
             code: code.into(),
             message: message.into(),
             field: None,
+            errors: Vec::new(),
         }
     }
     pub fn field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());
+        self
+    }
+    pub fn errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
         self
     }
     pub fn bad_request(field: &str, message: impl Into<String>) -> Self {

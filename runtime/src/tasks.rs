@@ -1151,9 +1151,10 @@ fn parse_user(user: &str) -> Result<(Option<u32>, Option<u32>), String> {
     Ok((Some(num(u)?), g.map(num).transpose()?))
 }
 
-/// Every Wasm task holds its stdout, stderr and sandbox open: lift the soft open-files limit
-/// to the hard one (and, as root, the hard one to 1,048,576) so 10,000 tasks fit.
-fn raise_fd_limit() {
+/// Every Wasm task holds its stdout, stderr and sandbox open, and a leader holds a connection
+/// per agent: lift the soft open-files limit to the hard one (and, as root, the hard one to
+/// 1,048,576) so 10,000 tasks or agents fit. Called by agents and masters at start.
+pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

@@ -38,6 +38,28 @@ pub fn lab(n: u64, extra: &[&str]) -> (tempfile::TempDir, Lab) {
     (dir, lab)
 }
 
+/// What each master of `lab` says about itself (a local read) and the last `lines` lines of
+/// its log: printed when a test times out, so a CI failure shows why.
+pub async fn lab_diagnostics(lab: &Lab, lines: usize) -> String {
+    let mut out = String::new();
+    for m in &lab.masters {
+        let st = lab
+            .get(&m.addr, "/api/v1/cluster?stale=true")
+            .await
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "no answer".into());
+        out.push_str(&format!("== master {} ({}): {st}\n", m.id, m.addr));
+        let log = std::fs::read_to_string(lab.dir.join(format!("master-{}.log", m.id)))
+            .unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        for l in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

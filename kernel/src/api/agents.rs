@@ -24,6 +24,44 @@ pub(super) async fn list_agents(
     Ok(with_index(index, agents))
 }
 
+/// What the live tasks on each agent use, in one pass over the tasks: `{agent: {cpus, mem,
+/// disk, tasks}}` (the agent list gives the totals).
+pub(super) async fn agents_usage(
+    ctx: Ctx,
+    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let index = ctx
+        .prepare_read(&p, |s| s.indexes.tasks.max(s.indexes.agents))
+        .await?;
+    let usage = ctx.read(|s| {
+        let mut m: std::collections::BTreeMap<&str, AgentUsage> = s
+            .agents
+            .keys()
+            .map(|id| (id.as_str(), AgentUsage::default()))
+            .collect();
+        for t in s.tasks.values().filter(|t| !t.state.is_terminal()) {
+            if let Some(u) = m.get_mut(t.agent.as_str()) {
+                u.cpus += t.resources.cpus;
+                u.mem += t.resources.mem;
+                u.disk += t.resources.disk;
+                u.tasks += 1;
+            }
+        }
+        serde_json::to_value(m).unwrap_or_default()
+    });
+    Ok(with_index(index, usage))
+}
+
+/// Resources held by an agent's live tasks.
+#[derive(Debug, Default, serde::Serialize)]
+struct AgentUsage {
+    cpus: f64,
+    mem: u64,
+    disk: u64,
+    tasks: usize,
+}
+
 pub(super) async fn get_agent(
     ctx: Ctx,
     Path(id): Path<String>,

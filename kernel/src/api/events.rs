@@ -15,18 +15,18 @@ pub(super) struct EventParams {
     index: Option<u64>,
 }
 
-/// Server-sent events of state changes, filterable by topic. Each event's SSE id is its Raft
-/// index, so a client can resume with `?index=` after a reconnect.
-pub(super) async fn events(
-    ctx: Ctx,
-    q: Result<Query<EventParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-    use futures::StreamExt;
-    let p = query(q)?;
-    let topics: Option<Vec<String>> = p
-        .topic
-        .map(|t| t.split(',').map(|s| s.trim().to_string()).collect());
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RecentParams {
+    /// Comma-separated topics; all when absent.
+    topic: Option<String>,
+    /// How many of the newest events (default 50, at most 1,000).
+    limit: Option<usize>,
+}
+
+fn parse_topics(topic: Option<String>) -> Result<Option<Vec<String>>, ApiError> {
+    let topics: Option<Vec<String>> =
+        topic.map(|t| t.split(',').map(|s| s.trim().to_string()).collect());
     if let Some(ts) = &topics {
         if let Some(bad) = ts.iter().find(|t| {
             !matches!(
@@ -42,6 +42,43 @@ pub(super) async fn events(
             ));
         }
     }
+    Ok(topics)
+}
+
+/// The newest events as a JSON list, newest first (what a page shows before it follows the
+/// stream).
+pub(super) async fn recent_events(
+    ctx: Ctx,
+    q: Result<Query<RecentParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    let topics = parse_topics(p.topic)?;
+    let limit = p.limit.unwrap_or(50);
+    if limit > 1000 {
+        return Err(ApiError::bad_request("limit", "limit is at most 1000"));
+    }
+    let events: Vec<crate::state::Event> = ctx.read(|s| {
+        s.events
+            .iter()
+            .rev()
+            .filter(|e| topics.as_ref().is_none_or(|t| t.contains(&e.topic)))
+            .take(limit)
+            .cloned()
+            .collect()
+    });
+    Ok(axum::Json(events).into_response())
+}
+
+/// Server-sent events of state changes, filterable by topic. Each event's SSE id is its Raft
+/// index, so a client can resume with `?index=` after a reconnect.
+pub(super) async fn events(
+    ctx: Ctx,
+    q: Result<Query<EventParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use futures::StreamExt;
+    let p = query(q)?;
+    let topics = parse_topics(p.topic)?;
     let start = match p.index {
         Some(i) => i,
         None => ctx.read(|s| s.applied),

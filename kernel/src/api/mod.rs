@@ -52,6 +52,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/cluster/members",
     "/api/v1/cluster/members/{id}",
     "/api/v1/agents",
+    "/api/v1/agents/usage",
     "/api/v1/agents/{id}",
     "/api/v1/agents/{id}/heartbeat",
     "/api/v1/kv",
@@ -67,6 +68,8 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/tasks",
     "/api/v1/tasks/{id}",
     "/api/v1/tasks/{id}/kill",
+    "/api/v1/tasks/{id}/files",
+    "/api/v1/tasks/{id}/browse",
     "/api/v1/agents/{id}/assignments",
     "/api/v1/agents/{id}/status",
     "/api/v1/agents/{id}/volumes",
@@ -97,6 +100,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/packages/{name}/render",
     "/api/v1/packages/{name}/install",
     "/api/v1/events",
+    "/api/v1/events/recent",
     "/api/v1/openapi.json",
     "/metrics",
     "/healthz",
@@ -118,6 +122,7 @@ pub fn router(api: Arc<Api>) -> Router {
             "/api/v1/agents",
             get(agents::list_agents).post(agents::register_agent),
         )
+        .route("/api/v1/agents/usage", get(agents::agents_usage))
         .route("/api/v1/agents/{id}", get(agents::get_agent))
         .route("/api/v1/agents/{id}/heartbeat", post(agents::heartbeat))
         .route("/api/v1/kv", get(kv::list_kv))
@@ -154,6 +159,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/tasks", get(tasks::list_tasks))
         .route("/api/v1/tasks/{id}", get(tasks::get_task))
         .route("/api/v1/tasks/{id}/kill", post(tasks::kill_task))
+        .route("/api/v1/tasks/{id}/files", get(tasks::task_files))
+        .route("/api/v1/tasks/{id}/browse", get(tasks::task_browse))
         .route("/api/v1/agents/{id}/assignments", get(agents::assignments))
         .route("/api/v1/agents/{id}/status", post(agents::task_status))
         .route("/api/v1/agents/{id}/volumes", get(agents::agent_volumes))
@@ -240,6 +247,7 @@ pub fn router(api: Arc<Api>) -> Router {
         )
         .route("/api/v1/packages/{name}/install", post(packages::install))
         .route("/api/v1/events", get(events::events))
+        .route("/api/v1/events/recent", get(events::recent_events))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(api.max_body));

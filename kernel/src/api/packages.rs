@@ -168,6 +168,18 @@ fn options_error(pkg: &Package, errs: Vec<OptionError>) -> ApiError {
         ),
     )
     .field(if field.is_empty() { "/".into() } else { field })
+    .errors(
+        errs.into_iter()
+            .map(|e| crate::error::FieldError {
+                field: if e.pointer.is_empty() {
+                    "/".into()
+                } else {
+                    e.pointer
+                },
+                message: e.message,
+            })
+            .collect(),
+    )
 }
 
 /// Options → resolved options, the spec text and the validated service (with its

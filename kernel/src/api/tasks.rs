@@ -8,16 +8,156 @@ use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use std::time::Duration;
+
+/// `GET /api/v1/tasks` parameters: the read parameters and filters, so a page of a large
+/// cluster never has to fetch every task.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TaskParams {
+    stale: Option<bool>,
+    index: Option<u64>,
+    wait: Option<String>,
+    /// Only tasks of this workload (a service's pod tasks: `service:<name>/<pod type>`).
+    workload: Option<String>,
+    /// Only tasks on this agent.
+    agent: Option<String>,
+    /// Only tasks in this state (e.g. `running`).
+    state: Option<String>,
+    /// At most this many (the newest first when given).
+    limit: Option<usize>,
+}
 
 pub(super) async fn list_tasks(
     ctx: Ctx,
-    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<TaskParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    let index = ctx.prepare_read(&p, |s| s.indexes.tasks).await?;
-    let all: Vec<Task> = ctx.read(|s| s.tasks.values().cloned().collect());
+    let state = match &p.state {
+        None => None,
+        Some(s) => Some(
+            crate::model::TaskState::ALL
+                .iter()
+                .copied()
+                .find(|st| format!("{st:?}").eq_ignore_ascii_case(s))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "state",
+                        format!("unknown task state {s:?}: use e.g. running, failed, finished"),
+                    )
+                })?,
+        ),
+    };
+    let read = ReadParams {
+        stale: p.stale,
+        index: p.index,
+        wait: p.wait.clone(),
+    };
+    let index = ctx.prepare_read(&read, |s| s.indexes.tasks).await?;
+    let mut all: Vec<Task> = ctx.read(|s| {
+        s.tasks
+            .values()
+            .filter(|t| p.workload.as_ref().is_none_or(|w| &t.workload == w))
+            .filter(|t| p.agent.as_ref().is_none_or(|a| &t.agent == a))
+            .filter(|t| state.is_none_or(|st| t.state == st))
+            .cloned()
+            .collect()
+    });
+    if let Some(limit) = p.limit {
+        all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        all.truncate(limit);
+    }
     Ok(with_index(index, all))
+}
+
+/// `files` and `browse` parameters, passed on to the agent.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileParams {
+    path: Option<String>,
+    offset: Option<u64>,
+    length: Option<u64>,
+}
+
+/// Largest read of a sandbox file through the masters.
+const MAX_FILE_READ: u64 = 1 << 20;
+
+/// A range of a file in a task's sandbox (`stdout`, `stderr` or a path in it), read from
+/// the agent that runs the task, so clients (the CLI, the UI) never need an agent address.
+/// The size of the whole file is in `x-file-size`.
+pub(super) async fn task_files(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<FileParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let mut p = query(q)?;
+    if p.length.is_some_and(|l| l > MAX_FILE_READ) {
+        return Err(ApiError::bad_request(
+            "length",
+            format!("length is at most {MAX_FILE_READ} bytes; read in ranges with offset"),
+        ));
+    }
+    p.length.get_or_insert(MAX_FILE_READ);
+    agent_proxy(&ctx, &id, "files", &p).await
+}
+
+/// A directory listing of a task's sandbox, from its agent.
+pub(super) async fn task_browse(
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: Result<Query<FileParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = query(q)?;
+    agent_proxy(&ctx, &id, "browse", &p).await
+}
+
+async fn agent_proxy(
+    ctx: &Ctx,
+    id: &str,
+    what: &str,
+    p: &FileParams,
+) -> Result<Response, ApiError> {
+    let addr = ctx
+        .read(|s| {
+            let t = s.tasks.get(id)?;
+            Some(s.agents.get(&t.agent).map(|a| a.addr.clone()))
+        })
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no task {id:?}; list them with GET /api/v1/tasks"))
+                .field("id")
+        })?
+        .ok_or_else(|| ApiError::not_found(format!("the agent of task {id:?} is gone")))?;
+    let r = ctx
+        .client
+        .get(format!("http://{addr}/api/v1/tasks/{id}/{what}"))
+        .query(p)
+        .bearer_auth(&ctx.token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "agent_unreachable",
+                format!("the agent at {addr} that runs task {id} did not answer: {e}"),
+            )
+        })?;
+    let status = r.status();
+    let mut headers = axum::http::HeaderMap::new();
+    for h in [axum::http::header::CONTENT_TYPE, "x-file-size".parse().expect("name")] {
+        if let Some(v) = r.headers().get(&h) {
+            headers.insert(h, v.clone());
+        }
+    }
+    let body = r.bytes().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_unreachable",
+            format!("reading from the agent at {addr}: {e}"),
+        )
+    })?;
+    Ok((status, headers, body).into_response())
 }
 
 /// One task, with its live usage fetched from the agent that runs it (usage is the agent's
