@@ -11,7 +11,8 @@ export CARGO_TERM_COLOR=never
 # etcd-server and runc, see BENCHMARKS.md; iptables cuts a master off in the pre-vote test; promtool (prometheus) checks both metrics pages;
 # the package tests run the real data services and check them with their own clients.)
 APT_PACKAGES=(iproute2 procps coreutils hostname busybox-static umoci skopeo iptables
-  prometheus redis-server redis-tools etcd-server etcd-client postgresql-15 postgresql-client-15)
+  prometheus redis-server redis-tools etcd-server etcd-client postgresql-15 postgresql-client-15
+  chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -659,6 +659,7 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         task_gc_retention: a.tuning.task_gc_retention,
         max_body: a.tuning.max_body_bytes,
         limits: a.tuning.limits()?,
+        ui: Some(cairn_ui::router),
     })
     .await?;
     tracing::info!(addr = %master.addr, id = a.node_id, "master listening");
@@ -800,6 +801,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         task_gc_retention: tuning.task_gc_retention,
         max_body: tuning.max_body_bytes,
         limits: tuning.limits()?,
+        ui: Some(cairn_ui::router),
     })
     .await?;
     let agent_dir = data_dir.join("agent");
@@ -819,12 +821,18 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     })
     .await?;
     println!("cairn dev is running (one master, one agent)");
+    println!(
+        "  UI:         http://{}/ui/  (sign in with the token)",
+        master.addr
+    );
     println!("  API:        http://{}/api/v1/cluster", master.addr);
     println!("  token:      {token}");
     println!("  data dir:   {}", data_dir.display());
     println!("  try:        CAIRN_TOKEN={token} cairn cluster status");
     println!("Press Ctrl-C to stop.");
     wait_for_signal().await;
+    println!("stopping: killing the tasks of this dev cluster");
+    agent.kill_all_tasks(Duration::from_secs(15)).await;
     agent.shutdown().await;
     master.shutdown().await;
     Ok(())

@@ -34,7 +34,14 @@ pub struct MasterConfig {
     pub max_body: usize,
     /// In-flight bounds per request class (load shedding).
     pub limits: crate::admission::Limits,
+    /// Routes served beside the API (the web UI): given the API router and the cluster
+    /// token, returns the router to serve. The UI crate depends on this one, so the binary
+    /// passes it in.
+    pub ui: Option<UiRoutes>,
 }
+
+/// Adds routes to the API router (see `MasterConfig::ui`).
+pub type UiRoutes = fn(axum::Router, &str) -> axum::Router;
 
 /// A running master.
 pub struct Master {
@@ -66,7 +73,10 @@ impl Master {
             max_body: cfg.max_body,
         });
         let (stop, stop_rx) = watch::channel(false);
-        let app = router(api.clone());
+        let app = match cfg.ui {
+            Some(ui) => ui(router(api.clone()), &cfg.token),
+            None => router(api.clone()),
+        };
         let mut srv_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
             let r = axum::serve(listener, app)

@@ -145,6 +145,28 @@ impl Agent {
         })
     }
 
+    /// Kills every task this agent runs and waits (at most `wait`) until they have ended:
+    /// for `cairn dev`, whose tasks must not outlive it. A production agent that stops
+    /// leaves its tasks running and recovers them when it starts again.
+    pub async fn kill_all_tasks(&self, wait: Duration) {
+        let live: Vec<String> = self
+            .tasks
+            .list()
+            .into_iter()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| t.id)
+            .collect();
+        for id in &live {
+            self.tasks.kill(id, "cairn dev stopped");
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline
+            && self.tasks.list().iter().any(|t| !t.state.is_terminal())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.handles {

@@ -2,6 +2,7 @@
 //! client that classifies outcomes, and polling with deadlines.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod linearizability;
 pub mod services;
 

@@ -65,7 +65,7 @@ pub(super) async fn list_tasks(
             .collect()
     });
     if let Some(limit) = p.limit {
-        all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        all.sort_by_key(|t| std::cmp::Reverse(t.updated_at));
         all.truncate(limit);
     }
     Ok(with_index(index, all))
@@ -145,7 +145,10 @@ async fn agent_proxy(
         })?;
     let status = r.status();
     let mut headers = axum::http::HeaderMap::new();
-    for h in [axum::http::header::CONTENT_TYPE, "x-file-size".parse().expect("name")] {
+    for h in [
+        axum::http::header::CONTENT_TYPE,
+        "x-file-size".parse().expect("name"),
+    ] {
         if let Some(v) = r.headers().get(&h) {
             headers.insert(h, v.clone());
         }
