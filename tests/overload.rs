@@ -229,7 +229,7 @@ async fn a_leader_throughout_40k_tasks_on_1000_agents() {
     );
     lab.restart(1).unwrap();
     let m1 = vec![lab.master(1).addr.clone()];
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     let mut back = 0;
     while Instant::now() < deadline {
         back = running_tasks(&c, &m1).await;
@@ -240,11 +240,14 @@ async fn a_leader_throughout_40k_tasks_on_1000_agents() {
     }
     if back < want {
         panic!(
-            "master 1 not back with every task after 120s ({back} of {want} running)\n{}",
+            "master 1 not back with every task after 240s ({back} of {want} running)\n{}",
             lab_diagnostics(&lab, 60).await
         );
     }
-    eprintln!("master 1 back with every task {:?} after restart", t.elapsed());
+    eprintln!(
+        "master 1 back with every task {:?} after restart",
+        t.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
