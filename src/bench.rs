@@ -92,6 +92,9 @@ pub enum BenchCmd {
         fast_failover: bool,
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Then measure the web UI's pages on that cluster (render time and weight).
+        #[arg(long)]
+        ui: bool,
     },
     /// (used by `bench http`) Serve a Wasm HTTP component on PORT through a TaskManager.
     #[command(hide = true)]
@@ -577,13 +580,14 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             heartbeat,
             fast_failover,
             dir,
+            ui,
         } => {
             println!(
                 "| masters | agents | workloads | tasks | placed in | all running in | tasks/s \
                  | term changes | leader in samples | max master RSS | user GET p99 |"
             );
             println!("|---|---|---|---|---|---|---|---|---|---|---|");
-            scale(agents, tasks, workloads, heartbeat, fast_failover, dir).await
+            scale(agents, tasks, workloads, heartbeat, fast_failover, dir, ui).await
         }
         BenchCmd::ServeWasm { wasm_file, port } => serve_wasm(&wasm_file, port).await,
         BenchCmd::ServeNative { port } => serve_native(port).await,
@@ -922,6 +926,7 @@ async fn scale(
     heartbeat: Duration,
     fast: bool,
     dir: Option<PathBuf>,
+    ui: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         workloads > 0 && tasks >= workloads,
@@ -1106,6 +1111,93 @@ async fn scale(
         term_at_end.saturating_sub(term_at_start),
         h.value_at_quantile(0.99) as f64 / 1000.0,
     );
+    if ui {
+        ui_pages(&leader_addr).await?;
+    }
     drop(lab);
+    Ok(())
+}
+
+/// Render time (p50/p99 of 50 sequential GETs, after 3 to warm up) and weight of the UI's
+/// pages on a loaded cluster, signed in as a browser would be.
+async fn ui_pages(master: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let base = format!("http://{master}");
+    // A stateful service to show (simulated agents report its task running).
+    let r = http
+        .post(format!("{base}/api/v1/packages/redis/install"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"options": {}}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "installing redis: {}",
+        r.text().await?
+    );
+    let r = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", TOKEN), ("next", "/ui/")])
+        .send()
+        .await?;
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no session cookie from /ui/login")?
+        .to_string();
+    println!();
+    println!("| page | p50 ms | p99 ms | HTML KB | with CSS+JS KB |");
+    println!("|---|---|---|---|---|");
+    let mut assets = 0usize;
+    for page in [
+        "/ui/",
+        "/ui/agents",
+        "/ui/workloads",
+        "/ui/workloads/scale-0",
+        "/ui/services/redis",
+        "/ui/events",
+        "/ui/catalog/redis/install",
+    ] {
+        let mut h = Histogram::<u64>::new(3)?;
+        let mut size = 0;
+        for i in 0..53 {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{base}{page}"))
+                .header("cookie", &cookie)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "{page}: {}", r.status());
+            let body = r.text().await?;
+            if i >= 3 {
+                h.record(t.elapsed().as_micros() as u64)?;
+            }
+            size = body.len();
+            if assets == 0 {
+                for link in body.split("/ui/assets/").skip(1) {
+                    let name = link.split('"').next().unwrap_or("");
+                    let a = http
+                        .get(format!("{base}/ui/assets/{name}"))
+                        .send()
+                        .await?
+                        .bytes()
+                        .await?;
+                    assets += a.len();
+                }
+            }
+        }
+        println!(
+            "| `{page}` | {:.1} | {:.1} | {:.1} | {:.1} |",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            size as f64 / 1024.0,
+            (size + assets) as f64 / 1024.0
+        );
+    }
     Ok(())
 }

@@ -262,7 +262,7 @@ pub async fn logs(
             .send()
             .await
             .with_context(|| {
-                format!("cannot reach the agent at {base} (set --agent or CAIRN_AGENT)")
+                format!("cannot reach {base} (set --master / CAIRN_MASTER, or --agent)")
             })?;
         if !r.status().is_success() {
             let status = r.status();

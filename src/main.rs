@@ -52,9 +52,12 @@ enum Cmd {
     /// Print (and with -f follow) a task's stdout or stderr from its agent's sandbox.
     Logs {
         task: String,
-        /// The agent running the task (HOST:PORT of its API).
-        #[arg(long, env = "CAIRN_AGENT", default_value = "127.0.0.1:5051")]
-        agent: String,
+        /// Read from this agent (HOST:PORT of its API) instead of through the masters.
+        #[arg(long, env = "CAIRN_AGENT")]
+        agent: Option<String>,
+        /// Master API address (the masters read the task's sandbox from its agent).
+        #[arg(long, env = "CAIRN_MASTER", default_value = "http://127.0.0.1:5050")]
+        master: String,
         #[arg(short, long)]
         follow: bool,
         /// Show stderr instead of stdout.
@@ -971,13 +974,14 @@ fn main() -> anyhow::Result<()> {
             Cmd::Logs {
                 task,
                 agent,
+                master,
                 follow,
                 stderr,
                 token,
             } => {
                 init_tracing("warn");
                 client::logs(
-                    &agent,
+                    agent.as_deref().unwrap_or(&master),
                     &token,
                     &task,
                     if stderr { "stderr" } else { "stdout" },

@@ -41,6 +41,22 @@ async fn a_newcomer_installs_watches_scales_and_removes_in_a_real_browser() {
     b.wait_text("main", "the agent", |t| t.contains("1 of 1 agents active"))
         .await;
     b.shot("overview").await;
+    // Readable at a phone's width: nothing wider than the screen but the scrolled tables.
+    b.c.set_window_size(390, 844).await.unwrap();
+    b.shot("overview-phone").await;
+    let overflow =
+        b.c.execute(
+            "return document.documentElement.scrollWidth > window.innerWidth + 1;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        overflow,
+        serde_json::json!(false),
+        "the page scrolls sideways"
+    );
+    b.c.set_window_size(1280, 1000).await.unwrap();
 
     // The catalog, a package's README, and its install form.
     b.goto(&format!("{m}/ui/catalog")).await;
@@ -252,6 +268,12 @@ async fn forms_need_their_csrf_secret_and_user_input_comes_out_inert() {
     .await;
     let (_, _, html) = page("/ui/tasks/xss.0").await;
     assert!(!html.contains("<script>alert(2)"));
+    // The same log through the masters with the CLI (no agent address needed).
+    let (ok, out, err) = cairn_cli(&addr, &["logs", "xss.0"], MIN).await;
+    assert!(
+        ok && out.contains("<script>alert(2)</script>"),
+        "{out}{err}"
+    );
 
     // A package whose README carries script and a javascript: link.
     let src =

@@ -22,6 +22,8 @@ pub(super) struct RecentParams {
     topic: Option<String>,
     /// How many of the newest events (default 50, at most 1,000).
     limit: Option<usize>,
+    /// Only events about this id (a task, workload, agent, deployment, service or key).
+    id: Option<String>,
 }
 
 fn parse_topics(topic: Option<String>) -> Result<Option<Vec<String>>, ApiError> {
@@ -62,6 +64,7 @@ pub(super) async fn recent_events(
             .iter()
             .rev()
             .filter(|e| topics.as_ref().is_none_or(|t| t.contains(&e.topic)))
+            .filter(|e| p.id.as_ref().is_none_or(|id| &e.id == id))
             .take(limit)
             .cloned()
             .collect()

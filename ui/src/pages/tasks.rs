@@ -48,6 +48,8 @@ struct TaskPage {
     stdout_offset: u64,
     stderr: String,
     stderr_offset: u64,
+    /// The task's state changes the masters still keep, oldest first.
+    history: Vec<super::EventRow>,
 }
 
 /// How much of a log a task page shows before following it.
@@ -93,10 +95,14 @@ async fn task(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Response 
         Ok(t) => t,
         Err(e) => return failure_page(l, &e),
     };
-    let ((stdout, so), (stderr, se)) = tokio::join!(
+    let hist_path = format!("/api/v1/events/recent?topic=task&limit=100&id={}", enc(&id));
+    let ((stdout, so), (stderr, se), hist) = tokio::join!(
         tail(&ui, &s.token, &id, "stdout"),
-        tail(&ui, &s.token, &id, "stderr")
+        tail(&ui, &s.token, &id, "stderr"),
+        ui.backend.get(&s.token, &hist_path)
     );
+    let mut history = super::event_rows(&hist.unwrap_or_default());
+    history.reverse();
     let state = text(&t["state"]);
     let workload = text(&t["workload"]);
     let workload_href = match workload.strip_prefix("service:") {
@@ -148,6 +154,7 @@ async fn task(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Response 
         stdout_offset: so,
         stderr,
         stderr_offset: se,
+        history,
         l,
     })
 }
