@@ -4,6 +4,7 @@
 mod bench;
 mod bench_services;
 mod client;
+mod lab_cli;
 mod package_cli;
 mod service_cli;
 
@@ -102,6 +103,11 @@ enum Cmd {
         cmd: service_cli::ServiceCmd,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Clusters on this machine: `lab up`, `status`, `list`, `down`, `chaos kill|restart`.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab_cli::LabCmd,
     },
     /// The package catalog: search, describe, render, install, list, update, uninstall,
     /// repo add.
@@ -327,6 +333,10 @@ struct AgentArgs {
     /// their assigned tasks running without running them (no tasks, no API).
     #[arg(long)]
     simulate: Option<usize>,
+    /// On SIGTERM, kill every task first (labs and tests); by default a stopping agent
+    /// leaves its tasks running and recovers them when it starts again.
+    #[arg(long)]
+    kill_tasks_on_exit: bool,
 }
 
 #[derive(Args)]
@@ -732,6 +742,9 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     let agent = Agent::start(cfg).await?;
     tracing::info!(addr = %agent.addr, "agent listening");
     wait_for_signal().await;
+    if a.kill_tasks_on_exit {
+        agent.kill_all_tasks(Duration::from_secs(15)).await;
+    }
     agent.shutdown().await;
     Ok(())
 }
@@ -1037,6 +1050,10 @@ fn main() -> anyhow::Result<()> {
                 init_tracing("warn");
                 let c = Client::new(&client.master, &client.token)?;
                 service_cli::run(&c, client.json, cmd).await
+            }
+            Cmd::Lab { cmd } => {
+                init_tracing("warn");
+                lab_cli::run(cmd).await
             }
             Cmd::Package { cmd, client } => {
                 init_tracing("warn");

@@ -1,4 +1,5 @@
-//! Bootstrapping clusters. Today: `lab`, local multi-master clusters of `cairn` processes on
-//! loopback (used by `cairn bench`, the end-to-end tests, and later `cairn lab up`).
+//! Bootstrapping clusters: `lab`, local multi-master clusters of `cairn` processes on
+//! loopback for tests and benchmarks, and `labs`, the named clusters of `cairn lab up`.
 
 pub mod lab;
+pub mod labs;

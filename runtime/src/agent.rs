@@ -146,7 +146,7 @@ impl Agent {
     }
 
     /// Kills every task this agent runs and waits (at most `wait`) until they have ended:
-    /// for `cairn dev`, whose tasks must not outlive it. A production agent that stops
+    /// for `cairn dev` and labs, whose tasks must not outlive them. A production agent that stops
     /// leaves its tasks running and recovers them when it starts again.
     pub async fn kill_all_tasks(&self, wait: Duration) {
         let live: Vec<String> = self
@@ -157,7 +157,7 @@ impl Agent {
             .map(|t| t.id)
             .collect();
         for id in &live {
-            self.tasks.kill(id, "cairn dev stopped");
+            self.tasks.kill(id, "the agent stopped with its tasks");
         }
         let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline

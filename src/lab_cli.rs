@@ -1,0 +1,184 @@
+//! `cairn lab`: named multi-node clusters on this machine (`cairn_installer::labs`).
+
+use cairn_installer::labs;
+use clap::Subcommand;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Start a lab: masters and agents as separate processes, each on its own loopback
+    /// address; returns once it has a leader and every agent is registered.
+    Up {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 3)]
+        masters: u64,
+        #[arg(long, default_value_t = 3)]
+        agents: u64,
+    },
+    /// A lab's nodes: role, address, process, leader, agent status.
+    Status {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Every lab on this machine.
+    List,
+    /// Stop a lab and remove everything it created (processes, tasks, mounts, files).
+    Down {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Inject a fault: `kill NODE` (SIGKILL) or `restart NODE` (e.g. m1, a2).
+    Chaos {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// kill or restart.
+        action: String,
+        /// Nodes, e.g. m1 a2.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
+    let root = labs::state_root();
+    match cmd {
+        LabCmd::Up {
+            name,
+            masters,
+            agents,
+        } => {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(100));
+            let t = Instant::now();
+            let spec = labs::UpSpec {
+                name: name.clone(),
+                masters,
+                agents,
+                bin: std::env::current_exe()?,
+                root,
+            };
+            let r = labs::up(&spec, &|phase: &str| bar.set_message(phase.to_string())).await;
+            bar.finish_and_clear();
+            let lab = r?;
+            println!(
+                "lab {name} is up in {:.1} s: {masters} masters, {agents} agents",
+                t.elapsed().as_secs_f64()
+            );
+            println!("  UI:     {}/ui/  (sign in with the token)", lab.url());
+            println!("  token:  {}", lab.token);
+            println!(
+                "  try:    CAIRN_MASTER={} CAIRN_TOKEN={} cairn agent list",
+                lab.url(),
+                lab.token
+            );
+            println!("  stop:   cairn lab down --name {name}");
+            Ok(())
+        }
+        LabCmd::List => {
+            let all = labs::list(&root);
+            if all.is_empty() {
+                println!("no labs (start one with `cairn lab up`)");
+            }
+            for l in all {
+                let up = l.nodes.iter().filter(|n| labs::alive(n)).count();
+                println!(
+                    "{}  {}  {up}/{} nodes running",
+                    l.name,
+                    l.url(),
+                    l.nodes.len()
+                );
+            }
+            Ok(())
+        }
+        LabCmd::Status { name } => {
+            labs::check_name(&name)?;
+            let lab = labs::load(&labs::lab_dir(&root, &name))?;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?;
+            let get = |addr: String, path: &str| {
+                let (http, url, token) = (
+                    http.clone(),
+                    format!("http://{addr}{path}"),
+                    lab.token.clone(),
+                );
+                async move {
+                    http.get(url)
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .ok()?
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                }
+            };
+            let mut agents = serde_json::Value::Null;
+            let mut leader = None;
+            for m in lab.masters().filter(|m| labs::alive(m)) {
+                if let Some(c) = get(m.addr.clone(), "/api/v1/cluster").await {
+                    leader = c["leader_addr"].as_str().map(str::to_string);
+                    agents = get(m.addr.clone(), "/api/v1/agents?stale=true")
+                        .await
+                        .unwrap_or_default();
+                    break;
+                }
+            }
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::NOTHING);
+            t.set_header(["NODE", "ROLE", "ADDRESS", "PID", "PROCESS", "STATE"]);
+            for n in &lab.nodes {
+                let state = if n.role == "master" {
+                    if leader.as_deref() == Some(n.addr.as_str()) {
+                        "leader".to_string()
+                    } else {
+                        "follower".to_string()
+                    }
+                } else {
+                    agents
+                        .as_array()
+                        .and_then(|a| a.iter().find(|a| a["addr"] == n.addr.as_str()))
+                        .and_then(|a| a["status"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| "unregistered".into())
+                };
+                let alive = labs::alive(n);
+                t.add_row([
+                    n.name.clone(),
+                    n.role.clone(),
+                    n.addr.clone(),
+                    n.pid.to_string(),
+                    if alive { "running" } else { "stopped" }.to_string(),
+                    if alive { state } else { "-".into() },
+                ]);
+            }
+            println!("lab {} at {}", lab.name, lab.url());
+            println!("{t}");
+            Ok(())
+        }
+        LabCmd::Down { name } => {
+            let t = Instant::now();
+            let r = labs::down(&root, &name).await?;
+            println!(
+                "lab {name} removed in {:.1} s ({} nodes stopped, {} leftover processes killed, \
+                 {} mounts removed)",
+                t.elapsed().as_secs_f64(),
+                r.stopped,
+                r.killed_leftovers,
+                r.unmounted
+            );
+            Ok(())
+        }
+        LabCmd::Chaos {
+            name,
+            action,
+            nodes,
+        } => {
+            labs::check_name(&name)?;
+            for n in nodes {
+                println!("{}", labs::chaos(&root, &name, &action, &n)?);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! `cairn lab` end to end, through the CLI: two labs side by side, a workload on one, its
+//! leader killed and restarted, and `lab down` leaving no process, mount or file behind.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+fn lab_cli(root: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin())
+        .arg("lab")
+        .args(args)
+        .env("CAIRN_LAB_DIR", root)
+        .output()
+        .expect("run cairn lab");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(|v| v.split_whitespace().next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("no {key} in {out}"))
+}
+
+async fn get(url: &str, token: &str, path: &str) -> Option<Value> {
+    reqwest::Client::new()
+        .get(format!("{url}{path}"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+            (cmd.contains(needle) || cwd.display().to_string().contains(needle)).then_some(cmd)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
+    let root = tempfile::Builder::new()
+        .prefix("cairn-labs-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let (ok, out) = lab_cli(root.path(), &["up", "--name", "one", "--agents", "2"]);
+    assert!(ok, "{out}");
+    let url = field(&out, "UI:").trim_end_matches("/ui/").to_string();
+    let token = field(&out, "token:").to_string();
+    // A second lab side by side, on its own addresses.
+    let (ok, out2) = lab_cli(
+        root.path(),
+        &["up", "--name", "two", "--masters", "1", "--agents", "1"],
+    );
+    assert!(ok, "{out2}");
+    let url2 = field(&out2, "UI:").trim_end_matches("/ui/").to_string();
+    assert_ne!(url, url2);
+    let (ok, list) = lab_cli(root.path(), &["list"]);
+    assert!(ok && list.contains("one") && list.contains("two"), "{list}");
+    let (ok, again) = lab_cli(root.path(), &["up", "--name", "one"]);
+    assert!(!ok && again.contains("exists"), "{again}");
+
+    // A workload on lab one.
+    let spec = serde_json::json!({
+        "id": "labtask", "kind": "service", "instances": 2,
+        "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "exec sleep 3000"]}},
+        "resources": {"cpus": 0.1, "mem": 32}
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/v1/workloads"))
+        .bearer_auth(&token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    eventually(Duration::from_secs(60), "2 tasks running", || async {
+        let c = get(&url, &token, "/api/v1/cluster").await?;
+        (c["tasks"]["running"].as_u64() == Some(2)).then_some(())
+    })
+    .await;
+
+    // Kill the leader: another takes over; restarted, it rejoins.
+    let (_, status) = lab_cli(root.path(), &["status", "--name", "one"]);
+    let leader = status
+        .lines()
+        .find(|l| l.contains("leader"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no leader in {status}"))
+        .to_string();
+    let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "one", "kill", &leader]);
+    assert!(ok, "{out}");
+    let new_leader = eventually(Duration::from_secs(30), "a new leader", || async {
+        let (_, s) = lab_cli(root.path(), &["status", "--name", "one"]);
+        s.lines()
+            .find(|l| l.contains("leader") && !l.starts_with(&format!(" {leader} ")))
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+    })
+    .await;
+    assert_ne!(new_leader, leader);
+    let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "one", "restart", &leader]);
+    assert!(ok, "{out}");
+    eventually(Duration::from_secs(30), "the old leader back", || async {
+        let (_, s) = lab_cli(root.path(), &["status", "--name", "one"]);
+        s.lines()
+            .any(|l| {
+                l.split_whitespace().next() == Some(leader.as_str())
+                    && l.contains("running")
+                    && (l.contains("follower") || l.contains("leader"))
+            })
+            .then_some(())
+    })
+    .await;
+    let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "one", "partition", "m1"]);
+    assert!(!ok && out.contains("network namespace"), "{out}");
+
+    // Down: nothing of either lab is left.
+    let dir_one = root.path().join("one");
+    assert!(!processes_mentioning(&dir_one.display().to_string()).is_empty());
+    for name in ["one", "two"] {
+        let (ok, out) = lab_cli(root.path(), &["down", "--name", name]);
+        assert!(ok, "{out}");
+    }
+    let left = processes_mentioning(&root.path().display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+    assert!(
+        processes_mentioning("exec sleep 3000").is_empty(),
+        "a task outlived its lab"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&root.path().display().to_string()));
+    assert!(!dir_one.exists() && !root.path().join("two").exists());
+    assert!(
+        get(&url, &token, "/api/v1/cluster").await.is_none(),
+        "lab one still answers"
+    );
+    let (ok, out) = lab_cli(root.path(), &["down", "--name", "one"]);
+    assert!(!ok && out.contains("no lab"), "{out}");
+}
