@@ -14,13 +14,37 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::time::{Duration, Instant};
 
+/// `GET /api/v1/agents` parameters: the read parameters and a page (`offset`, `limit`, in id
+/// order), so a page of a large cluster never fetches every agent.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AgentParams {
+    stale: Option<bool>,
+    index: Option<u64>,
+    wait: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
 pub(super) async fn list_agents(
     ctx: Ctx,
-    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<AgentParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    let index = ctx.prepare_read(&p, |s| s.indexes.agents).await?;
-    let agents: Vec<Agent> = ctx.read(|s| s.agents.values().cloned().collect());
+    let read = ReadParams {
+        stale: p.stale,
+        index: p.index,
+        wait: p.wait.clone(),
+    };
+    let index = ctx.prepare_read(&read, |s| s.indexes.agents).await?;
+    let agents: Vec<Agent> = ctx.read(|s| {
+        s.agents
+            .values()
+            .skip(p.offset.unwrap_or(0))
+            .take(p.limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect()
+    });
     Ok(with_index(index, agents))
 }
 

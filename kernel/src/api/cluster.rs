@@ -36,6 +36,13 @@ pub struct ClusterStatus {
     pub members: Vec<Member>,
     /// Tasks by state, from this master's applied state.
     pub tasks: std::collections::BTreeMap<String, usize>,
+    /// Agents by status.
+    #[serde(default)]
+    pub agents: std::collections::BTreeMap<String, usize>,
+    #[serde(default)]
+    pub workloads: usize,
+    #[serde(default)]
+    pub services: usize,
 }
 
 /// Members and the leader as this master knows them: O(members), cheap enough for every
@@ -91,6 +98,16 @@ pub(super) fn cluster_status(api: &Api) -> ClusterStatus {
                 .map(|(st, n)| (format!("{st:?}").to_lowercase(), n))
                 .collect()
         }),
+        agents: api.read(|s| {
+            let mut m = std::collections::BTreeMap::new();
+            for a in s.agents.values() {
+                *m.entry(format!("{:?}", a.status).to_lowercase())
+                    .or_insert(0) += 1;
+            }
+            m
+        }),
+        workloads: api.read(|s| s.workloads.len()),
+        services: api.read(|s| s.services.len()),
     }
 }
 

@@ -36,6 +36,9 @@ struct PageParam {
 
 const PER_PAGE: usize = 100;
 
+/// The most tasks a workload page lists (live first, then the newest).
+const WORKLOAD_TASKS: usize = 100;
+
 #[derive(Template)]
 #[template(path = "agents.html")]
 struct AgentsPage {
@@ -48,23 +51,29 @@ struct AgentsPage {
 
 async fn agents(State(ui): St, Sess(s): Sess, Query(q): Query<PageParam>) -> Response {
     let l = Layout::new("Agents", "agents", &s).live();
+    let c = match ui.backend.get(&s.token, "/api/v1/cluster").await {
+        Ok(c) => c,
+        Err(e) => return failure_page(l, &e),
+    };
+    let total = c["agents"]
+        .as_object()
+        .map(|o| o.values().filter_map(|v| v.as_u64()).sum::<u64>() as usize)
+        .unwrap_or(0);
+    let pages = total.div_ceil(PER_PAGE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    let path = format!(
+        "/api/v1/agents?offset={}&limit={PER_PAGE}",
+        (page - 1) * PER_PAGE
+    );
     let (a, u) = tokio::join!(
-        ui.backend.get(&s.token, "/api/v1/agents"),
+        ui.backend.get(&s.token, &path),
         ui.backend.get(&s.token, "/api/v1/agents/usage")
     );
     let a = match a {
         Ok(a) => a,
         Err(e) => return failure_page(l, &e),
     };
-    let mut rows = agent_rows(&a, &u.unwrap_or_default());
-    let total = rows.len();
-    let pages = total.div_ceil(PER_PAGE).max(1);
-    let page = q.page.unwrap_or(1).clamp(1, pages);
-    let rows: Vec<AgentRow> = rows
-        .drain(..)
-        .skip((page - 1) * PER_PAGE)
-        .take(PER_PAGE)
-        .collect();
+    let rows = agent_rows(&a, &u.unwrap_or_default());
     render(&AgentsPage {
         l,
         agents: rows,
@@ -295,6 +304,7 @@ struct WorkloadPage {
     instances: String,
     stopped: bool,
     running: usize,
+    total_tasks: usize,
     spec: String,
     tasks: Vec<TaskRow>,
     deployments: Vec<DeploymentRow>,
@@ -302,7 +312,7 @@ struct WorkloadPage {
 
 async fn workload(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Response {
     let l = Layout::new(format!("Workload {id}"), "workloads", &s).live();
-    let wp = format!("/api/v1/workloads/{}", enc(&id));
+    let wp = format!("/api/v1/workloads/{}?limit={WORKLOAD_TASKS}", enc(&id));
     let (w, d) = tokio::join!(
         ui.backend.get(&s.token, &wp),
         ui.backend.get(&s.token, "/api/v1/deployments")
@@ -318,8 +328,19 @@ async fn workload(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Respo
             o.remove(k);
         }
     }
-    let mut tasks = task_rows(&v["tasks"]);
-    tasks.sort_by(|a, b| a.id.cmp(&b.id));
+    let tasks = task_rows(&v["tasks"]);
+    let count = |st: Option<&str>| {
+        v["task_counts"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| st.is_none_or(|s| k.as_str() == s))
+                    .filter_map(|(_, n)| n.as_u64())
+                    .sum::<u64>() as usize
+            })
+            .unwrap_or(0)
+    };
+    let (running, total_tasks) = (count(Some("running")), count(None));
     let now = view::now_ms();
     let mut deployments: Vec<DeploymentRow> = d
         .unwrap_or_default()
@@ -343,7 +364,8 @@ async fn workload(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Respo
         version: text(&w["version"]),
         instances: text(&w["instances"]),
         stopped: w["stopped"].as_bool().unwrap_or(false),
-        running: tasks.iter().filter(|t| t.state == "running").count(),
+        running,
+        total_tasks,
         spec: serde_json::to_string_pretty(&spec).unwrap_or_default(),
         tasks,
         deployments,

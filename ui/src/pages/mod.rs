@@ -267,12 +267,11 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
     let l = Layout::new("Overview", "overview", &s).live();
     let b = &ui.backend;
     let t = &s.token;
-    let (cluster, agents, usage, workloads, services, events) = tokio::join!(
+    let agents_path = format!("/api/v1/agents?limit={OVERVIEW_AGENTS}");
+    let (cluster, agents, usage, events) = tokio::join!(
         b.get(t, "/api/v1/cluster"),
-        b.get(t, "/api/v1/agents"),
+        b.get(t, &agents_path),
         b.get(t, "/api/v1/agents/usage"),
-        b.get(t, "/api/v1/workloads"),
-        b.get(t, "/api/v1/services"),
         b.get(t, "/api/v1/events/recent?limit=15"),
     );
     let cluster = match cluster {
@@ -281,10 +280,20 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
     };
     let agents = agents.unwrap_or_default();
     let usage = usage.unwrap_or_default();
-    let mut rows = agent_rows(&agents, &usage);
-    let agents_total = rows.len();
-    let agents_active = rows.iter().filter(|r| r.status == "active").count();
-    rows.truncate(OVERVIEW_AGENTS);
+    let rows = agent_rows(&agents, &usage);
+    let by_status = |st: Option<&str>| {
+        cluster["agents"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| st.is_none_or(|s| k.as_str() == s))
+                    .filter_map(|(_, v)| v.as_u64())
+                    .sum::<u64>() as usize
+            })
+            .unwrap_or(0)
+    };
+    let agents_total = by_status(None);
+    let agents_active = by_status(Some("active"));
     let masters = cluster["members"]
         .as_array()
         .map(|a| {
@@ -306,8 +315,6 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let count =
-        |v: Result<Value, ApiFailure>| v.ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
     render(&Overview {
         leader: cluster["leader_addr"]
             .as_str()
@@ -321,8 +328,8 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
         agents: rows,
         agents_total,
         agents_active,
-        workloads: count(workloads),
-        services: count(services),
+        workloads: cluster["workloads"].as_u64().unwrap_or(0) as usize,
+        services: cluster["services"].as_u64().unwrap_or(0) as usize,
         events: event_rows(&events.unwrap_or_default()),
         l,
     })
