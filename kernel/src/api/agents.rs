@@ -48,29 +48,45 @@ pub(super) async fn list_agents(
     Ok(with_index(index, agents))
 }
 
-/// What the live tasks on each agent use, in one pass over the tasks: `{agent: {cpus, mem,
-/// disk, tasks}}` (the agent list gives the totals).
+/// What the live tasks on each agent use: `{agent: {cpus, mem, disk, tasks}}` (the agent
+/// list gives the totals), for the same page of agents as `GET /api/v1/agents` (`offset`,
+/// `limit`), from the per-agent task index: the cost is the tasks of those agents only.
 pub(super) async fn agents_usage(
     ctx: Ctx,
-    q: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<AgentParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
+    let read = ReadParams {
+        stale: p.stale,
+        index: p.index,
+        wait: p.wait.clone(),
+    };
     let index = ctx
-        .prepare_read(&p, |s| s.indexes.tasks.max(s.indexes.agents))
+        .prepare_read(&read, |s| s.indexes.tasks.max(s.indexes.agents))
         .await?;
     let usage = ctx.read(|s| {
-        let mut m: std::collections::BTreeMap<&str, AgentUsage> = s
+        let mut m = std::collections::BTreeMap::new();
+        for id in s
             .agents
             .keys()
-            .map(|id| (id.as_str(), AgentUsage::default()))
-            .collect();
-        for t in s.tasks.values().filter(|t| !t.state.is_terminal()) {
-            if let Some(u) = m.get_mut(t.agent.as_str()) {
+            .skip(p.offset.unwrap_or(0))
+            .take(p.limit.unwrap_or(usize::MAX))
+        {
+            let mut u = AgentUsage::default();
+            let live = s
+                .tasks_by_agent
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| s.tasks.get(t))
+                .filter(|t| !t.state.is_terminal());
+            for t in live {
                 u.cpus += t.resources.cpus;
                 u.mem += t.resources.mem;
                 u.disk += t.resources.disk;
                 u.tasks += 1;
             }
+            m.insert(id.as_str(), u);
         }
         serde_json::to_value(m).unwrap_or_default()
     });

@@ -65,9 +65,10 @@ async fn agents(State(ui): St, Sess(s): Sess, Query(q): Query<PageParam>) -> Res
         "/api/v1/agents?offset={}&limit={PER_PAGE}",
         (page - 1) * PER_PAGE
     );
+    let usage = path.replace("/api/v1/agents?", "/api/v1/agents/usage?");
     let (a, u) = tokio::join!(
         ui.backend.get(&s.token, &path),
-        ui.backend.get(&s.token, "/api/v1/agents/usage")
+        ui.backend.get(&s.token, &usage)
     );
     let a = match a {
         Ok(a) => a,

@@ -268,10 +268,11 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
     let b = &ui.backend;
     let t = &s.token;
     let agents_path = format!("/api/v1/agents?limit={OVERVIEW_AGENTS}");
+    let usage_path = format!("/api/v1/agents/usage?limit={OVERVIEW_AGENTS}");
     let (cluster, agents, usage, events) = tokio::join!(
         b.get(t, "/api/v1/cluster"),
         b.get(t, &agents_path),
-        b.get(t, "/api/v1/agents/usage"),
+        b.get(t, &usage_path),
         b.get(t, "/api/v1/events/recent?limit=15"),
     );
     let cluster = match cluster {
