@@ -61,17 +61,24 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             let r = labs::up(&spec, &|phase: &str| bar.set_message(phase.to_string())).await;
             bar.finish_and_clear();
             let lab = r?;
+            let ctx = format!("lab-{name}");
+            let saved = crate::context::set_current(
+                &ctx,
+                crate::context::Ctx {
+                    master: lab.url(),
+                    token: lab.token.clone(),
+                },
+            );
             println!(
                 "lab {name} is up in {:.1} s: {masters} masters, {agents} agents",
                 t.elapsed().as_secs_f64()
             );
             println!("  UI:     {}/ui/  (sign in with the token)", lab.url());
             println!("  token:  {}", lab.token);
-            println!(
-                "  try:    CAIRN_MASTER={} CAIRN_TOKEN={} cairn agent list",
-                lab.url(),
-                lab.token
-            );
+            match saved {
+                Ok(()) => println!("  context: {ctx} (try: cairn agent list)"),
+                Err(e) => println!("  context: not saved ({e:#})"),
+            }
             println!("  stop:   cairn lab down --name {name}");
             Ok(())
         }
@@ -159,6 +166,7 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Down { name } => {
             let t = Instant::now();
             let r = labs::down(&root, &name).await?;
+            let _ = crate::context::remove(&format!("lab-{name}"));
             println!(
                 "lab {name} removed in {:.1} s ({} nodes stopped, {} leftover processes killed, \
                  {} mounts removed)",

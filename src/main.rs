@@ -4,6 +4,7 @@
 mod bench;
 mod bench_services;
 mod client;
+mod context;
 mod lab_cli;
 mod package_cli;
 mod service_cli;
@@ -103,6 +104,12 @@ enum Cmd {
         cmd: service_cli::ServiceCmd,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Which cluster the CLI talks to: `context list`, `use NAME`, `rm NAME` (written by
+    /// `cairn dev` and `cairn lab up`, kept in ~/.config/cairn/config.toml).
+    Context {
+        #[command(subcommand)]
+        cmd: ContextCmd,
     },
     /// Clusters on this machine: `lab up`, `status`, `list`, `down`, `chaos kill|restart`.
     Lab {
@@ -844,14 +851,72 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     println!("  API:        http://{}/api/v1/cluster", master.addr);
     println!("  token:      {token}");
     println!("  data dir:   {}", data_dir.display());
+    match context::set_current(
+        "dev",
+        context::Ctx {
+            master: format!("http://{}", master.addr),
+            token: token.clone(),
+        },
+    ) {
+        Ok(()) => println!("  context:    dev (the CLI now talks to this cluster)"),
+        Err(e) => println!("  context:    not saved: {e:#}"),
+    }
     println!("  try:        CAIRN_TOKEN={token} cairn cluster status");
     println!("Press Ctrl-C to stop.");
     wait_for_signal().await;
+    let _ = context::remove("dev");
     println!("stopping: killing the tasks of this dev cluster");
     agent.kill_all_tasks(Duration::from_secs(15)).await;
     agent.shutdown().await;
     master.shutdown().await;
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum ContextCmd {
+    /// Every context; `*` marks the current one.
+    List,
+    /// Make NAME the current context.
+    Use { name: String },
+    /// Forget NAME.
+    Rm { name: String },
+}
+
+fn context_cmd(cmd: ContextCmd) -> anyhow::Result<()> {
+    let mut c = context::load()?;
+    match cmd {
+        ContextCmd::List => {
+            if c.contexts.is_empty() {
+                println!("no contexts (`cairn dev` and `cairn lab up` create them)");
+            }
+            for (name, ctx) in &c.contexts {
+                let mark = if c.current.as_deref() == Some(name) {
+                    "*"
+                } else {
+                    " "
+                };
+                println!("{mark} {name}  {}", ctx.master);
+            }
+            Ok(())
+        }
+        ContextCmd::Use { name } => {
+            if !c.contexts.contains_key(&name) {
+                anyhow::bail!(
+                    "no context {name:?}; `cairn context list` shows them: {}",
+                    c.contexts.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            c.current = Some(name.clone());
+            context::save(&c)?;
+            println!("now using {name}");
+            Ok(())
+        }
+        ContextCmd::Rm { name } => {
+            context::remove(&name)?;
+            println!("removed {name}");
+            Ok(())
+        }
+    }
 }
 
 /// Restores the default SIGPIPE action (terminate) that Rust's runtime sets to ignore.
@@ -876,6 +941,7 @@ fn main() -> anyhow::Result<()> {
         };
         std::process::exit(code);
     }
+    context::apply_current(&argv);
     let cli = Cli::parse();
     // A command-line client piped into `head` ends quietly on a closed pipe, as Unix tools
     // do, instead of panicking in `println!`; daemons keep SIGPIPE ignored (a closed socket
@@ -1051,6 +1117,7 @@ fn main() -> anyhow::Result<()> {
                 let c = Client::new(&client.master, &client.token)?;
                 service_cli::run(&c, client.json, cmd).await
             }
+            Cmd::Context { cmd } => context_cmd(cmd),
             Cmd::Lab { cmd } => {
                 init_tracing("warn");
                 lab_cli::run(cmd).await

@@ -172,6 +172,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         .arg("--data-dir")
         .arg(dir.path())
         .env_remove("CAIRN_TOKEN")
+        .env("XDG_CONFIG_HOME", dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -215,6 +216,20 @@ async fn dev_mode_runs_a_master_and_an_agent() {
             .unwrap()
             > 0,
         "resources detected from the host"
+    );
+    // `cairn dev` made itself the CLI's context: no address or token needed.
+    let out = std::process::Command::new(bin())
+        .args(["agent", "list"])
+        .env_remove("CAIRN_TOKEN")
+        .env_remove("CAIRN_MASTER")
+        .env("XDG_CONFIG_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("active"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     // The CLI reads the same cluster.
     let out = std::process::Command::new(bin())

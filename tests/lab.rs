@@ -13,6 +13,7 @@ fn lab_cli(root: &Path, args: &[&str]) -> (bool, String) {
         .arg("lab")
         .args(args)
         .env("CAIRN_LAB_DIR", root)
+        .env("XDG_CONFIG_HOME", root)
         .output()
         .expect("run cairn lab");
     (
