@@ -843,14 +843,21 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "localhost".into()),
     })
     .await?;
-    println!("cairn dev is running (one master, one agent)");
-    println!(
+    // A daemon: a closed stdout (e.g. `cairn dev | head -3`) must not stop it.
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), $($t)*);
+        }};
+    }
+    say!("cairn dev is running (one master, one agent)");
+    say!(
         "  UI:         http://{}/ui/  (sign in with the token)",
         master.addr
     );
-    println!("  API:        http://{}/api/v1/cluster", master.addr);
-    println!("  token:      {token}");
-    println!("  data dir:   {}", data_dir.display());
+    say!("  API:        http://{}/api/v1/cluster", master.addr);
+    say!("  token:      {token}");
+    say!("  data dir:   {}", data_dir.display());
     match context::set_current(
         "dev",
         context::Ctx {
@@ -858,14 +865,14 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
             token: token.clone(),
         },
     ) {
-        Ok(()) => println!("  context:    dev (the CLI now talks to this cluster)"),
-        Err(e) => println!("  context:    not saved: {e:#}"),
+        Ok(()) => say!("  context:    dev (the CLI now talks to this cluster)"),
+        Err(e) => say!("  context:    not saved: {e:#}"),
     }
-    println!("  try:        CAIRN_TOKEN={token} cairn cluster status");
-    println!("Press Ctrl-C to stop.");
+    say!("  try:        cairn cluster status");
+    say!("Press Ctrl-C to stop.");
     wait_for_signal().await;
     let _ = context::remove("dev");
-    println!("stopping: killing the tasks of this dev cluster");
+    say!("stopping: killing the tasks of this dev cluster");
     agent.kill_all_tasks(Duration::from_secs(15)).await;
     agent.shutdown().await;
     master.shutdown().await;

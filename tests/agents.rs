@@ -177,20 +177,31 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // `cairn dev` prints the URL and a generated token.
+    // `cairn dev` prints the URL, a generated token and the CLI context it saved. Its stdout
+    // is drained to the end on a thread, so it never writes into a closed pipe.
     use std::io::BufRead;
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     let mut token = None;
     let mut url = None;
-    for line in out.lines().take(10) {
-        let line = line.unwrap();
+    let mut context = false;
+    let mut printed = String::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
+        printed.push_str(&line);
+        printed.push('\n');
         if let Some(t) = line.trim().strip_prefix("token:") {
             token = Some(t.trim().to_string());
         }
         if let Some(u) = line.trim().strip_prefix("API:") {
             url = Some(u.trim().to_string());
         }
-        if token.is_some() && url.is_some() {
+        context |= line.trim().starts_with("context:");
+        if token.is_some() && url.is_some() && context {
             break;
         }
     }
@@ -227,7 +238,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         .unwrap();
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("active"),
-        "{}{}",
+        "{}{}\ncairn dev printed:\n{printed}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
