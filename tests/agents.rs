@@ -161,6 +161,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let dir = tempfile::tempdir().unwrap();
     let port = cairn_installer::lab::free_port();
     let aport = cairn_installer::lab::free_port();
+    let dport = cairn_installer::lab::free_port();
     let mut child = std::process::Command::new(bin())
         .args([
             "dev",
@@ -168,6 +169,10 @@ async fn dev_mode_runs_a_master_and_an_agent() {
             &format!("127.0.0.1:{port}"),
             "--agent-listen",
             &format!("127.0.0.1:{aport}"),
+            "--dns-listen",
+            &format!("127.0.0.1:{dport}"),
+            "--dns-upstream",
+            "none",
         ])
         .arg("--data-dir")
         .arg(dir.path())
@@ -181,8 +186,12 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut token = None;
     let mut url = None;
+    let mut dns = None;
     for line in out.lines().take(10) {
         let line = line.unwrap();
+        if let Some(d) = line.trim().strip_prefix("DNS:") {
+            dns = d.split_whitespace().next().map(str::to_string);
+        }
         if let Some(t) = line.trim().strip_prefix("token:") {
             token = Some(t.trim().to_string());
         }
@@ -195,6 +204,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     }
     let (token, url) = (token.expect("token printed"), url.expect("url printed"));
     assert_eq!(url, format!("http://127.0.0.1:{port}/api/v1/cluster"));
+    assert_eq!(dns, Some(format!("127.0.0.1:{dport}")), "cairn dev prints its DNS");
     let agents = eventually(Duration::from_secs(20), "dev agent registered", || {
         let token = token.clone();
         async move {

@@ -1,0 +1,329 @@
+//! The built-in DNS end to end: one master and three real agents on their own loopback
+//! addresses (127.0.0.2-4), each serving DNS from its local copy of the masters' table; a
+//! 3-instance native workload with a named port is found by A and SRV queries over UDP and
+//! TCP, a killed task leaves the answers within 2 s, garbage does not stop the server, names
+//! outside the zone are forwarded to an upstream (a fake resolver here) or refused.
+
+mod common;
+
+use common::*;
+use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+static ID: AtomicU16 = AtomicU16::new(1);
+
+fn query(name: &str, qt: RecordType) -> Message {
+    let mut m = Message::new();
+    m.set_id(ID.fetch_add(1, Ordering::Relaxed));
+    m.set_recursion_desired(true);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qt));
+    m
+}
+
+/// One query over UDP; `None` if nothing (matching) came back within a second.
+async fn ask_udp(server: SocketAddr, name: &str, qt: RecordType) -> Option<Message> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    let q = query(name, qt);
+    sock.send_to(&q.to_vec().unwrap(), server).await.ok()?;
+    let mut buf = vec![0u8; 65_536];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let m = Message::from_vec(&buf[..n]).ok()?;
+    (m.id() == q.id()).then_some(m)
+}
+
+/// One query over TCP (two-byte length prefix).
+async fn ask_tcp(server: SocketAddr, name: &str, qt: RecordType) -> Option<Message> {
+    let mut s = TcpStream::connect(server).await.ok()?;
+    let q = query(name, qt).to_vec().unwrap();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    s.write_all(&framed).await.ok()?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut len))
+        .await
+        .ok()?
+        .ok()?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.ok()?;
+    Message::from_vec(&buf).ok()
+}
+
+fn addrs(m: &Message) -> BTreeSet<IpAddr> {
+    m.answers()
+        .iter()
+        .filter_map(|r| r.data().ip_addr())
+        .collect()
+}
+
+/// (port, target) of each SRV answer.
+fn srvs(m: &Message) -> BTreeSet<(u16, String)> {
+    m.answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::SRV(s) => Some((s.port(), s.target().to_ascii())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A stand-in upstream resolver: answers every question with A 192.0.2.7.
+async fn fake_upstream() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                continue;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::new();
+            r.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .set_recursion_desired(q.recursion_desired())
+                .set_recursion_available(true);
+            r.add_queries(q.queries().iter().cloned());
+            if let Some(question) = q.queries().first() {
+                r.add_answer(Record::from_rdata(
+                    question.name().clone(),
+                    60,
+                    RData::A(A::new(192, 0, 2, 7)),
+                ));
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+async fn tasks_of(lab: &cairn_installer::lab::Lab, workload: &str) -> Vec<Value> {
+    let addr = lab.running_addrs()[0].clone();
+    lab.get(&addr, &format!("/api/v1/tasks?workload={workload}"))
+        .await
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
+    let master_dns: SocketAddr = format!("127.0.0.1:{}", cairn_installer::lab::free_port())
+        .parse()
+        .unwrap();
+    let md = master_dns.to_string();
+    let (_dir, mut lab) = lab(
+        1,
+        &[
+            "--agent-timeout",
+            "1500ms",
+            "--request-timeout",
+            "5s",
+            "--dns-listen",
+            &md,
+            "--dns-upstream",
+            "none",
+        ],
+    );
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    let upstream = fake_upstream().await;
+    let mut dns: Vec<SocketAddr> = Vec::new();
+    for n in 0..3u16 {
+        let ip = format!("127.0.0.{}", n + 2);
+        let listen = format!("{ip}:{}", cairn_installer::lab::free_port());
+        let first = 29_000 + 100 * n;
+        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{first}-{}]", first + 99);
+        let up = if n == 1 {
+            upstream.to_string()
+        } else {
+            "none".to_string()
+        };
+        lab.start_agent_on(
+            &ip,
+            &[
+                "--resources",
+                &res,
+                "--heartbeat-interval",
+                "300ms",
+                "--dns-listen",
+                &listen,
+                "--dns-upstream",
+                &up,
+            ],
+        )
+        .unwrap();
+        dns.push(listen.parse().unwrap());
+    }
+    let master = lab.running_addrs()[0].clone();
+    let agents: Vec<Value> = eventually(Duration::from_secs(30), "3 agents", || async {
+        let v = lab.get(&master, "/api/v1/agents").await?;
+        let a = v.as_array()?.clone();
+        (a.len() == 3).then_some(a)
+    })
+    .await;
+    let hosts: BTreeSet<IpAddr> = (2..=4)
+        .map(|i| IpAddr::from([127, 0, 0, i]))
+        .collect();
+
+    // The masters, the leader and the agents, from an agent and from the master.
+    let loopback = BTreeSet::from([IpAddr::from([127, 0, 0, 1])]);
+    for server in [dns[0], master_dns] {
+        let m = eventually(Duration::from_secs(10), "agents.cairn", || async {
+            let m = ask_udp(server, "agents.cairn.", RecordType::A).await?;
+            (addrs(&m) == hosts).then_some(m)
+        })
+        .await;
+        assert!(m.authoritative());
+        let m = ask_udp(server, "leader.cairn.", RecordType::A).await.unwrap();
+        assert_eq!(addrs(&m), loopback, "{m}");
+    }
+
+    // A 3-instance workload with a named port, one task per agent.
+    let spec = json!({
+        "id": "web", "instances": 3,
+        "runtime": {"native": {"cmd": "/bin/sleep", "args": ["600"]}},
+        "resources": {"cpus": 0.1, "mem": 16, "disk": 0},
+        "ports": [{"name": "http", "number": 0}],
+        "constraints": [["@id", "UNIQUE"]],
+        "kill_grace": "200ms"
+    });
+    let r = http()
+        .post(format!("http://{master}/api/v1/workloads"))
+        .bearer_auth(TOKEN)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let tasks = eventually(Duration::from_secs(30), "3 tasks running", || async {
+        let t = tasks_of(&lab, "web").await;
+        (t.iter().filter(|t| t["state"] == "running").count() == 3).then_some(t)
+    })
+    .await;
+    let ip_of = |agent: &str| -> IpAddr {
+        let a = agents.iter().find(|a| a["id"] == agent).unwrap();
+        let addr: SocketAddr = a["addr"].as_str().unwrap().parse().unwrap();
+        addr.ip()
+    };
+    let pair = |t: &Value| -> (u16, String) {
+        (
+            t["ports"][0]["number"].as_u64().unwrap() as u16,
+            format!("{}.agents.cairn.", t["agent"].as_str().unwrap()),
+        )
+    };
+    let want_srv: BTreeSet<(u16, String)> = tasks.iter().map(pair).collect();
+
+    // A: the three hosts; SRV: three ports, each target's A in the additional section.
+    let m = eventually(Duration::from_secs(5), "A web.cairn", || async {
+        let m = ask_udp(dns[0], "web.cairn.", RecordType::A).await?;
+        (addrs(&m) == hosts).then_some(m)
+    })
+    .await;
+    assert!(m.answers().iter().all(|r| r.ttl() == 1), "{m}");
+    let m = eventually(Duration::from_secs(5), "SRV _http._tcp.web.cairn", || async {
+        let m = ask_udp(dns[2], "_http._tcp.web.cairn.", RecordType::SRV).await?;
+        (srvs(&m) == want_srv).then_some(m)
+    })
+    .await;
+    for t in &tasks {
+        let target = pair(t).1;
+        let extra: Vec<IpAddr> = m
+            .additionals()
+            .iter()
+            .filter(|r| r.name().to_ascii() == target)
+            .filter_map(|r| r.data().ip_addr())
+            .collect();
+        assert_eq!(extra, vec![ip_of(t["agent"].as_str().unwrap())], "{m}");
+    }
+    // Case does not matter.
+    let m = ask_udp(dns[1], "_HTTP._tcp.Web.CAIRN.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(srvs(&m), want_srv);
+
+    // Over TCP.
+    let m = ask_tcp(dns[0], "_http._tcp.web.cairn.", RecordType::SRV)
+        .await
+        .expect("tcp answer");
+    assert_eq!(srvs(&m), want_srv);
+
+    // Kill one task: it leaves the answers within 2 s.
+    let victim = &tasks[1];
+    let gone = pair(victim);
+    let r = http()
+        .post(format!(
+            "http://{master}/api/v1/tasks/{}/kill",
+            victim["id"].as_str().unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let killed = Instant::now();
+    loop {
+        if let Some(m) = ask_udp(dns[2], "_http._tcp.web.cairn.", RecordType::SRV).await {
+            if !srvs(&m).contains(&gone) {
+                break;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the killed task {gone:?} is still answered after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("killed task left the SRV answer after {:?}", killed.elapsed());
+    // Its replacement is found again.
+    eventually(Duration::from_secs(30), "3 SRV records again", || async {
+        let m = ask_udp(dns[0], "_http._tcp.web.cairn.", RecordType::SRV).await?;
+        (srvs(&m).len() == 3 && !srvs(&m).contains(&gone)).then_some(())
+    })
+    .await;
+
+    // Garbage is dropped or answered FORMERR; the server answers the next query.
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for junk in [
+        vec![0xde, 0xad, 0xbe, 0xef],
+        vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0xff, 0xff, 0, 0, 0, 0, 0x3f, b'x'],
+        vec![0u8; 3000],
+    ] {
+        sock.send_to(&junk, dns[0]).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    if let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+    {
+        let m = Message::from_vec(&buf[..n]).expect("a reply to garbage decodes");
+        assert_eq!(m.response_code(), ResponseCode::FormErr);
+        assert_eq!(m.id(), 0x1234);
+    }
+    let m = ask_udp(dns[0], "web.cairn.", RecordType::A)
+        .await
+        .expect("answers after garbage");
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+
+    // Names that do not exist, and names outside the zone: forwarded or refused.
+    let m = ask_udp(dns[0], "nope.cairn.", RecordType::A).await.unwrap();
+    assert_eq!(m.response_code(), ResponseCode::NXDomain);
+    let m = ask_udp(dns[0], "example.org.", RecordType::A).await.unwrap();
+    assert_eq!(m.response_code(), ResponseCode::Refused);
+    let m = ask_udp(dns[1], "example.org.", RecordType::A)
+        .await
+        .expect("forwarded");
+    assert_eq!(addrs(&m), BTreeSet::from([IpAddr::from([192, 0, 2, 7])]));
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+}
