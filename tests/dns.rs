@@ -287,10 +287,10 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("killed task left the SRV answer after {:?}", killed.elapsed());
-    // Its replacement is found again.
+    // Its replacement is found again (on the same agent, perhaps on the same port).
     eventually(Duration::from_secs(30), "3 SRV records again", || async {
         let m = ask_udp(dns[0], "_http._tcp.web.cairn.", RecordType::SRV).await?;
-        (srvs(&m).len() == 3 && !srvs(&m).contains(&gone)).then_some(())
+        (srvs(&m).len() == 3).then_some(())
     })
     .await;
 
