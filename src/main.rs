@@ -772,7 +772,10 @@ fn dns_config(
     };
     let upstream =
         cairn_kernel::dns_server::upstreams(upstream, listen).map_err(|e| anyhow::anyhow!(e))?;
-    Ok(Some(cairn_kernel::dns_server::DnsConfig { listen, upstream }))
+    Ok(Some(cairn_kernel::dns_server::DnsConfig {
+        listen,
+        upstream,
+    }))
 }
 
 /// Where a user's Cairn state lives: `/var/lib/cairn` for root, else `$XDG_STATE_HOME/cairn`

@@ -204,7 +204,11 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     }
     let (token, url) = (token.expect("token printed"), url.expect("url printed"));
     assert_eq!(url, format!("http://127.0.0.1:{port}/api/v1/cluster"));
-    assert_eq!(dns, Some(format!("127.0.0.1:{dport}")), "cairn dev prints its DNS");
+    assert_eq!(
+        dns,
+        Some(format!("127.0.0.1:{dport}")),
+        "cairn dev prints its DNS"
+    );
     let agents = eventually(Duration::from_secs(20), "dev agent registered", || {
         let token = token.clone();
         async move {

@@ -174,9 +174,7 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         (a.len() == 3).then_some(a)
     })
     .await;
-    let hosts: BTreeSet<IpAddr> = (2..=4)
-        .map(|i| IpAddr::from([127, 0, 0, i]))
-        .collect();
+    let hosts: BTreeSet<IpAddr> = (2..=4).map(|i| IpAddr::from([127, 0, 0, i])).collect();
 
     // The masters, the leader and the agents, from an agent and from the master.
     let loopback = BTreeSet::from([IpAddr::from([127, 0, 0, 1])]);
@@ -187,7 +185,9 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         })
         .await;
         assert!(m.authoritative());
-        let m = ask_udp(server, "leader.cairn.", RecordType::A).await.unwrap();
+        let m = ask_udp(server, "leader.cairn.", RecordType::A)
+            .await
+            .unwrap();
         assert_eq!(addrs(&m), loopback, "{m}");
     }
 
@@ -233,10 +233,14 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
     })
     .await;
     assert!(m.answers().iter().all(|r| r.ttl() == 1), "{m}");
-    let m = eventually(Duration::from_secs(5), "SRV _http._tcp.web.cairn", || async {
-        let m = ask_udp(dns[2], "_http._tcp.web.cairn.", RecordType::SRV).await?;
-        (srvs(&m) == want_srv).then_some(m)
-    })
+    let m = eventually(
+        Duration::from_secs(5),
+        "SRV _http._tcp.web.cairn",
+        || async {
+            let m = ask_udp(dns[2], "_http._tcp.web.cairn.", RecordType::SRV).await?;
+            (srvs(&m) == want_srv).then_some(m)
+        },
+    )
     .await;
     for t in &tasks {
         let target = pair(t).1;
@@ -286,7 +290,10 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("killed task left the SRV answer after {:?}", killed.elapsed());
+    println!(
+        "killed task left the SRV answer after {:?}",
+        killed.elapsed()
+    );
     // Its replacement is found again (on the same agent, perhaps on the same port).
     eventually(Duration::from_secs(30), "3 SRV records again", || async {
         let m = ask_udp(dns[0], "_http._tcp.web.cairn.", RecordType::SRV).await?;
@@ -298,7 +305,9 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for junk in [
         vec![0xde, 0xad, 0xbe, 0xef],
-        vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0xff, 0xff, 0, 0, 0, 0, 0x3f, b'x'],
+        vec![
+            0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0xff, 0xff, 0, 0, 0, 0, 0x3f, b'x',
+        ],
         vec![0u8; 3000],
     ] {
         sock.send_to(&junk, dns[0]).await.unwrap();
@@ -319,7 +328,9 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
     // Names that do not exist, and names outside the zone: forwarded or refused.
     let m = ask_udp(dns[0], "nope.cairn.", RecordType::A).await.unwrap();
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
-    let m = ask_udp(dns[0], "example.org.", RecordType::A).await.unwrap();
+    let m = ask_udp(dns[0], "example.org.", RecordType::A)
+        .await
+        .unwrap();
     assert_eq!(m.response_code(), ResponseCode::Refused);
     let m = ask_udp(dns[1], "example.org.", RecordType::A)
         .await

@@ -113,8 +113,7 @@ pub fn label(s: &str) -> Option<String> {
     let l = s.to_ascii_lowercase();
     let ok = !l.is_empty()
         && l.len() <= 63
-        && l
-            .bytes()
+        && l.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !l.starts_with('-')
         && !l.ends_with('-');
@@ -252,8 +251,7 @@ impl DnsView {
                 if pod.stopping {
                     continue;
                 }
-                let Some(&(ip, active)) = pod.agent.as_deref().and_then(|a| agent_ip.get(a))
-                else {
+                let Some(&(ip, active)) = pod.agent.as_deref().and_then(|a| agent_ip.get(a)) else {
                     continue;
                 };
                 b.add(&pod_name, DnsRecord::Addr { ip });
@@ -507,7 +505,10 @@ pub fn handle(view: &DnsView, packet: &[u8], transport: Transport, forward: bool
     };
     match resp.to_vec() {
         Ok(b) if b.len() <= limit => Handled::Reply(b),
-        Ok(_) => resp.truncate().to_vec().map_or(Handled::Drop, Handled::Reply),
+        Ok(_) => resp
+            .truncate()
+            .to_vec()
+            .map_or(Handled::Drop, Handled::Reply),
         Err(_) => Message::error_msg(req.id(), req.op_code(), ResponseCode::ServFail)
             .to_vec()
             .map_or(Handled::Drop, Handled::Reply),

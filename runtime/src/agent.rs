@@ -153,7 +153,12 @@ impl Agent {
                 stop_rx.clone(),
             )));
         }
-        handles.push(tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx)));
+        handles.push(tokio::spawn(heartbeat_loop(
+            cfg,
+            reg,
+            info.clone(),
+            stop_rx,
+        )));
         Ok(Agent {
             info,
             tasks,

@@ -69,12 +69,15 @@ impl World {
                 TaskState::Killing => TaskState::Killed,
                 _ => continue,
             };
-            by_agent.entry(t.agent.clone()).or_default().push(TaskUpdate {
-                id: t.id.clone(),
-                state: to,
-                reason: None,
-                healthy: (!t.health_checks.is_empty()).then_some(self.healthy),
-            });
+            by_agent
+                .entry(t.agent.clone())
+                .or_default()
+                .push(TaskUpdate {
+                    id: t.id.clone(),
+                    state: to,
+                    reason: None,
+                    healthy: (!t.health_checks.is_empty()).then_some(self.healthy),
+                });
         }
         for (agent, reports) in by_agent {
             self.apply(Command::UpdateTaskStates {
@@ -185,7 +188,9 @@ fn workload_names_list_ready_tasks_by_host_and_port() {
     );
     // Names are case-insensitive; the answer keeps the question's spelling.
     assert_eq!(
-        ask(&v, "_HTTP._Tcp.WEB.Cairn.", RecordType::SRV).lines().count(),
+        ask(&v, "_HTTP._Tcp.WEB.Cairn.", RecordType::SRV)
+            .lines()
+            .count(),
         7
     );
     assert_eq!(
@@ -202,8 +207,17 @@ fn workload_names_list_ready_tasks_by_host_and_port() {
             + &format!("{} 60 60 3600 1", v.index)
     );
     // Names that do not exist.
-    for n in ["nope.cairn.", "_ftp._tcp.web.cairn.", "x.web.cairn.", "a9.agents.cairn."] {
-        assert_eq!(ask(&v, n, RecordType::A), "Non-Existent Domain\n(soa)", "{n}");
+    for n in [
+        "nope.cairn.",
+        "_ftp._tcp.web.cairn.",
+        "x.web.cairn.",
+        "a9.agents.cairn.",
+    ] {
+        assert_eq!(
+            ask(&v, n, RecordType::A),
+            "Non-Existent Domain\n(soa)",
+            "{n}"
+        );
     }
     // Outside the zone: refused here (the server forwards before asking).
     assert_eq!(ask(&v, "example.com.", RecordType::A), "Query Refused");
@@ -246,7 +260,10 @@ fn unhealthy_tasks_and_unreachable_agents_are_left_out() {
             + "health_checks = [{ type = \"tcp\", port = \"http\", max_failures = 1000 }]\n"),
     );
     w.ticks(3);
-    assert_eq!(ask(&w.view(), "web.cairn.", RecordType::A), "No Error\n(soa)");
+    assert_eq!(
+        ask(&w.view(), "web.cairn.", RecordType::A),
+        "No Error\n(soa)"
+    );
     w.healthy = true;
     let reports: Vec<(String, String)> = w
         .state
@@ -266,7 +283,10 @@ fn unhealthy_tasks_and_unreachable_agents_are_left_out() {
             at: w.now,
         });
     }
-    assert_eq!(ask(&w.view(), "web.cairn.", RecordType::A).lines().count(), 4);
+    assert_eq!(
+        ask(&w.view(), "web.cairn.", RecordType::A).lines().count(),
+        4
+    );
     w.apply(Command::SetAgentStatus {
         id: "a1".into(),
         status: AgentStatus::Unreachable,
@@ -276,7 +296,10 @@ fn unhealthy_tasks_and_unreachable_agents_are_left_out() {
     let a = ask(&v, "web.cairn.", RecordType::A);
     assert!(!a.contains("10.0.0.1"), "{a}");
     let a = ask(&v, "agents.cairn.", RecordType::A);
-    assert_eq!(a, "No Error\nagents.cairn. 1 A 10.0.0.2\nagents.cairn. 1 A 10.0.0.3");
+    assert_eq!(
+        a,
+        "No Error\nagents.cairn. 1 A 10.0.0.2\nagents.cairn. 1 A 10.0.0.3"
+    );
 }
 
 #[test]
@@ -297,7 +320,10 @@ fn masters_leader_and_agents() {
         "No Error\na3.agents.cairn. 1 A 10.0.0.3"
     );
     let none = DnsView::from_state(&State::default(), &MasterAddrs::default());
-    assert_eq!(ask(&none, "leader.cairn.", RecordType::A), "No Error\n(soa)");
+    assert_eq!(
+        ask(&none, "leader.cairn.", RecordType::A),
+        "No Error\n(soa)"
+    );
 }
 
 #[test]
@@ -417,10 +443,17 @@ fn labels() {
 fn a_workload_with_an_underscore_or_a_reserved_id_has_no_name() {
     let mut w = World::new();
     w.workload(&WEB.replace("\"web\"", "\"my_web\""));
-    w.workload(&WEB.replace("\"web\"", "\"agents\"").replace("instances = 3", "instances = 1"));
+    w.workload(
+        &WEB.replace("\"web\"", "\"agents\"")
+            .replace("instances = 3", "instances = 1"),
+    );
     w.ticks(3);
     let v = w.view();
-    assert!(v.names().keys().all(|n| !n.contains("my")), "{:?}", v.names());
+    assert!(
+        v.names().keys().all(|n| !n.contains("my")),
+        "{:?}",
+        v.names()
+    );
     assert_eq!(ask(&v, "agents.cairn.", RecordType::A).lines().count(), 4);
     assert_eq!(
         ask(&v, "_http._tcp.agents.cairn.", RecordType::SRV),
@@ -437,7 +470,10 @@ fn the_view_survives_json() {
     let json = serde_json::to_string(&v).unwrap();
     let back: DnsView = serde_json::from_str(&json).unwrap();
     assert_eq!(back, v);
-    assert_eq!(ask(&back, "_tcp.web.cairn.", RecordType::A), "No Error\n(soa)");
+    assert_eq!(
+        ask(&back, "_tcp.web.cairn.", RecordType::A),
+        "No Error\n(soa)"
+    );
 }
 
 #[test]
@@ -478,13 +514,22 @@ fn handle_packets() {
             RecordType::A,
         ));
     }
-    assert_eq!(handle(&v, &bytes(big), Transport::Tcp, false), Handled::Drop);
+    assert_eq!(
+        handle(&v, &bytes(big), Transport::Tcp, false),
+        Handled::Drop
+    );
     let mut resp = query("leader.cairn.", RecordType::A);
     resp.set_message_type(MessageType::Response);
-    assert_eq!(handle(&v, &bytes(resp), Transport::Udp, false), Handled::Drop);
+    assert_eq!(
+        handle(&v, &bytes(resp), Transport::Udp, false),
+        Handled::Drop
+    );
     // Two questions: FORMERR.
     let mut two = query("leader.cairn.", RecordType::A);
-    two.add_query(Query::query(Name::from_ascii("agents.cairn.").unwrap(), RecordType::A));
+    two.add_query(Query::query(
+        Name::from_ascii("agents.cairn.").unwrap(),
+        RecordType::A,
+    ));
     let r = decode(handle(&v, &bytes(two), Transport::Udp, false));
     assert_eq!(r.response_code(), ResponseCode::FormErr);
 }
