@@ -117,6 +117,40 @@ async fn tasks_of(lab: &cairn_installer::lab::Lab, workload: &str) -> Vec<Value>
         .unwrap_or_default()
 }
 
+/// Starts three agents on 127.0.0.{first}..+2, each serving DNS on its own address (with
+/// the given `--dns-upstream`), ports from `port_base` (100 each); returns their DNS
+/// addresses.
+fn start_dns_agents(
+    lab: &mut cairn_installer::lab::Lab,
+    first: u8,
+    port_base: u16,
+    upstream: [String; 3],
+) -> Vec<SocketAddr> {
+    let mut dns = Vec::new();
+    for (n, up) in upstream.iter().enumerate() {
+        let ip = format!("127.0.0.{}", first + n as u8);
+        let listen = format!("{ip}:{}", cairn_installer::lab::free_port());
+        let lo = port_base + 100 * n as u16;
+        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{lo}-{}]", lo + 99);
+        lab.start_agent_on(
+            &ip,
+            &[
+                "--resources",
+                &res,
+                "--heartbeat-interval",
+                "300ms",
+                "--dns-listen",
+                &listen,
+                "--dns-upstream",
+                up,
+            ],
+        )
+        .unwrap();
+        dns.push(listen.parse().unwrap());
+    }
+    dns
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
     let master_dns: SocketAddr = format!("127.0.0.1:{}", cairn_installer::lab::free_port())
@@ -140,33 +174,12 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         .await
         .expect("leader");
     let upstream = fake_upstream().await;
-    let mut dns: Vec<SocketAddr> = Vec::new();
-    for n in 0..3u16 {
-        let ip = format!("127.0.0.{}", n + 2);
-        let listen = format!("{ip}:{}", cairn_installer::lab::free_port());
-        let first = 29_000 + 100 * n;
-        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{first}-{}]", first + 99);
-        let up = if n == 1 {
-            upstream.to_string()
-        } else {
-            "none".to_string()
-        };
-        lab.start_agent_on(
-            &ip,
-            &[
-                "--resources",
-                &res,
-                "--heartbeat-interval",
-                "300ms",
-                "--dns-listen",
-                &listen,
-                "--dns-upstream",
-                &up,
-            ],
-        )
-        .unwrap();
-        dns.push(listen.parse().unwrap());
-    }
+    let dns = start_dns_agents(
+        &mut lab,
+        2,
+        29_000,
+        ["none".into(), upstream.to_string(), "none".into()],
+    );
     let master = lab.running_addrs()[0].clone();
     let agents: Vec<Value> = eventually(Duration::from_secs(30), "3 agents", || async {
         let v = lab.get(&master, "/api/v1/agents").await?;
@@ -337,4 +350,140 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
         .expect("forwarded");
     assert_eq!(addrs(&m), BTreeSet::from([IpAddr::from([192, 0, 2, 7])]));
     assert_eq!(m.response_code(), ResponseCode::NoError);
+}
+
+const KV: &str = r#"
+name = "kv"
+[[pod_types]]
+name = "node"
+count = 2
+constraints = [["@id", "UNIQUE"]]
+[[pod_types.tasks]]
+name = "server"
+runtime.native = { cmd = "/bin/sleep", args = ["600"] }
+resources = { cpus = 0.1, mem = 16 }
+ports = [{ name = "client", number = 0 }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stateful_pods_keep_their_names_across_restarts() {
+    let (_dir, mut lab) = lab(1, &["--agent-timeout", "1500ms", "--request-timeout", "5s"]);
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    let dns = start_dns_agents(
+        &mut lab,
+        5,
+        29_400,
+        ["none".into(), "none".into(), "none".into()],
+    );
+    let master = lab.running_addrs()[0].clone();
+    eventually(Duration::from_secs(30), "3 agents", || async {
+        let v = lab.get(&master, "/api/v1/agents").await?;
+        (v.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let r = http()
+        .post(format!("http://{master}/api/v1/services"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/toml")
+        .body(KV)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let deployed = || async {
+        let p = lab
+            .get(&master, "/api/v1/services/kv/plans/deploy")
+            .await?;
+        (p["status"] == "complete").then_some(())
+    };
+    eventually(Duration::from_secs(60), "kv deployed", deployed).await;
+    let pods = lab.get(&master, "/api/v1/services/kv/pods").await.unwrap();
+    let host_of = |pod: &str| -> IpAddr {
+        let p = pods
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == pod)
+            .unwrap();
+        let agent = p["agent"].as_str().unwrap().to_string();
+        IpAddr::from([127, 0, 0, 5 + agent_n(&lab, &agent)])
+    };
+    let (h0, h1) = (host_of("node-0"), host_of("node-1"));
+    assert_ne!(h0, h1);
+
+    // Each pod by name, the service by its ready pods, SRV per pod and per service.
+    let m = eventually(Duration::from_secs(5), "node-0.kv.cairn", || async {
+        let m = ask_udp(dns[2], "node-0.kv.cairn.", RecordType::A).await?;
+        (!m.answers().is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(addrs(&m), BTreeSet::from([h0]));
+    let m = eventually(Duration::from_secs(5), "kv.cairn", || async {
+        let m = ask_udp(dns[0], "kv.cairn.", RecordType::A).await?;
+        (addrs(&m).len() == 2).then_some(m)
+    })
+    .await;
+    assert_eq!(addrs(&m), BTreeSet::from([h0, h1]));
+    let m = ask_udp(dns[1], "_client._tcp.kv.cairn.", RecordType::SRV)
+        .await
+        .unwrap();
+    let targets: BTreeSet<String> = srvs(&m).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(
+        targets,
+        BTreeSet::from(["node-0.kv.cairn.".to_string(), "node-1.kv.cairn.".to_string()])
+    );
+    let m = ask_udp(dns[1], "_client._tcp.node-1.kv.cairn.", RecordType::SRV)
+        .await
+        .unwrap();
+    assert_eq!(srvs(&m).len(), 1, "{m}");
+
+    // Restart node-0 in place: its name keeps pointing at the same host throughout.
+    let generation = |pods: &Value| -> Option<u64> {
+        let p = pods.as_array()?.iter().find(|p| p["id"] == "node-0")?;
+        p["tasks"][0]["generation"].as_u64()
+    };
+    let before = generation(&pods).expect("node-0's task generation");
+    let r = http()
+        .post(format!(
+            "http://{master}/api/v1/services/kv/pods/node-0/restart"
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let restarted = || async {
+        let pods = lab.get(&master, "/api/v1/services/kv/pods").await?;
+        let p = pods.as_array()?.iter().find(|p| p["id"] == "node-0")?.clone();
+        (generation(&pods)? > before && p["tasks"][0]["ready"] == true).then_some(())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = ask_udp(dns[2], "node-0.kv.cairn.", RecordType::A)
+            .await
+            .expect("answer");
+        assert_eq!(addrs(&m), BTreeSet::from([h0]), "during the restart: {m}");
+        if restarted().await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-0 was not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(Duration::from_secs(5), "kv.cairn with both pods again", || async {
+        let m = ask_udp(dns[0], "kv.cairn.", RecordType::A).await?;
+        (addrs(&m) == BTreeSet::from([h0, h1])).then_some(())
+    })
+    .await;
+}
+
+/// The lab index of the agent with id `id` (agents were started in order on 127.0.0.5-7).
+fn agent_n(lab: &cairn_installer::lab::Lab, id: &str) -> u8 {
+    (0..lab.agents.len())
+        .find(|&n| {
+            std::fs::read_to_string(lab.agents[n].data_dir.join("agent-id"))
+                .is_ok_and(|s| s.trim() == id)
+        })
+        .expect("agent of the pod") as u8
 }
