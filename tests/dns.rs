@@ -393,9 +393,7 @@ async fn stateful_pods_keep_their_names_across_restarts() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
     let deployed = || async {
-        let p = lab
-            .get(&master, "/api/v1/services/kv/plans/deploy")
-            .await?;
+        let p = lab.get(&master, "/api/v1/services/kv/plans/deploy").await?;
         (p["status"] == "complete").then_some(())
     };
     eventually(Duration::from_secs(60), "kv deployed", deployed).await;
@@ -432,7 +430,10 @@ async fn stateful_pods_keep_their_names_across_restarts() {
     let targets: BTreeSet<String> = srvs(&m).into_iter().map(|(_, t)| t).collect();
     assert_eq!(
         targets,
-        BTreeSet::from(["node-0.kv.cairn.".to_string(), "node-1.kv.cairn.".to_string()])
+        BTreeSet::from([
+            "node-0.kv.cairn.".to_string(),
+            "node-1.kv.cairn.".to_string()
+        ])
     );
     let m = ask_udp(dns[1], "_client._tcp.node-1.kv.cairn.", RecordType::SRV)
         .await
@@ -456,7 +457,11 @@ async fn stateful_pods_keep_their_names_across_restarts() {
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     let restarted = || async {
         let pods = lab.get(&master, "/api/v1/services/kv/pods").await?;
-        let p = pods.as_array()?.iter().find(|p| p["id"] == "node-0")?.clone();
+        let p = pods
+            .as_array()?
+            .iter()
+            .find(|p| p["id"] == "node-0")?
+            .clone();
         (generation(&pods)? > before && p["tasks"][0]["ready"] == true).then_some(())
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -471,10 +476,14 @@ async fn stateful_pods_keep_their_names_across_restarts() {
         assert!(Instant::now() < deadline, "node-0 was not restarted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eventually(Duration::from_secs(5), "kv.cairn with both pods again", || async {
-        let m = ask_udp(dns[0], "kv.cairn.", RecordType::A).await?;
-        (addrs(&m) == BTreeSet::from([h0, h1])).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "kv.cairn with both pods again",
+        || async {
+            let m = ask_udp(dns[0], "kv.cairn.", RecordType::A).await?;
+            (addrs(&m) == BTreeSet::from([h0, h1])).then_some(())
+        },
+    )
     .await;
 }
 
