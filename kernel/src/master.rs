@@ -120,7 +120,7 @@ impl Master {
         }
         let dns_addr = match cfg.dns.clone() {
             Some(dns) => {
-                let (tx, rx) = watch::channel(api.dns_view().0);
+                let (tx, rx) = watch::channel(api.dns_view().await.0);
                 tokio::spawn(dns_refresh_loop(api.clone(), tx, stop_rx.clone()));
                 let server = crate::dns_server::DnsServer::start(dns, rx, stop_rx.clone()).await?;
                 Some(server.addr)
@@ -167,7 +167,8 @@ impl Master {
 }
 
 /// Keeps the master's DNS view current: every 150 ms, rebuilt if the applied index or the
-/// masters changed (`Api::dns_view` caches), so answers trail the state by at most that.
+/// masters changed (`Api::dns_view` caches, and builds at most every 100 ms), so answers
+/// trail the state by at most about 250 ms.
 async fn dns_refresh_loop(
     api: Arc<Api>,
     tx: watch::Sender<Arc<crate::dns::DnsView>>,
@@ -180,7 +181,7 @@ async fn dns_refresh_loop(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let (view, _) = api.dns_view();
+        let (view, _) = api.dns_view().await;
         if !Arc::ptr_eq(&view, &tx.borrow()) {
             tx.send_replace(view);
         }

@@ -15,13 +15,18 @@ use std::time::Duration;
 type Q<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 /// The last view built, keyed by the applied index and the masters it named: every poll and
-/// every DNS server refresh between two changes shares one build and one JSON encoding.
+/// every DNS server refresh between two changes shares one build and one JSON encoding, and
+/// the view is built at most once per `MIN_REBUILD` however many agents poll.
 #[derive(Default)]
 pub struct DnsCache(Mutex<Option<Cached>>);
+
+/// The least time between two builds of the view (a build is O(tasks), under the state lock).
+pub const MIN_REBUILD: Duration = Duration::from_millis(100);
 
 struct Cached {
     applied: u64,
     masters: MasterAddrs,
+    built: std::time::Instant,
     view: Arc<DnsView>,
     json: bytes::Bytes,
 }
@@ -36,26 +41,39 @@ pub fn master_addrs(api: &Api) -> MasterAddrs {
 }
 
 impl Api {
-    /// The current view and its JSON, built again only if state or the masters changed.
-    pub fn dns_view(&self) -> (Arc<DnsView>, bytes::Bytes) {
-        let masters = master_addrs(self);
-        let applied = self.read(|s| s.applied);
-        let mut c = self.dns.0.lock().expect("dns cache lock");
-        if let Some(c) = c.as_ref() {
-            if c.applied == applied && c.masters == masters {
-                return (c.view.clone(), c.json.clone());
-            }
+    /// The current view and its JSON: built again if state or the masters changed, but not
+    /// within `MIN_REBUILD` of the last build (then it waits out the rest of it).
+    pub async fn dns_view(&self) -> (Arc<DnsView>, bytes::Bytes) {
+        loop {
+            let masters = master_addrs(self);
+            let applied = self.read(|s| s.applied);
+            let wait = {
+                let mut c = self.dns.0.lock().expect("dns cache lock");
+                let wait = match c.as_ref() {
+                    Some(c) if c.applied == applied && c.masters == masters => {
+                        return (c.view.clone(), c.json.clone());
+                    }
+                    Some(c) => MIN_REBUILD.saturating_sub(c.built.elapsed()),
+                    None => Duration::ZERO,
+                };
+                if wait.is_zero() {
+                    let (applied, view) =
+                        self.read(|s| (s.applied, DnsView::from_state(s, &masters)));
+                    let view = Arc::new(view);
+                    let json = bytes::Bytes::from(serde_json::to_vec(&*view).unwrap_or_default());
+                    *c = Some(Cached {
+                        applied,
+                        masters,
+                        built: std::time::Instant::now(),
+                        view: view.clone(),
+                        json: json.clone(),
+                    });
+                    return (view, json);
+                }
+                wait
+            };
+            tokio::time::sleep(wait).await;
         }
-        let (applied, view) = self.read(|s| (s.applied, DnsView::from_state(s, &masters)));
-        let view = Arc::new(view);
-        let json = bytes::Bytes::from(serde_json::to_vec(&*view).unwrap_or_default());
-        *c = Some(Cached {
-            applied,
-            masters,
-            view: view.clone(),
-            json: json.clone(),
-        });
-        (view, json)
     }
 }
 
@@ -88,7 +106,7 @@ pub(super) async fn dns_table(ctx: Ctx, q: Q<ReadParams>) -> Result<Response, Ap
     if !p.stale.unwrap_or(false) {
         ctx.node.read_barrier().await?;
     }
-    let (view, json) = ctx.dns_view();
+    let (view, json) = ctx.dns_view().await;
     let mut resp = json.into_response();
     let h = resp.headers_mut();
     h.insert(
