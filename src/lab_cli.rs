@@ -75,6 +75,10 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             );
             println!("  UI:     {}/ui/  (sign in with the token)", lab.url());
             println!("  token:  {}", lab.token);
+            if let Some(dns) = lab.dns() {
+                let (ip, port) = dns.split_once(':').unwrap_or((&dns, "53"));
+                println!("  DNS:    {dns} on every agent's address (try: dig @{ip} -p {port} leader.cairn)");
+            }
             match saved {
                 Ok(()) => println!("  context: {ctx} (try: cairn agent list)"),
                 Err(e) => println!("  context: not saved ({e:#})"),

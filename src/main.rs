@@ -288,6 +288,14 @@ struct MasterArgs {
     /// Cluster secret shared by masters, agents and clients.
     #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
     token: String,
+    /// Serve the built-in DNS (zone `cairn.`) on this UDP and TCP address, e.g.
+    /// 127.0.0.1:5053 or 0.0.0.0:53 (default: no DNS server).
+    #[arg(long)]
+    dns_listen: Option<SocketAddr>,
+    /// Resolvers for names outside `cairn.`: `IP[:PORT],...`, or `none` to refuse them
+    /// (air-gapped); default: the nameservers of /etc/resolv.conf.
+    #[arg(long)]
+    dns_upstream: Option<String>,
     #[command(flatten)]
     tuning: RaftTuning,
 }
@@ -336,6 +344,14 @@ struct AgentArgs {
     /// Where cgroups are mounted (v1 or v2 is detected at start).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
+    /// Serve the built-in DNS (zone `cairn.`) on this UDP and TCP address, e.g.
+    /// 127.0.0.1:5053 or 0.0.0.0:53 (default: no DNS server).
+    #[arg(long)]
+    dns_listen: Option<SocketAddr>,
+    /// Resolvers for names outside `cairn.`: `IP[:PORT],...`, or `none` to refuse them
+    /// (air-gapped); default: the nameservers of /etc/resolv.conf.
+    #[arg(long)]
+    dns_upstream: Option<String>,
     /// Lightweight mode for scale tests: register this many simulated agents that report
     /// their assigned tasks running without running them (no tasks, no API).
     #[arg(long)]
@@ -356,6 +372,13 @@ struct DevArgs {
     listen: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:5051")]
     agent_listen: SocketAddr,
+    /// Where the agent serves the built-in DNS (zone `cairn.`), UDP and TCP.
+    #[arg(long, default_value = "127.0.0.1:5053")]
+    dns_listen: SocketAddr,
+    /// Resolvers for names outside `cairn.`: `IP[:PORT],...`, or `none` to refuse them;
+    /// default: the nameservers of /etc/resolv.conf.
+    #[arg(long)]
+    dns_upstream: Option<String>,
     /// Cluster token (default: generated and printed).
     #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -680,6 +703,7 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         max_body: a.tuning.max_body_bytes,
         limits: a.tuning.limits()?,
         ui: Some(cairn_ui::router),
+        dns: dns_config(a.dns_listen, a.dns_upstream.as_deref())?,
     })
     .await?;
     tracing::info!(addr = %master.addr, id = a.node_id, "master listening");
@@ -722,6 +746,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         attributes,
         heartbeat_interval: a.heartbeat_interval,
         cgroup_root: a.cgroup_root,
+        dns: dns_config(a.dns_listen, a.dns_upstream.as_deref())?,
         hostname: hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into()),
@@ -754,6 +779,26 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     }
     agent.shutdown().await;
     Ok(())
+}
+
+/// The DNS server of `--dns-listen` / `--dns-upstream` (none without `--dns-listen`).
+fn dns_config(
+    listen: Option<SocketAddr>,
+    upstream: Option<&str>,
+) -> anyhow::Result<Option<cairn_kernel::dns_server::DnsConfig>> {
+    let Some(listen) = listen else {
+        anyhow::ensure!(
+            upstream.is_none(),
+            "--dns-upstream needs --dns-listen (the address to serve DNS on)"
+        );
+        return Ok(None);
+    };
+    let upstream =
+        cairn_kernel::dns_server::upstreams(upstream, listen).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some(cairn_kernel::dns_server::DnsConfig {
+        listen,
+        upstream,
+    }))
 }
 
 /// Where a user's Cairn state lives: `/var/lib/cairn` for root, else `$XDG_STATE_HOME/cairn`
@@ -825,6 +870,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         max_body: tuning.max_body_bytes,
         limits: tuning.limits()?,
         ui: Some(cairn_ui::router),
+        dns: None,
     })
     .await?;
     let agent_dir = data_dir.join("agent");
@@ -838,6 +884,7 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         attributes: BTreeMap::new(),
         heartbeat_interval: Duration::from_secs(1),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        dns: dns_config(Some(a.dns_listen), a.dns_upstream.as_deref())?,
         hostname: hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into()),
@@ -856,6 +903,13 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         master.addr
     );
     say!("  API:        http://{}/api/v1/cluster", master.addr);
+    if let Some(dns) = agent.dns_addr {
+        say!(
+            "  DNS:        {dns} (udp, tcp; zone cairn.)  try: dig @{} -p {} leader.cairn",
+            dns.ip(),
+            dns.port()
+        );
+    }
     say!("  token:      {token}");
     say!("  data dir:   {}", data_dir.display());
     match context::set_current(

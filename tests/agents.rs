@@ -161,6 +161,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let dir = tempfile::tempdir().unwrap();
     let port = cairn_installer::lab::free_port();
     let aport = cairn_installer::lab::free_port();
+    let dport = cairn_installer::lab::free_port();
     let mut child = std::process::Command::new(bin())
         .args([
             "dev",
@@ -168,6 +169,10 @@ async fn dev_mode_runs_a_master_and_an_agent() {
             &format!("127.0.0.1:{port}"),
             "--agent-listen",
             &format!("127.0.0.1:{aport}"),
+            "--dns-listen",
+            &format!("127.0.0.1:{dport}"),
+            "--dns-upstream",
+            "none",
         ])
         .arg("--data-dir")
         .arg(dir.path())
@@ -190,10 +195,14 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let mut token = None;
     let mut url = None;
     let mut context = false;
+    let mut dns = None;
     let mut printed = String::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
         printed.push_str(&line);
         printed.push('\n');
+        if let Some(d) = line.trim().strip_prefix("DNS:") {
+            dns = d.split_whitespace().next().map(str::to_string);
+        }
         if let Some(t) = line.trim().strip_prefix("token:") {
             token = Some(t.trim().to_string());
         }
@@ -207,6 +216,11 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     }
     let (token, url) = (token.expect("token printed"), url.expect("url printed"));
     assert_eq!(url, format!("http://127.0.0.1:{port}/api/v1/cluster"));
+    assert_eq!(
+        dns,
+        Some(format!("127.0.0.1:{dport}")),
+        "cairn dev prints its DNS"
+    );
     let agents = eventually(Duration::from_secs(20), "dev agent registered", || {
         let token = token.clone();
         async move {

@@ -74,6 +74,7 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
     assert!(ok, "{out}");
     let url = field(&out, "UI:").trim_end_matches("/ui/").to_string();
     let token = field(&out, "token:").to_string();
+    let dns = field(&out, "DNS:").to_string();
     // A second lab side by side, on its own addresses.
     let (ok, out2) = lab_cli(
         root.path(),
@@ -138,6 +139,23 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
             .then_some(())
     })
     .await;
+    // Every agent serves the lab's DNS: the workload's tasks are on the lab's agents.
+    let dns: std::net::SocketAddr = dns.parse().unwrap();
+    let net = dns.ip().to_string();
+    let agents_prefix = net.rsplit_once('.').unwrap().0.to_string();
+    let m = eventually(Duration::from_secs(10), "labtask in DNS", || async {
+        let m =
+            common::dns::ask_udp(dns, "labtask.cairn.", hickory_proto::rr::RecordType::A).await?;
+        (!m.answers().is_empty()).then_some(m)
+    })
+    .await;
+    for r in m.answers() {
+        let ip = r.data().ip_addr().unwrap().to_string();
+        assert!(
+            ip.starts_with(&agents_prefix),
+            "{ip} is not an agent of the lab"
+        );
+    }
     let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "one", "partition", "m1"]);
     assert!(!ok && out.contains("network namespace"), "{out}");
 

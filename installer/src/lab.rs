@@ -155,8 +155,14 @@ impl Lab {
 
     /// Starts an agent process pointed at every master.
     pub fn start_agent(&mut self, extra: &[&str]) -> std::io::Result<usize> {
+        self.start_agent_on("127.0.0.1", extra)
+    }
+
+    /// Starts an agent listening on `ip` (a loopback address such as 127.0.0.2, so agents on
+    /// one machine have hosts of their own); returns its index among the lab's agents.
+    pub fn start_agent_on(&mut self, ip: &str, extra: &[&str]) -> std::io::Result<usize> {
         let n = self.agents.len();
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = format!("{ip}:{}", free_port());
         let data_dir = self.dir.join(format!("agent-{n}"));
         let masters = self
             .masters

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub const API_PORT: u16 = 5050;
 pub const AGENT_PORT: u16 = 5051;
 pub const PEER_PORT: u16 = 5052;
+pub const DNS_PORT: u16 = 5053;
 
 /// One node of a lab, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +54,12 @@ impl LabState {
     }
     pub fn agents(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(|n| n.role == "agent")
+    }
+    /// The DNS server of the first agent (every agent serves one on its address).
+    pub fn dns(&self) -> Option<String> {
+        let a = self.agents().next()?;
+        let ip = a.addr.split(':').next()?;
+        Some(format!("{ip}:{DNS_PORT}"))
     }
 }
 
@@ -267,6 +274,8 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             &format!("cpus:2;mem:2048;disk:10000;ports:[{first}-{}]", first + 999),
             "--heartbeat-interval",
             "500ms",
+            "--dns-listen",
+            &format!("{ip}:{DNS_PORT}"),
             "--kill-tasks-on-exit",
         ]
         .iter()

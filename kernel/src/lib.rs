@@ -4,6 +4,8 @@
 pub mod admission;
 pub mod api;
 pub mod controller;
+pub mod dns;
+pub mod dns_server;
 pub mod error;
 pub mod gc;
 pub mod liveness;

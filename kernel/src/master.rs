@@ -38,6 +38,8 @@ pub struct MasterConfig {
     /// token, returns the router to serve. The UI crate depends on this one, so the binary
     /// passes it in.
     pub ui: Option<UiRoutes>,
+    /// Serve the built-in DNS here (`--dns-listen`), from this master's own state.
+    pub dns: Option<crate::dns_server::DnsConfig>,
 }
 
 /// Adds routes to the API router (see `MasterConfig::ui`).
@@ -47,6 +49,8 @@ pub type UiRoutes = fn(axum::Router, &str) -> axum::Router;
 pub struct Master {
     pub api: Arc<Api>,
     pub addr: SocketAddr,
+    /// Where the built-in DNS answers, if it was asked for.
+    pub dns_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -71,6 +75,7 @@ impl Master {
             wakers,
             client,
             max_body: cfg.max_body,
+            dns: Default::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let app = match cfg.ui {
@@ -113,6 +118,15 @@ impl Master {
                 tracing::info!(?peers, "bootstrapped a new cluster");
             }
         }
+        let dns_addr = match cfg.dns.clone() {
+            Some(dns) => {
+                let (tx, rx) = watch::channel(api.dns_view().await.0);
+                tokio::spawn(dns_refresh_loop(api.clone(), tx, stop_rx.clone()));
+                let server = crate::dns_server::DnsServer::start(dns, rx, stop_rx.clone()).await?;
+                Some(server.addr)
+            }
+            None => None,
+        };
         tokio::spawn(watch_raft(api.clone(), stop_rx.clone()));
         tokio::spawn(liveness_loop(
             api.clone(),
@@ -131,6 +145,7 @@ impl Master {
         Ok(Master {
             api,
             addr,
+            dns_addr,
             stop,
             server,
         })
@@ -148,6 +163,28 @@ impl Master {
             server.abort();
         }
         self.api.node.shutdown().await;
+    }
+}
+
+/// Keeps the master's DNS view current: every 150 ms, rebuilt if the applied index or the
+/// masters changed (`Api::dns_view` caches, and builds at most every 100 ms), so answers
+/// trail the state by at most about 250 ms.
+async fn dns_refresh_loop(
+    api: Arc<Api>,
+    tx: watch::Sender<Arc<crate::dns::DnsView>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(150));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (view, _) = api.dns_view().await;
+        if !Arc::ptr_eq(&view, &tx.borrow()) {
+            tx.send_replace(view);
+        }
     }
 }
 

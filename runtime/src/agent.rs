@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub hostname: String,
     /// Where cgroups are mounted (normally `/sys/fs/cgroup`).
     pub cgroup_root: PathBuf,
+    /// Serve the built-in DNS here (`--dns-listen`), from a local copy of the masters' table.
+    pub dns: Option<cairn_kernel::dns_server::DnsConfig>,
 }
 
 /// What the agent knows about its link to the masters; served at `GET /api/v1/agent`.
@@ -51,6 +53,8 @@ pub struct Agent {
     pub info: Arc<Mutex<AgentInfo>>,
     pub tasks: Arc<TaskManager>,
     pub addr: SocketAddr,
+    /// Where the built-in DNS answers, if it was asked for.
+    pub dns_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -135,13 +139,33 @@ impl Agent {
             tasks.clone(),
             stop_rx.clone(),
         ));
-        let hb = tokio::spawn(heartbeat_loop(cfg, reg, info.clone(), stop_rx));
+        let mut handles = vec![server, assign, report, volumes];
+        let mut dns_addr = None;
+        if let Some(dns) = cfg.dns.clone() {
+            let (tx, rx) = watch::channel(Arc::new(cairn_kernel::dns::DnsView::default()));
+            let server =
+                cairn_kernel::dns_server::DnsServer::start(dns, rx, stop_rx.clone()).await?;
+            dns_addr = Some(server.addr);
+            handles.push(tokio::spawn(crate::converge::dns_loop(
+                cfg.clone(),
+                info.clone(),
+                tx,
+                stop_rx.clone(),
+            )));
+        }
+        handles.push(tokio::spawn(heartbeat_loop(
+            cfg,
+            reg,
+            info.clone(),
+            stop_rx,
+        )));
         Ok(Agent {
             info,
             tasks,
             addr,
+            dns_addr,
             stop,
-            handles: vec![server, hb, assign, report, volumes],
+            handles,
         })
     }
 

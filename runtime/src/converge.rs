@@ -299,3 +299,58 @@ pub async fn volume_loop(
         }
     }
 }
+
+/// Keeps this agent's copy of the DNS table current (`GET /api/v1/dns`, a blocking query
+/// keyed by the table index, `stale=true` like the assignment poll): the agent's DNS server
+/// answers from it, so a lookup never waits on a master and still answers while the masters
+/// are away (with the last table it had).
+pub async fn dns_loop(
+    cfg: AgentConfig,
+    info: Arc<Mutex<AgentInfo>>,
+    view: watch::Sender<Arc<cairn_kernel::dns::DnsView>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = client(Duration::from_secs(40));
+    let mut index = 0u64;
+    let mut cur = 0usize;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        let ms = masters(&cfg, &info);
+        let master = ms[cur % ms.len()].clone();
+        let url = format!("http://{master}/api/v1/dns?index={index}&wait=30s&stale=true");
+        let req = http.get(url).bearer_auth(&cfg.token).send();
+        let resp = tokio::select! {
+            r = req => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let fetched = match resp {
+            Ok(r) if r.status().is_success() => {
+                let new_index = response_index(&r).unwrap_or(0);
+                r.json::<cairn_kernel::dns::DnsView>()
+                    .await
+                    .map(|v| (new_index, v))
+                    .map_err(|e| (e.to_string(), None))
+            }
+            Ok(r) => Err((format!("HTTP {}", r.status()), retry_after(r.headers()))),
+            Err(e) => Err((e.to_string(), None)),
+        };
+        match fetched {
+            Ok((new_index, v)) => {
+                index = next_index(index, new_index);
+                backoff.reset();
+                if **view.borrow() != v {
+                    view.send_replace(Arc::new(v));
+                }
+            }
+            Err((e, ra)) => {
+                tracing::debug!(%master, "dns table poll failed: {e}");
+                info.lock().expect("info").retries += 1;
+                cur += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next(ra)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}

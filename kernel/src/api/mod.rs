@@ -4,6 +4,7 @@
 
 mod agents;
 mod cluster;
+mod dns;
 mod events;
 mod kv;
 mod metrics;
@@ -15,6 +16,7 @@ mod workloads;
 
 pub use crate::protocol::{Assignment, HeartbeatReply, TaskReport};
 pub use cluster::{ClusterStatus, Member};
+pub use dns::{master_addrs, DnsCache};
 pub use metrics::Metrics;
 
 use crate::error::ApiError;
@@ -42,6 +44,8 @@ pub struct Api {
     pub wakers: crate::state::AgentWakers,
     pub client: reqwest::Client,
     pub max_body: usize,
+    /// The DNS table last built (`GET /api/v1/dns`, the master's DNS server).
+    pub dns: DnsCache,
 }
 
 type Ctx = Extension<Arc<Api>>;
@@ -101,6 +105,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/packages/{name}/install",
     "/api/v1/events",
     "/api/v1/events/recent",
+    "/api/v1/dns",
     "/api/v1/openapi.json",
     "/metrics",
     "/healthz",
@@ -248,6 +253,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/packages/{name}/install", post(packages::install))
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/events/recent", get(events::recent_events))
+        .route("/api/v1/dns", get(dns::dns_table))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(api.max_body));
