@@ -37,6 +37,8 @@ pub const MAX_APPEND_BYTES: usize = 512 * 1024;
 pub struct NetStats {
     /// Appends cut to `MAX_APPEND_BYTES` (sent as a prefix).
     pub appends_split: AtomicU64,
+    /// Empty appends sent first because the previous append outlived its timeout.
+    pub append_probes: AtomicU64,
     /// RPCs that failed (unreachable, timed out, refused).
     pub rpc_errors: AtomicU64,
 }
@@ -111,6 +113,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             client: self.client.clone(),
             token: self.token.clone(),
             stats: self.stats.clone(),
+            unfinished: false,
         }
     }
 }
@@ -122,6 +125,9 @@ pub struct HttpConn {
     client: reqwest::Client,
     token: String,
     stats: Arc<NetStats>,
+    /// An append was under way when openraft dropped it (its timeout is one heartbeat
+    /// interval): the next one first probes with no entries.
+    unfinished: bool,
 }
 
 impl HttpConn {
@@ -200,11 +206,34 @@ impl RaftNetwork<TypeConfig> for HttpConn {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MasterNode, RaftError<NodeId>>>
     {
+        // After an append that outlived openraft's timeout, ask first with no entries (a
+        // heartbeat): a leader deposed while it was away (e.g. restarted with its old vote)
+        // learns the newer vote in milliseconds instead of re-sending entries the peer has
+        // no time to decode before each timeout, which also starves the peer's Raft threads;
+        // a log mismatch is answered the same way.
+        if std::mem::replace(&mut self.unfinished, true) && !rpc.entries.is_empty() {
+            let probe: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+                vote: rpc.vote,
+                prev_log_id: rpc.prev_log_id,
+                leader_commit: rpc.leader_commit,
+                entries: Vec::new(),
+            };
+            self.stats.append_probes.fetch_add(1, Ordering::Relaxed);
+            let resp: AppendEntriesResponse<NodeId> = self.call("append", &probe, &option).await?;
+            if matches!(
+                resp,
+                AppendEntriesResponse::HigherVote(_) | AppendEntriesResponse::Conflict
+            ) {
+                self.unfinished = false;
+                return Ok(resp);
+            }
+        }
         let (rpc, cut) = bound_append(rpc, MAX_APPEND_BYTES);
         if cut.is_some() {
             self.stats.appends_split.fetch_add(1, Ordering::Relaxed);
         }
         let resp: AppendEntriesResponse<NodeId> = self.call("append", &rpc, &option).await?;
+        self.unfinished = false;
         Ok(match (resp, cut) {
             (AppendEntriesResponse::Success, Some(last)) => {
                 AppendEntriesResponse::PartialSuccess(Some(last))

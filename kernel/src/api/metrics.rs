@@ -24,6 +24,7 @@ pub struct Metrics {
     prevotes: IntCounter,
     elections: IntCounter,
     appends_split: IntCounter,
+    append_probes: IntCounter,
     rpc_errors: IntCounter,
 }
 
@@ -78,6 +79,10 @@ impl Metrics {
                 "raft_appends_split_total",
                 "Appends cut to the byte bound and sent as a prefix",
             ),
+            append_probes: c(
+                "raft_append_probes_total",
+                "Empty appends sent first because the previous append outlived its timeout",
+            ),
             rpc_errors: c("raft_rpc_errors_total", "Raft RPCs that failed"),
             registry,
             term,
@@ -113,6 +118,7 @@ pub(super) async fn metrics(ctx: Ctx) -> Response {
     sync(&m.prevotes, ctx.node.contact.prevotes.load(relaxed));
     sync(&m.elections, ctx.node.contact.elections.load(relaxed));
     sync(&m.appends_split, ctx.node.net.appends_split.load(relaxed));
+    sync(&m.append_probes, ctx.node.net.append_probes.load(relaxed));
     sync(&m.rpc_errors, ctx.node.net.rpc_errors.load(relaxed));
     let (active, unreachable) = ctx.read(|st| {
         let a = st
