@@ -46,24 +46,6 @@ async fn get(url: &str, token: &str, path: &str) -> Option<Value> {
         .ok()
 }
 
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        })
-        .filter_map(|e| {
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
-            (cmd.contains(needle) || cwd.display().to_string().contains(needle)).then_some(cmd)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
     let root = tempfile::Builder::new()
@@ -161,15 +143,15 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
 
     // Down: nothing of either lab is left.
     let dir_one = root.path().join("one");
-    assert!(!processes_mentioning(&dir_one.display().to_string()).is_empty());
+    assert!(!cairn_installer::lab::pids_mentioning(&dir_one).is_empty());
     for name in ["one", "two"] {
         let (ok, out) = lab_cli(root.path(), &["down", "--name", name]);
         assert!(ok, "{out}");
     }
-    let left = processes_mentioning(&root.path().display().to_string());
+    let left = cairn_installer::lab::pids_mentioning(root.path());
     assert!(left.is_empty(), "left running: {left:?}");
     assert!(
-        processes_mentioning("exec sleep 3000").is_empty(),
+        cairn_installer::lab::pids_mentioning("exec sleep 3000").is_empty(),
         "a task outlived its lab"
     );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

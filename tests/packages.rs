@@ -342,23 +342,7 @@ async fn redis_installs_serves_updates_and_uninstalls() {
 
     // A repo from a local folder: a newer redis shows up in search and describe.
     let repo = dir.path().join("myrepo");
-    let src =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packages-universe/packages/redis");
-    let dst = repo.join("redis");
-    std::fs::create_dir_all(dst.join("config")).unwrap();
-    for f in [
-        "package.toml",
-        "options.schema.json",
-        "service.toml.j2",
-        "README.md",
-        "config/redis.conf",
-    ] {
-        let mut text = std::fs::read_to_string(src.join(f)).unwrap();
-        if f == "package.toml" {
-            text = text.replace("7.0.15-1", "7.0.15-2");
-        }
-        std::fs::write(dst.join(f), text).unwrap();
-    }
+    let dst = copy_redis_package(&repo, "7.0.15-2");
     let (ok, out, err) = cairn_cli(
         &addr,
         &["package", "repo", "add", repo.to_str().unwrap()],

@@ -217,6 +217,15 @@ async fn forms_need_their_csrf_secret_and_user_input_comes_out_inert() {
         .build()
         .unwrap();
     let cookie = sign_in(&http, &m).await;
+    // A token that cannot even go in a header is refused like a wrong one (no panic).
+    let r = http
+        .post(format!("{m}/ui/login"))
+        .form(&[("token", "bad\u{1}token"), ("next", "/ui/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("not valid"));
     let page = |path: &str| {
         let (http, cookie, url) = (http.clone(), cookie.clone(), format!("{m}{path}"));
         async move {
@@ -276,23 +285,8 @@ async fn forms_need_their_csrf_secret_and_user_input_comes_out_inert() {
     );
 
     // A package whose README carries script and a javascript: link.
-    let src =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packages-universe/packages/redis");
     let repo = dir.path().join("evilrepo");
-    let dst = repo.join("redis");
-    std::fs::create_dir_all(dst.join("config")).unwrap();
-    for f in [
-        "package.toml",
-        "options.schema.json",
-        "service.toml.j2",
-        "config/redis.conf",
-    ] {
-        let mut text = std::fs::read_to_string(src.join(f)).unwrap();
-        if f == "package.toml" {
-            text = text.replace("7.0.15-1", "7.0.15-9");
-        }
-        std::fs::write(dst.join(f), text).unwrap();
-    }
+    let dst = copy_redis_package(&repo, "7.0.15-9");
     std::fs::write(
         dst.join("README.md"),
         "# Evil\n\n<script>alert(3)</script>\n\n<img src=x onerror=alert(4)>\n\n[x](javascript:alert(5))\n",

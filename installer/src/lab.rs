@@ -271,21 +271,9 @@ impl Lab {
     /// (supervisors outlive an agent on purpose; a dead machine takes them along).
     pub fn crash_agent(&mut self, n: usize) {
         self.kill_agent(n);
-        let dir = self.agents[n].data_dir.display().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&format!("{dir}/")) {
-                // The supervisor's PID 1 dies with it (PR_SET_PDEATHSIG), and the task's
-                // PID namespace with PID 1.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        // The supervisor's PID 1 dies with it (PR_SET_PDEATHSIG), and the task's PID
+        // namespace with PID 1.
+        kill_processes_mentioning(&self.agents[n].data_dir.join(""));
     }
 
     /// The agent's API address (`host:port`).
@@ -377,44 +365,56 @@ impl Drop for Lab {
         kill_processes_mentioning(&self.dir);
         // Their (now empty) cgroups: `<controller>/cairn/<agent id prefix>-<task>`.
         for a in &self.agents {
-            let Ok(id) = std::fs::read_to_string(a.data_dir.join("agent-id")) else {
-                continue;
-            };
-            let prefix: String = id.trim().chars().take(8).collect();
-            remove_task_cgroups(std::path::Path::new("/sys/fs/cgroup"), &prefix);
+            remove_agent_cgroups(&a.data_dir);
         }
     }
 }
 
-/// SIGKILLs every process whose command line contains `dir`, repeating until none is left
-/// (a supervisor may still be starting children).
-fn kill_processes_mentioning(dir: &Path) {
-    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+/// Removes the (empty) task cgroups of the agent whose data dir is `data_dir`:
+/// `<controller>/cairn/<agent id prefix>-<task>`.
+pub fn remove_agent_cgroups(data_dir: &Path) {
+    let Ok(id) = std::fs::read_to_string(data_dir.join("agent-id")) else {
+        return;
+    };
+    let prefix: String = id.trim().chars().take(8).collect();
+    remove_task_cgroups(Path::new("/sys/fs/cgroup"), &prefix);
+}
+
+/// Every process (but this one) whose command line contains `needle`.
+pub fn pids_mentioning(needle: impl AsRef<std::ffi::OsStr>) -> Vec<u32> {
+    let needle = needle.as_ref().as_encoded_bytes().to_vec();
     let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (pid != me && cmd.windows(needle.len()).any(|w| w == needle.as_slice())).then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs every process whose command line contains `dir`, repeating until none is left
+/// (a supervisor may still be starting children); how many it killed.
+pub fn kill_processes_mentioning(dir: &Path) -> usize {
+    let mut killed = 0;
     for _ in 0..20 {
-        let mut found = false;
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            if cmd.windows(needle.len()).any(|w| w == needle.as_slice()) {
-                found = true;
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-            }
+        let pids = pids_mentioning(dir);
+        if pids.is_empty() {
+            break;
         }
-        if !found {
-            return;
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
+        killed += pids.len();
         std::thread::sleep(Duration::from_millis(50));
     }
+    killed
 }
 
 /// Removes the task cgroups of one agent (v1: under each controller; v2: under the root).

@@ -363,27 +363,6 @@ async fn wait_gone(nodes: &[&Node], wait: Duration) {
     }
 }
 
-/// Processes whose command line or working directory refers to `dir` (a lab's leftovers).
-fn processes_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            cmd.contains(&needle) || cwd.starts_with(&needle)
-        })
-        .collect()
-}
-
 /// Mount points at or under `dir`, deepest first.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -429,18 +408,11 @@ pub async fn down(root: &Path, name: &str) -> anyhow::Result<DownReport> {
         }
         report.stopped += 1;
     }
-    // Task supervisors and anything else started from the lab's directory.
-    for _ in 0..3 {
-        let left = processes_under(&dir);
-        if left.is_empty() {
-            break;
-        }
-        for pid in &left {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
-        }
-        report.killed_leftovers += left.len();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Task supervisors and anything else started from the lab's directory, then the
+    // agents' task cgroups (as `lab::Lab` does for the test labs).
+    report.killed_leftovers = crate::lab::kill_processes_mentioning(&dir);
+    for a in lab.agents() {
+        crate::lab::remove_agent_cgroups(&dir.join(&a.name));
     }
     for m in mounts_under(&dir) {
         if nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).is_ok() {

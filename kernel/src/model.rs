@@ -271,6 +271,21 @@ pub enum TaskState {
     Unreachable,
 }
 
+/// Tasks by state (`running`, `failed`, ...), states with none left out: one pass, no
+/// allocation per task (it answers while 10^5 tasks churn).
+pub fn count_states<'a>(tasks: impl IntoIterator<Item = &'a Task>) -> BTreeMap<String, usize> {
+    let mut counts = [0usize; TaskState::ALL.len()];
+    for t in tasks {
+        counts[t.state as usize] += 1;
+    }
+    TaskState::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(st, n)| (format!("{st:?}").to_lowercase(), n))
+        .collect()
+}
+
 impl TaskState {
     pub const ALL: [TaskState; 9] = [
         TaskState::Staging,

@@ -185,6 +185,29 @@ pub async fn master_and_agents(agents: u16, port_base: u16) -> (tempfile::TempDi
     (dir, lab)
 }
 
+/// Copies the bundled redis package into `repo/redis` as version `version`, for the tests
+/// of local repos; returns the package's folder.
+pub fn copy_redis_package(repo: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packages-universe/packages/redis");
+    let dst = repo.join("redis");
+    std::fs::create_dir_all(dst.join("config")).unwrap();
+    for f in [
+        "package.toml",
+        "options.schema.json",
+        "service.toml.j2",
+        "README.md",
+        "config/redis.conf",
+    ] {
+        let mut text = std::fs::read_to_string(src.join(f)).unwrap();
+        if f == "package.toml" {
+            text = text.replace("7.0.15-1", version);
+        }
+        std::fs::write(dst.join(f), text).unwrap();
+    }
+    dst
+}
+
 /// Runs `cairn ARGS --master ADDR --token TOKEN`, at most `timeout`; (success, stdout, stderr).
 pub async fn cairn_cli(addr: &str, args: &[&str], timeout: Duration) -> (bool, String, String) {
     let out = tokio::process::Command::new(bin())

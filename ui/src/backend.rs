@@ -4,6 +4,7 @@
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
+use axum::response::IntoResponse;
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -59,7 +60,21 @@ impl Backend {
             }
             None => Body::empty(),
         };
-        let req = req.body(body).expect("request");
+        // A token or path that cannot be put in a request (e.g. control characters) is the
+        // caller's error, answered as the API would, never a panic.
+        let req = match req.body(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(serde_json::json!({
+                        "code": "invalid_request",
+                        "message": format!("the request cannot be sent: {e}"),
+                    })),
+                )
+                    .into_response()
+            }
+        };
         match self.api.clone().oneshot(req).await {
             Ok(r) => r,
             Err(e) => match e {},

@@ -80,6 +80,20 @@ pub fn text(v: &Value) -> String {
     }
 }
 
+/// From a `{state: count}` object the API returns (`tasks`, `agents`, `task_counts`): the
+/// count of `only` that state, or of all.
+pub fn count(counts: &Value, only: Option<&str>) -> usize {
+    counts
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| only.is_none_or(|s| k.as_str() == s))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum::<u64>() as usize
+        })
+        .unwrap_or(0)
+}
+
 /// A Unix-milliseconds time as `2026-11-30 15:39:04 UTC`.
 pub fn when(ms: u64) -> String {
     if ms == 0 {
@@ -147,6 +161,9 @@ mod tests {
         assert_eq!(pct(1.0, 0.0), 0);
         assert_eq!(text(&serde_json::json!("a")), "a");
         assert_eq!(text(&serde_json::json!(3)), "3");
+        let c = serde_json::json!({"active": 2, "unreachable": 1});
+        assert_eq!((count(&c, None), count(&c, Some("active"))), (3, 2));
+        assert_eq!(count(&serde_json::Value::Null, None), 0);
     }
 
     #[test]

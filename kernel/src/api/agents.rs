@@ -1,7 +1,7 @@
 //! Agent routes: registration, heartbeats, the assignment long-poll and task reports.
 
 use super::cluster::membership;
-use super::{blocking_wait, now_ms, query, valid_id, with_index, Api, Ctx, ReadParams};
+use super::{blocking_wait, now_ms, query, valid_id, with_index, Api, Ctx, PageParams, ReadParams};
 use crate::error::{ApiError, JsonBody};
 use crate::model::{Agent, AgentRegistration};
 use crate::protocol::{Assignment, HeartbeatReply, TaskReport};
@@ -14,34 +14,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::time::{Duration, Instant};
 
-/// `GET /api/v1/agents` parameters: the read parameters and a page (`offset`, `limit`, in id
-/// order), so a page of a large cluster never fetches every agent.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AgentParams {
-    stale: Option<bool>,
-    index: Option<u64>,
-    wait: Option<String>,
-    offset: Option<usize>,
-    limit: Option<usize>,
-}
-
 pub(super) async fn list_agents(
     ctx: Ctx,
-    q: Result<Query<AgentParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    let read = ReadParams {
-        stale: p.stale,
-        index: p.index,
-        wait: p.wait.clone(),
-    };
-    let index = ctx.prepare_read(&read, |s| s.indexes.agents).await?;
+    let index = ctx.prepare_read(&p.read(), |s| s.indexes.agents).await?;
     let agents: Vec<Agent> = ctx.read(|s| {
         s.agents
             .values()
-            .skip(p.offset.unwrap_or(0))
-            .take(p.limit.unwrap_or(usize::MAX))
+            .skip(p.offset())
+            .take(p.limit())
             .cloned()
             .collect()
     });
@@ -53,25 +36,15 @@ pub(super) async fn list_agents(
 /// `limit`), from the per-agent task index: the cost is the tasks of those agents only.
 pub(super) async fn agents_usage(
     ctx: Ctx,
-    q: Result<Query<AgentParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    let read = ReadParams {
-        stale: p.stale,
-        index: p.index,
-        wait: p.wait.clone(),
-    };
     let index = ctx
-        .prepare_read(&read, |s| s.indexes.tasks.max(s.indexes.agents))
+        .prepare_read(&p.read(), |s| s.indexes.tasks.max(s.indexes.agents))
         .await?;
     let usage = ctx.read(|s| {
         let mut m = std::collections::BTreeMap::new();
-        for id in s
-            .agents
-            .keys()
-            .skip(p.offset.unwrap_or(0))
-            .take(p.limit.unwrap_or(usize::MAX))
-        {
+        for id in s.agents.keys().skip(p.offset()).take(p.limit()) {
             let mut u = AgentUsage::default();
             let live = s
                 .tasks_by_agent

@@ -69,6 +69,21 @@ pub(super) fn membership(api: &Api) -> (Vec<Member>, Option<(u64, String)>) {
 pub(super) fn cluster_status(api: &Api) -> ClusterStatus {
     let m = api.node.raft.metrics().borrow().clone();
     let (members, leader) = membership(api);
+    // One read of the state for every count, so they agree with each other.
+    let (tasks, agents, workloads, services) = api.read(|s| {
+        let mut agents = std::collections::BTreeMap::new();
+        for a in s.agents.values() {
+            *agents
+                .entry(format!("{:?}", a.status).to_lowercase())
+                .or_insert(0) += 1;
+        }
+        (
+            crate::model::count_states(s.tasks.values()),
+            agents,
+            s.workloads.len(),
+            s.services.len(),
+        )
+    });
     ClusterStatus {
         node_id: m.id,
         state: format!("{:?}", m.state).to_lowercase(),
@@ -85,29 +100,10 @@ pub(super) fn cluster_status(api: &Api) -> ClusterStatus {
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         members,
-        tasks: api.read(|s| {
-            // One pass, no allocation per task: this answers while 10^5 tasks churn.
-            let mut counts = [0usize; crate::model::TaskState::ALL.len()];
-            for t in s.tasks.values() {
-                counts[t.state as usize] += 1;
-            }
-            crate::model::TaskState::ALL
-                .iter()
-                .zip(counts)
-                .filter(|(_, n)| *n > 0)
-                .map(|(st, n)| (format!("{st:?}").to_lowercase(), n))
-                .collect()
-        }),
-        agents: api.read(|s| {
-            let mut m = std::collections::BTreeMap::new();
-            for a in s.agents.values() {
-                *m.entry(format!("{:?}", a.status).to_lowercase())
-                    .or_insert(0) += 1;
-            }
-            m
-        }),
-        workloads: api.read(|s| s.workloads.len()),
-        services: api.read(|s| s.services.len()),
+        tasks,
+        agents,
+        workloads,
+        services,
     }
 }
 

@@ -351,6 +351,34 @@ pub struct ReadParams {
     pub wait: Option<String>,
 }
 
+/// The read parameters and a page (`offset`, `limit`) for lists of large tables, so a page
+/// of a big cluster never reads every row.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    pub stale: Option<bool>,
+    pub index: Option<u64>,
+    pub wait: Option<String>,
+    pub offset: Option<usize>,
+    pub limit: Option<usize>,
+}
+
+impl PageParams {
+    fn read(&self) -> ReadParams {
+        ReadParams {
+            stale: self.stale,
+            index: self.index,
+            wait: self.wait.clone(),
+        }
+    }
+    fn offset(&self) -> usize {
+        self.offset.unwrap_or(0)
+    }
+    fn limit(&self) -> usize {
+        self.limit.unwrap_or(usize::MAX)
+    }
+}
+
 /// Parses query parameters into `T`, naming the bad one.
 fn query<T: for<'a> Deserialize<'a>>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
@@ -497,7 +525,7 @@ mod tests {
 
     #[test]
     fn task_states_are_listed_in_declaration_order() {
-        // `cluster_status` counts tasks into an array indexed by `state as usize`.
+        // `model::count_states` counts tasks into an array indexed by `state as usize`.
         for (i, st) in crate::model::TaskState::ALL.iter().enumerate() {
             assert_eq!(*st as usize, i, "{st:?}");
         }

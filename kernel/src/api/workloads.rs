@@ -1,6 +1,6 @@
 //! Workload and deployment routes: declare, read, scale, stop, start, restart, roll-outs.
 
-use super::{done_index, now_ms, query, with_index, Ctx, ReadParams};
+use super::{done_index, now_ms, query, with_index, Ctx, PageParams, ReadParams};
 use crate::error::{ApiError, JsonBody};
 use crate::model::{Task, Workload};
 use crate::state::Command;
@@ -44,45 +44,24 @@ pub(super) async fn put_workload(
         .into_response())
 }
 
-/// `GET /api/v1/workloads/{id}` parameters: the read parameters and `limit`, the most tasks
-/// to list (live ones first, then the newest); `task_counts` always counts them all.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct WorkloadParams {
-    stale: Option<bool>,
-    index: Option<u64>,
-    wait: Option<String>,
-    limit: Option<usize>,
-}
-
 /// A workload, its tasks and their counts by state.
 pub(super) async fn get_workload(
     ctx: Ctx,
     Path(id): Path<String>,
-    q: Result<Query<WorkloadParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = query(q)?;
-    let read = ReadParams {
-        stale: p.stale,
-        index: p.index,
-        wait: p.wait.clone(),
-    };
     let index = ctx
-        .prepare_read(&read, |s| s.indexes.workloads.max(s.indexes.tasks))
+        .prepare_read(&p.read(), |s| s.indexes.workloads.max(s.indexes.tasks))
         .await?;
     let v = ctx
         .read(|s| {
             s.workloads.get(&id).map(|w| {
                 let mut tasks: Vec<&Task> = s.tasks.values().filter(|t| t.workload == id).collect();
-                let mut counts = std::collections::BTreeMap::new();
-                for t in &tasks {
-                    *counts
-                        .entry(format!("{:?}", t.state).to_lowercase())
-                        .or_insert(0usize) += 1;
-                }
-                if let Some(limit) = p.limit {
+                let counts = crate::model::count_states(tasks.iter().copied());
+                if p.limit.is_some() || p.offset.is_some() {
                     tasks.sort_by_key(|t| (t.state.is_terminal(), std::cmp::Reverse(t.updated_at)));
-                    tasks.truncate(limit);
+                    tasks = tasks.into_iter().skip(p.offset()).take(p.limit()).collect();
                 }
                 serde_json::json!({ "workload": w, "tasks": tasks, "task_counts": counts })
             })

@@ -55,10 +55,7 @@ async fn agents(State(ui): St, Sess(s): Sess, Query(q): Query<PageParam>) -> Res
         Ok(c) => c,
         Err(e) => return failure_page(l, &e),
     };
-    let total = c["agents"]
-        .as_object()
-        .map(|o| o.values().filter_map(|v| v.as_u64()).sum::<u64>() as usize)
-        .unwrap_or(0);
+    let total = view::count(&c["agents"], None);
     let pages = total.div_ceil(PER_PAGE).max(1);
     let page = q.page.unwrap_or(1).clamp(1, pages);
     let path = format!(
@@ -330,18 +327,11 @@ async fn workload(State(ui): St, Sess(s): Sess, Path(id): Path<String>) -> Respo
         }
     }
     let tasks = task_rows(&v["tasks"]);
-    let count = |st: Option<&str>| {
-        v["task_counts"]
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| st.is_none_or(|s| k.as_str() == s))
-                    .filter_map(|(_, n)| n.as_u64())
-                    .sum::<u64>() as usize
-            })
-            .unwrap_or(0)
-    };
-    let (running, total_tasks) = (count(Some("running")), count(None));
+    let counts = &v["task_counts"];
+    let (running, total_tasks) = (
+        view::count(counts, Some("running")),
+        view::count(counts, None),
+    );
     let now = view::now_ms();
     let mut deployments: Vec<DeploymentRow> = d
         .unwrap_or_default()

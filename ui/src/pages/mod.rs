@@ -122,10 +122,9 @@ async fn login(
         return refuse("Enter the cluster token (cairn dev prints it).");
     }
     // The token is checked by the API itself, as any client's would be.
-    if let Err(e) = ui.backend.get(&token, "/api/v1/cluster").await {
-        if e.status == 401 {
-            return refuse("That token is not valid for this cluster.");
-        }
+    // `/api/v1/cluster` needs no leader, so any failure is the token's.
+    if ui.backend.get(&token, "/api/v1/cluster").await.is_err() {
+        return refuse("That token is not valid for this cluster.");
     }
     let secure = headers
         .get("x-forwarded-proto")
@@ -282,19 +281,8 @@ async fn overview(State(ui): St, Sess(s): Sess) -> Response {
     let agents = agents.unwrap_or_default();
     let usage = usage.unwrap_or_default();
     let rows = agent_rows(&agents, &usage);
-    let by_status = |st: Option<&str>| {
-        cluster["agents"]
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| st.is_none_or(|s| k.as_str() == s))
-                    .filter_map(|(_, v)| v.as_u64())
-                    .sum::<u64>() as usize
-            })
-            .unwrap_or(0)
-    };
-    let agents_total = by_status(None);
-    let agents_active = by_status(Some("active"));
+    let agents_total = view::count(&cluster["agents"], None);
+    let agents_active = view::count(&cluster["agents"], Some("active"));
     let masters = cluster["members"]
         .as_array()
         .map(|a| {
