@@ -5,7 +5,8 @@
 //! in `<state>/labs/<name>/lab.json` (`<state>`: /var/lib/cairn as root, else
 //! $XDG_STATE_HOME/cairn or ~/.local/state/cairn), next to each node's data dir and log.
 //! `down` stops agents first (they kill their tasks), then masters, then anything still
-//! running from the lab's directory, unmounts what is left under it and removes it.
+//! running from the lab's directory and the agents' task cgroups, unmounts what is left
+//! under it and removes it.
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
