@@ -958,7 +958,7 @@ async fn scale(
         .arg(masters.join(","))
         .args(["--listen", "127.0.0.1:1", "--data-dir"])
         .arg(&sim_dir)
-        .args(["--token", TOKEN, "--heartbeat-interval"])
+        .args(["--token", TOKEN, "--insecure", "--heartbeat-interval"])
         .arg(humantime::format_duration(heartbeat).to_string())
         .args([
             "--resources",

@@ -12,14 +12,46 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// `URL` as given, or `HOST:PORT` with `https://` when the CLI trusts a cluster CA
+/// (`CAIRN_CA`), else `http://`.
+pub fn base_url(addr: &str) -> String {
+    let addr = addr.trim_end_matches('/');
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else if std::env::var_os("CAIRN_CA").is_some_and(|v| !v.is_empty()) {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// The CLI's HTTP client: trusts the cluster CA of `CAIRN_CA` (a PEM file) and presents the
+/// client certificate of `CAIRN_CERT` / `CAIRN_KEY` when set (an admin certificate, for
+/// agents' APIs). The current context sets all three.
+pub fn user_http() -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut b = reqwest::Client::builder();
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let Some(ca) = var("CAIRN_CA") {
+        let pem = std::fs::read(&ca).with_context(|| format!("reading CAIRN_CA={ca}"))?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("CAIRN_CA={ca} is not a PEM certificate"))?;
+        b = b.add_root_certificate(cert);
+    }
+    if let (Some(cert), Some(key)) = (var("CAIRN_CERT"), var("CAIRN_KEY")) {
+        let mut pem = std::fs::read(&cert).with_context(|| format!("reading CAIRN_CERT={cert}"))?;
+        pem.extend(std::fs::read(&key).with_context(|| format!("reading CAIRN_KEY={key}"))?);
+        b = b.identity(
+            reqwest::Identity::from_pem(&pem)
+                .with_context(|| format!("CAIRN_CERT={cert} and CAIRN_KEY={key}"))?,
+        );
+    }
+    Ok(b)
+}
+
 impl Client {
     pub fn new(master: &str, token: &str) -> anyhow::Result<Self> {
-        let base = if master.starts_with("http://") || master.starts_with("https://") {
-            master.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{}", master.trim_end_matches('/'))
-        };
-        let http = reqwest::Client::builder()
+        let base = base_url(master);
+        let http = user_http()?
             .timeout(std::time::Duration::from_secs(60))
             .build()?;
         Ok(Self {
@@ -64,17 +96,17 @@ impl Client {
     }
 
     async fn send_once(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        req.bearer_auth(&self.token).send().await.with_context(|| {
-            format!(
-                "cannot reach {} {} (set {})",
-                self.what,
-                self.base,
-                if self.what.contains("agent") {
-                    "--agent or CAIRN_AGENT"
-                } else {
-                    "--master or CAIRN_MASTER"
-                }
-            )
+        req.bearer_auth(&self.token).send().await.map_err(|e| {
+            let why = format!("{:#}", anyhow::Error::new(e));
+            let hint = if why.contains("certificate") || why.contains("Certificate") {
+                "the cluster's CA is not trusted: set CAIRN_CA to its ca.crt (contexts written \
+                 by `cairn dev` and `cairn lab up` do this)"
+            } else if self.what.contains("agent") {
+                "set --agent or CAIRN_AGENT"
+            } else {
+                "set --master or CAIRN_MASTER"
+            };
+            anyhow::anyhow!("cannot reach {} {}: {why} ({hint})", self.what, self.base)
         })
     }
 
@@ -108,7 +140,7 @@ impl Client {
 
     /// The same client without the request timeout (uploads, event streams).
     pub(crate) fn http_untimed(&self) -> anyhow::Result<reqwest::Client> {
-        Ok(reqwest::Client::builder().build()?)
+        Ok(user_http()?.build()?)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -241,12 +273,8 @@ pub async fn logs(
     follow: bool,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    let base = if agent.starts_with("http") {
-        agent.to_string()
-    } else {
-        format!("http://{agent}")
-    };
-    let http = reqwest::Client::builder()
+    let base = base_url(agent);
+    let http = user_http()?
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
     let mut offset = 0u64;

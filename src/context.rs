@@ -1,7 +1,8 @@
 //! CLI contexts: where a cluster is and its token, kept in `~/.config/cairn/config.toml`
 //! (`$XDG_CONFIG_HOME/cairn/config.toml`, mode 0600), written by `cairn dev` and
 //! `cairn lab up`, chosen with `cairn context use NAME`. A client command without `--master`
-//! / `--token` (or `CAIRN_MASTER` / `CAIRN_TOKEN`) uses the current context.
+//! / `--token` (or `CAIRN_MASTER` / `CAIRN_TOKEN`) uses the current context, and its CA and
+//! admin certificate (`CAIRN_CA`, `CAIRN_CERT`, `CAIRN_KEY`).
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -20,9 +21,17 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Ctx {
-    /// The API URL of a master (`http://127.0.0.1:5050`).
+    /// The API URL of a master (`https://127.0.0.1:5050`).
     pub master: String,
     pub token: String,
+    /// The cluster CA (PEM file) to trust, for `https` masters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// An admin client certificate and key (PEM files), for reading agents' APIs directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 pub fn path() -> Option<PathBuf> {
@@ -88,7 +97,7 @@ fn is_client_command(args: &[std::ffi::OsString]) -> bool {
     let a1 = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let a2 = args.get(2).and_then(|a| a.to_str()).unwrap_or("");
     match a1 {
-        "master" | "dev" | "lab" | "bench" | "context" | "help" | "" => false,
+        "master" | "dev" | "lab" | "bench" | "context" | "ca" | "help" | "" => false,
         "agent" => a2 == "list",
         _ => !a1.starts_with('-'),
     }
@@ -112,6 +121,15 @@ pub fn apply_current(args: &[std::ffi::OsString]) {
     }
     if std::env::var_os("CAIRN_TOKEN").is_none() {
         std::env::set_var("CAIRN_TOKEN", &ctx.token);
+    }
+    for (var, val) in [
+        ("CAIRN_CA", &ctx.ca),
+        ("CAIRN_CERT", &ctx.cert),
+        ("CAIRN_KEY", &ctx.key),
+    ] {
+        if let (None, Some(v)) = (std::env::var_os(var), val) {
+            std::env::set_var(var, v);
+        }
     }
 }
 
@@ -143,8 +161,11 @@ mod tests {
         c.contexts.insert(
             "dev".into(),
             Ctx {
-                master: "http://127.0.0.1:5050".into(),
+                master: "https://127.0.0.1:5050".into(),
                 token: "t".into(),
+                ca: Some("/x/ca.crt".into()),
+                cert: None,
+                key: None,
             },
         );
         c.current = Some("dev".into());

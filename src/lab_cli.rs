@@ -15,6 +15,10 @@ pub enum LabCmd {
         masters: u64,
         #[arg(long, default_value_t = 3)]
         agents: u64,
+        /// Plaintext instead of TLS (by default the lab has its own CA; agents join with a
+        /// token).
+        #[arg(long)]
+        insecure: bool,
     },
     /// A lab's nodes: role, address, process, leader, agent status.
     Status {
@@ -47,6 +51,7 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             name,
             masters,
             agents,
+            insecure,
         } => {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.enable_steady_tick(Duration::from_millis(100));
@@ -57,6 +62,7 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 agents,
                 bin: std::env::current_exe()?,
                 root,
+                insecure,
             };
             let r = labs::up(&spec, &|phase: &str| bar.set_message(phase.to_string())).await;
             bar.finish_and_clear();
@@ -67,6 +73,9 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 crate::context::Ctx {
                     master: lab.url(),
                     token: lab.token.clone(),
+                    ca: lab.credentials().map(|c| c.0),
+                    cert: lab.credentials().map(|c| c.1),
+                    key: lab.credentials().map(|c| c.2),
                 },
             );
             println!(
@@ -75,6 +84,9 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             );
             println!("  UI:     {}/ui/  (sign in with the token)", lab.url());
             println!("  token:  {}", lab.token);
+            if let Some((ca, _, _)) = lab.credentials() {
+                println!("  CA:     {}", ca.display());
+            }
             if let Some(dns) = lab.dns() {
                 let (ip, port) = dns.split_once(':').unwrap_or((&dns, "53"));
                 println!("  DNS:    {dns} on every agent's address (try: dig @{ip} -p {port} leader.cairn)");
@@ -105,13 +117,11 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Status { name } => {
             labs::check_name(&name)?;
             let lab = labs::load(&labs::lab_dir(&root, &name))?;
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()?;
+            let http = lab.http(Duration::from_secs(2))?;
             let get = |addr: String, path: &str| {
                 let (http, url, token) = (
                     http.clone(),
-                    format!("http://{addr}{path}"),
+                    format!("{}://{addr}{path}", lab.scheme()),
                     lab.token.clone(),
                 );
                 async move {

@@ -8,6 +8,7 @@ mod context;
 mod lab_cli;
 mod package_cli;
 mod service_cli;
+mod tls_cli;
 
 use anyhow::Context;
 use cairn_kernel::master::{Master, MasterConfig};
@@ -133,6 +134,18 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// The cluster CA: `ca init`, `ca issue` (node and admin certificates), `ca hash`.
+    Ca {
+        #[command(subcommand)]
+        cmd: tls_cli::CaCmd,
+    },
+    /// Join tokens for agents: `token create`, `list`, `revoke ID`.
+    Token {
+        #[command(subcommand)]
+        cmd: tls_cli::TokenCmd,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Load generators for BENCHMARKS.md.
     Bench {
@@ -297,6 +310,8 @@ struct MasterArgs {
     #[arg(long)]
     dns_upstream: Option<String>,
     #[command(flatten)]
+    tls: tls_cli::TlsArgs,
+    #[command(flatten)]
     tuning: RaftTuning,
 }
 
@@ -360,6 +375,13 @@ struct AgentArgs {
     /// leaves its tasks running and recovers them when it starts again.
     #[arg(long)]
     kill_tasks_on_exit: bool,
+    /// Join the cluster with this token (`cairn token create`) when the TLS directory has no
+    /// certificate yet: the agent checks the masters' CA against the token, then gets its
+    /// certificate. No cluster token is needed.
+    #[arg(long, env = "CAIRN_JOIN_TOKEN", hide_env_values = true)]
+    join: Option<String>,
+    #[command(flatten)]
+    tls: tls_cli::TlsArgs,
 }
 
 #[derive(Args)]
@@ -379,6 +401,10 @@ struct DevArgs {
     /// default: the nameservers of /etc/resolv.conf.
     #[arg(long)]
     dns_upstream: Option<String>,
+    /// Plaintext instead of TLS (by default `cairn dev` makes a CA in its data dir, serves
+    /// the API, UI and agent over TLS and writes the CA into the CLI context).
+    #[arg(long)]
+    insecure: bool,
     /// Cluster token (default: generated and printed).
     #[arg(long, env = "CAIRN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -670,6 +696,7 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
     if a.peer_token == a.token {
         anyhow::bail!("--peer-token must differ from --token: users' tokens may not drive Raft");
     }
+    tls_cli::init_node(&a.tls, &a.data_dir)?;
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
     let peer_listen = match a.peer_listen {
         Some(p) => p,
@@ -736,6 +763,33 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
+    let hostname = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    if a.simulate.is_none() {
+        if let Some(token) = &a.join {
+            anyhow::ensure!(!a.tls.insecure, "--join needs TLS: drop --insecure");
+            let dir = a.tls.dir(&data_dir);
+            if !dir.join(cairn_installer::pki::NODE_CERT).exists() {
+                let id = cairn_runtime::agent::load_or_create_id(&data_dir)?;
+                let adv = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
+                let host = adv.rsplit_once(':').map_or(adv.as_str(), |(h, _)| h);
+                tls_cli::join(
+                    token,
+                    &masters,
+                    &dir,
+                    &id,
+                    &tls_cli::node_addresses(host, &hostname),
+                )
+                .await?;
+                tracing::info!(%id, "joined: certificate written to {}", dir.display());
+            }
+        }
+    }
+    tls_cli::init_node(&a.tls, &data_dir)?;
+    if a.token.is_empty() && cairn_raft::tls::current().is_none() {
+        anyhow::bail!("--token (CAIRN_TOKEN) is required without TLS");
+    }
     let cfg = AgentConfig {
         masters,
         listen: a.listen,
@@ -747,9 +801,7 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         heartbeat_interval: a.heartbeat_interval,
         cgroup_root: a.cgroup_root,
         dns: dns_config(a.dns_listen, a.dns_upstream.as_deref())?,
-        hostname: hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "localhost".into()),
+        hostname,
     };
     if let Some(n) = a.simulate {
         anyhow::ensure!(
@@ -828,6 +880,21 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         }
     };
     let token = a.token.unwrap_or_else(|| random_hex(16));
+    let pki = if a.insecure {
+        tls_cli::init_node(
+            &tls_cli::TlsArgs {
+                tls_dir: None,
+                insecure: true,
+            },
+            &data_dir,
+        )?;
+        None
+    } else {
+        let p = tls_cli::dev_pki(&data_dir, &a.listen.ip().to_string())?;
+        cairn_raft::tls::init(Some(cairn_raft::tls::NodeTls::load(&p.tls_dir)?))?;
+        Some(p)
+    };
+    let scheme = cairn_raft::tls::scheme();
     let tuning = RaftTuning {
         heartbeat_ms: None,
         election_timeout_ms: None,
@@ -899,10 +966,16 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     }
     say!("cairn dev is running (one master, one agent)");
     say!(
-        "  UI:         http://{}/ui/  (sign in with the token)",
+        "  UI:         {scheme}://{}/ui/  (sign in with the token)",
         master.addr
     );
-    say!("  API:        http://{}/api/v1/cluster", master.addr);
+    say!("  API:        {scheme}://{}/api/v1/cluster", master.addr);
+    if let Some(p) = &pki {
+        say!(
+            "  CA:         {}  (trust it in your browser, or curl --cacert it)",
+            p.ca_cert.display()
+        );
+    }
     if let Some(dns) = agent.dns_addr {
         say!(
             "  DNS:        {dns} (udp, tcp; zone cairn.)  try: dig @{} -p {} leader.cairn",
@@ -915,8 +988,11 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     match context::set_current(
         "dev",
         context::Ctx {
-            master: format!("http://{}", master.addr),
+            master: format!("{scheme}://{}", master.addr),
             token: token.clone(),
+            ca: pki.as_ref().map(|p| p.ca_cert.clone()),
+            cert: pki.as_ref().map(|p| p.admin_cert.clone()),
+            key: pki.as_ref().map(|p| p.admin_key.clone()),
         },
     ) {
         Ok(()) => say!("  context:    dev (the CLI now talks to this cluster)"),
@@ -1179,6 +1255,12 @@ fn main() -> anyhow::Result<()> {
                 service_cli::run(&c, client.json, cmd).await
             }
             Cmd::Context { cmd } => context_cmd(cmd),
+            Cmd::Ca { cmd } => tls_cli::ca_cmd(cmd),
+            Cmd::Token { cmd, client } => {
+                init_tracing("warn");
+                let c = Client::new(&client.master, &client.token)?;
+                tls_cli::token_cmd(&c, client.json, cmd).await
+            }
             Cmd::Lab { cmd } => {
                 init_tracing("warn");
                 lab_cli::run(cmd).await

@@ -196,6 +196,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let mut url = None;
     let mut context = false;
     let mut dns = None;
+    let mut ca = None;
     let mut printed = String::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
         printed.push_str(&line);
@@ -206,6 +207,9 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         if let Some(t) = line.trim().strip_prefix("token:") {
             token = Some(t.trim().to_string());
         }
+        if let Some(c) = line.trim().strip_prefix("CA:") {
+            ca = c.split_whitespace().next().map(str::to_string);
+        }
         if let Some(u) = line.trim().strip_prefix("API:") {
             url = Some(u.trim().to_string());
         }
@@ -215,7 +219,28 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         }
     }
     let (token, url) = (token.expect("token printed"), url.expect("url printed"));
-    assert_eq!(url, format!("http://127.0.0.1:{port}/api/v1/cluster"));
+    // TLS by default: the API is https, with the CA it made printed and put in the context.
+    assert_eq!(url, format!("https://127.0.0.1:{port}/api/v1/cluster"));
+    let ca = ca.expect("CA printed");
+    let pem = std::fs::read(&ca).unwrap();
+    let http = || {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    // Plaintext to the TLS port gets no API answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/api/v1/cluster"))
+        .bearer_auth(&token)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        plain.as_ref().map_or(true, |r| !r.status().is_success()),
+        "{plain:?}"
+    );
     assert_eq!(
         dns,
         Some(format!("127.0.0.1:{dport}")),
@@ -225,7 +250,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
         let token = token.clone();
         async move {
             let r = http()
-                .get(format!("http://127.0.0.1:{port}/api/v1/agents"))
+                .get(format!("https://127.0.0.1:{port}/api/v1/agents"))
                 .bearer_auth(token)
                 .send()
                 .await
@@ -260,6 +285,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let out = std::process::Command::new(bin())
         .args(["agent", "list", "--master", &format!("127.0.0.1:{port}")])
         .env("CAIRN_TOKEN", &token)
+        .env("CAIRN_CA", &ca)
         .output()
         .unwrap();
     assert!(
@@ -281,6 +307,7 @@ async fn dev_mode_runs_a_master_and_an_agent() {
             &format!("127.0.0.1:{port}"),
         ])
         .env("CAIRN_TOKEN", &token)
+        .env("CAIRN_CA", &ca)
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -33,9 +33,18 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {out}"))
 }
 
-async fn get(url: &str, token: &str, path: &str) -> Option<Value> {
-    reqwest::Client::new()
-        .get(format!("{url}{path}"))
+/// A client trusting the lab's CA (`ca`), or plain for an `--insecure` lab.
+fn client(ca: Option<&str>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).unwrap();
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+async fn get(c: &reqwest::Client, url: &str, token: &str, path: &str) -> Option<Value> {
+    c.get(format!("{url}{path}"))
         .bearer_auth(token)
         .timeout(Duration::from_secs(3))
         .send()
@@ -57,14 +66,39 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
     let url = field(&out, "UI:").trim_end_matches("/ui/").to_string();
     let token = field(&out, "token:").to_string();
     let dns = field(&out, "DNS:").to_string();
-    // A second lab side by side, on its own addresses.
+    // TLS by default: its own CA, agents joined with a token the lab made.
+    assert!(url.starts_with("https://"), "{out}");
+    let ca = field(&out, "CA:").to_string();
+    let http = client(Some(&ca));
+    let tokens = get(&http, &url, &token, "/api/v1/join-tokens")
+        .await
+        .unwrap();
+    assert_eq!(tokens[0]["uses"], 2, "{tokens}");
+    // Without the CA the lab's certificate is not trusted.
+    assert!(get(&client(None), &url, &token, "/api/v1/cluster")
+        .await
+        .is_none());
+    // A second lab side by side, on its own addresses, plaintext.
     let (ok, out2) = lab_cli(
         root.path(),
-        &["up", "--name", "two", "--masters", "1", "--agents", "1"],
+        &[
+            "up",
+            "--name",
+            "two",
+            "--masters",
+            "1",
+            "--agents",
+            "1",
+            "--insecure",
+        ],
     );
     assert!(ok, "{out2}");
     let url2 = field(&out2, "UI:").trim_end_matches("/ui/").to_string();
     assert_ne!(url, url2);
+    assert!(url2.starts_with("http://"), "{out2}");
+    let token2 = field(&out2, "token:").to_string();
+    let c2 = get(&client(None), &url2, &token2, "/api/v1/cluster").await;
+    assert!(c2.is_some_and(|c| c["leader_id"] == 1));
     let (ok, list) = lab_cli(root.path(), &["list"]);
     assert!(ok && list.contains("one") && list.contains("two"), "{list}");
     let (ok, again) = lab_cli(root.path(), &["up", "--name", "one"]);
@@ -76,7 +110,7 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
         "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "exec sleep 3000"]}},
         "resources": {"cpus": 0.1, "mem": 32}
     });
-    let r = reqwest::Client::new()
+    let r = http
         .post(format!("{url}/api/v1/workloads"))
         .bearer_auth(&token)
         .json(&spec)
@@ -85,7 +119,7 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
         .unwrap();
     assert_eq!(r.status(), 201);
     eventually(Duration::from_secs(60), "2 tasks running", || async {
-        let c = get(&url, &token, "/api/v1/cluster").await?;
+        let c = get(&http, &url, &token, "/api/v1/cluster").await?;
         (c["tasks"]["running"].as_u64() == Some(2)).then_some(())
     })
     .await;
@@ -158,7 +192,7 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
     assert!(!mounts.contains(&root.path().display().to_string()));
     assert!(!dir_one.exists() && !root.path().join("two").exists());
     assert!(
-        get(&url, &token, "/api/v1/cluster").await.is_none(),
+        get(&http, &url, &token, "/api/v1/cluster").await.is_none(),
         "lab one still answers"
     );
     let (ok, out) = lab_cli(root.path(), &["down", "--name", "one"]);

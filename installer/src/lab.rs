@@ -128,6 +128,8 @@ impl Lab {
             self.token.clone(),
             "--peer-token".into(),
             self.peer_token.clone(),
+            // Test labs run plaintext on loopback; `tests/tls.rs` covers TLS.
+            "--insecure".into(),
         ];
         args.extend(more);
         let child = spawn(&self.bin, &args, &self.dir.join(format!("master-{id}.log")))?;
@@ -180,6 +182,7 @@ impl Lab {
             data_dir.display().to_string(),
             "--token".into(),
             self.token.clone(),
+            "--insecure".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = spawn(&self.bin, &args, &self.dir.join(format!("agent-{n}.log")))?;

@@ -43,12 +43,47 @@ pub struct LabState {
     pub bin: PathBuf,
     pub nodes: Vec<Node>,
     pub created_at: u64,
+    /// The lab's CA (`<lab>/pki`): TLS on every port; absent for an `--insecure` lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pki: Option<PathBuf>,
 }
 
 impl LabState {
     /// The API URL of the first master.
     pub fn url(&self) -> String {
-        format!("http://{}", self.masters().next().map_or("", |m| &m.addr))
+        format!(
+            "{}://{}",
+            self.scheme(),
+            self.masters().next().map_or("", |m| &m.addr)
+        )
+    }
+    pub fn scheme(&self) -> &'static str {
+        if self.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+    /// The CA certificate and the admin client certificate and key of a TLS lab.
+    pub fn credentials(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        let p = self.pki.as_ref()?;
+        Some((
+            p.join(crate::pki::CA_CERT),
+            p.join("admin").join(crate::pki::NODE_CERT),
+            p.join("admin").join(crate::pki::NODE_KEY),
+        ))
+    }
+    /// An HTTP client for the lab's nodes: under TLS it trusts the lab's CA and presents the
+    /// admin certificate (agents' APIs take only masters' and admins' certificates).
+    pub fn http(&self, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder().timeout(timeout);
+        if let Some((ca, cert, key)) = self.credentials() {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+            let mut pem = std::fs::read(cert)?;
+            pem.extend(std::fs::read(key)?);
+            b = b.identity(reqwest::Identity::from_pem(&pem)?);
+        }
+        Ok(b.build()?)
     }
     pub fn masters(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(|n| n.role == "master")
@@ -170,6 +205,8 @@ pub struct UpSpec {
     pub agents: u64,
     pub bin: PathBuf,
     pub root: PathBuf,
+    /// Plaintext instead of TLS.
+    pub insecure: bool,
 }
 
 fn random_token() -> String {
@@ -220,10 +257,38 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         bin: spec.bin.clone(),
         nodes: vec![],
         created_at: now_ms(),
+        pki: (!spec.insecure).then(|| dir.join("pki")),
+    };
+    // TLS: a CA for the lab, a certificate per master (with the CA key, so any master signs
+    // joining agents), an admin certificate for the CLI; agents join with a token below.
+    let ca = match &lab.pki {
+        Some(p) => {
+            progress("making the lab's CA and certificates");
+            let ca = crate::pki::Ca::generate(&spec.name)?;
+            ca.save(p)?;
+            crate::pki::ensure_node(&ca, &p.join("admin"), crate::pki::Role::Admin, "lab", &[])?;
+            Some(ca)
+        }
+        None => None,
     };
     progress("starting masters");
     for i in 1..=spec.masters {
-        let args: Vec<String> = [
+        let tls_dir = dir.join(format!("m{i}")).join("tls");
+        let tls_arg = match &ca {
+            Some(ca) => {
+                crate::pki::ensure_node(
+                    ca,
+                    &tls_dir,
+                    crate::pki::Role::Master,
+                    &i.to_string(),
+                    &[mip(i), "localhost".into()],
+                )?;
+                ca.save(&tls_dir)?;
+                vec!["--tls-dir".to_string(), tls_dir.display().to_string()]
+            }
+            None => vec!["--insecure".to_string()],
+        };
+        let mut args: Vec<String> = [
             "master",
             "--node-id",
             &i.to_string(),
@@ -243,6 +308,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(tls_arg);
         let (pid, ticks) = spawn(&spec.bin, &args, &dir.join(format!("m{i}.log")))?;
         lab.nodes.push(Node {
             name: format!("m{i}"),
@@ -254,6 +320,43 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         });
         save(&dir, &lab)?;
     }
+    let http = lab.http(Duration::from_secs(2))?;
+    // Agents of a TLS lab join with a token, which needs a leader to make it.
+    let agent_cred = if lab.pki.is_some() {
+        progress("waiting for a leader to make the agents' join token");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            check_alive(&dir, &lab)?;
+            let r = http
+                .post(format!("{}/api/v1/join-tokens", lab.url()))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"ttl": "1h", "max_uses": spec.agents,
+                                          "description": format!("lab {}", spec.name)}))
+                .send()
+                .await;
+            if let Ok(r) = r {
+                if r.status().is_success() {
+                    let v: serde_json::Value = r.json().await?;
+                    let t = v["token"].as_str().context("no token in the answer")?;
+                    break vec!["--join".to_string(), t.to_string()];
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lab {:?}: no leader after 60 s; logs in {}",
+                    spec.name,
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        vec![
+            "--token".to_string(),
+            token.clone(),
+            "--insecure".to_string(),
+        ]
+    };
     progress("starting agents");
     let masters: Vec<String> = lab.masters().map(|m| m.addr.clone()).collect();
     for i in 1..=spec.agents {
@@ -267,8 +370,6 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             &format!("{ip}:{AGENT_PORT}"),
             "--data-dir",
             &dir.join(format!("a{i}")).display().to_string(),
-            "--token",
-            &token,
             "--attributes",
             &format!("lab:{},node:a{i}", spec.name),
             "--resources",
@@ -281,6 +382,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(agent_cred.iter().cloned())
         .collect();
         let (pid, ticks) = spawn(&spec.bin, &args, &dir.join(format!("a{i}.log")))?;
         lab.nodes.push(Node {
@@ -294,21 +396,9 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         save(&dir, &lab)?;
     }
     progress("waiting for a leader and every agent");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(dead) = lab.nodes.iter().find(|n| !alive(n)) {
-            let log =
-                std::fs::read_to_string(dir.join(format!("{}.log", dead.name))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            bail!(
-                "node {} exited while starting; its log ends:\n{}",
-                dead.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
+        check_alive(&dir, &lab)?;
         let ready = async {
             let c: serde_json::Value = http
                 .get(format!("{}/api/v1/cluster", lab.url()))
@@ -349,6 +439,21 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Fails with the end of its log if a node of a starting lab exited.
+fn check_alive(dir: &Path, lab: &LabState) -> anyhow::Result<()> {
+    if let Some(dead) = lab.nodes.iter().find(|n| !alive(n)) {
+        let log =
+            std::fs::read_to_string(dir.join(format!("{}.log", dead.name))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        bail!(
+            "node {} exited while starting; its log ends:\n{}",
+            dead.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
 }
 
 fn signal(n: &Node, sig: nix::sys::signal::Signal) {
@@ -489,6 +594,7 @@ mod tests {
             bin: "/bin/true".into(),
             nodes: vec![],
             created_at: 0,
+            pki: None,
         };
         std::fs::create_dir_all(root.join("a")).unwrap();
         save(&root.join("a"), &lab).unwrap();

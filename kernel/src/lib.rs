@@ -8,6 +8,7 @@ pub mod dns;
 pub mod dns_server;
 pub mod error;
 pub mod gc;
+pub mod join;
 pub mod liveness;
 pub mod master;
 pub mod model;

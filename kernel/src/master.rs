@@ -43,7 +43,7 @@ pub struct MasterConfig {
 }
 
 /// Adds routes to the API router (see `MasterConfig::ui`).
-pub type UiRoutes = fn(axum::Router, &str) -> axum::Router;
+pub type UiRoutes = fn(axum::Router, &str, bool) -> axum::Router;
 
 /// A running master.
 pub struct Master {
@@ -62,7 +62,9 @@ impl Master {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let node = RaftNode::start(cfg.node.clone(), Machine::default()).await?;
-        let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let client = cairn_raft::tls::client_builder()
+            .tcp_nodelay(true)
+            .build()?;
         let metrics = Metrics::new();
         let admission = crate::admission::Admission::new(cfg.limits, &metrics.registry);
         let wakers = node.app.read().expect("state lock").wakers.clone();
@@ -79,16 +81,25 @@ impl Master {
         });
         let (stop, stop_rx) = watch::channel(false);
         let app = match cfg.ui {
-            Some(ui) => ui(router(api.clone()), &cfg.token),
+            Some(ui) => ui(
+                router(api.clone()),
+                &cfg.token,
+                cairn_raft::tls::current().is_some(),
+            ),
             None => router(api.clone()),
         };
         let mut srv_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
+            // Users bring tokens; agents bring their certificates (or the token).
+            let r = cairn_raft::tls::serve(
+                listener,
+                app,
+                cairn_raft::tls::Clients::Optional,
+                async move {
                     let _ = srv_stop.wait_for(|s| *s).await;
-                })
-                .await;
+                },
+            )
+            .await;
             if let Err(e) = r {
                 tracing::error!("api server: {e}");
             }

@@ -40,6 +40,8 @@ pub struct State {
     pub services: BTreeMap<String, crate::service::ServiceState>,
     /// Volumes of removed services: orphaned (kept) or being destroyed by their agents.
     pub detached_volumes: BTreeMap<String, crate::service::VolumeReservation>,
+    /// Join tokens by id (`crate::join`).
+    pub join_tokens: BTreeMap<String, crate::join::JoinTokenRecord>,
     /// Agents whose assignments the last `apply` changed (scratch, not replicated state:
     /// `Machine` drains it to wake exactly those agents' long-polls).
     #[serde(skip)]
@@ -218,6 +220,20 @@ pub enum Command {
     /// Forget ended tasks (`gc`); a task that is live again is kept.
     RemoveTasks {
         ids: Vec<String>,
+        at: u64,
+    },
+    /// A join token was made (`crate::join`).
+    PutJoinToken {
+        token: crate::join::JoinTokenRecord,
+    },
+    RevokeJoinToken {
+        id: String,
+        at: u64,
+    },
+    /// A node joined with a token; refused if the token is revoked, expired or used up.
+    SpendJoinToken {
+        id: String,
+        node: String,
         at: u64,
     },
 }
@@ -536,6 +552,19 @@ fn describe(cmd: &Command) -> Described {
             other("agent", agent, "volumes_destroyed", ids.join(", "), *at)
         }
         Command::DestroyVolume { id, at } => other("volume", id, "destroy", String::new(), *at),
+        Command::PutJoinToken { token } => other(
+            "join-token",
+            &token.id,
+            "created",
+            token.description.clone(),
+            token.created,
+        ),
+        Command::RevokeJoinToken { id, at } => {
+            other("join-token", id, "revoked", String::new(), *at)
+        }
+        Command::SpendJoinToken { id, node, at } => {
+            other("join-token", id, "joined", node.clone(), *at)
+        }
         Command::RemoveTasks { ids, at } => other(
             "task",
             "",
@@ -900,6 +929,11 @@ fn apply_command(state: &mut State, index: u64, cmd: Command) -> Outcome {
         }
         Command::DestroyVolume { id, .. } => {
             crate::service::commands::destroy_orphan(state, index, &id)
+        }
+        Command::PutJoinToken { token } => crate::join::put(state, index, token),
+        Command::RevokeJoinToken { id, .. } => crate::join::revoke(state, index, &id),
+        Command::SpendJoinToken { id, node, at } => {
+            crate::join::spend(state, index, &id, &node, at)
         }
         Command::RemoveTasks { ids, .. } => {
             for id in ids {

@@ -9,6 +9,7 @@ pub mod election;
 pub mod network;
 pub mod node;
 pub mod store;
+pub mod tls;
 
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;

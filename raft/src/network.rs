@@ -53,7 +53,7 @@ pub struct HttpNetwork {
 
 impl HttpNetwork {
     pub fn new(token: String) -> Self {
-        let client = reqwest::Client::builder()
+        let client = crate::tls::client_builder()
             .pool_max_idle_per_host(8)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
@@ -90,7 +90,7 @@ pub(crate) async fn post_bincode<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Option<Resp> {
     let body = bincode::serialize(req).ok()?;
     let resp = client
-        .post(format!("http://{peer}/raft/{path}"))
+        .post(format!("{}://{peer}/raft/{path}", crate::tls::scheme()))
         .bearer_auth(token)
         .timeout(timeout)
         .body(body)
@@ -160,7 +160,12 @@ impl HttpConn {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let url = format!("http://{}/raft/{}", self.node.peer, path);
+        let url = format!(
+            "{}://{}/raft/{}",
+            crate::tls::scheme(),
+            self.node.peer,
+            path
+        );
         // openraft bounds each RPC itself (an append by the heartbeat interval, a snapshot
         // chunk by its own timeout); ours only grows with the payload, for the slow cases.
         let ttl = option.hard_ttl() + Duration::from_millis(body.len() as u64 / (4 * 1024));

@@ -244,7 +244,7 @@ impl<A: App> RaftNode<A> {
         if node.peer.is_empty() {
             node.peer = peer_addr.to_string();
         }
-        let client = reqwest::Client::builder()
+        let client = crate::tls::client_builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
             .build()?;
@@ -344,11 +344,17 @@ impl<A: App> RaftNode<A> {
                 },
             ));
         tokio::spawn(async move {
-            let r = axum::serve(listener, routes)
-                .with_graceful_shutdown(async move {
+            // Masters only: a peer without a master certificate of this cluster's CA is
+            // refused in the handshake, before any request is read.
+            let r = crate::tls::serve(
+                listener,
+                routes,
+                crate::tls::Clients::Required(&["master"]),
+                async move {
                     let _ = stop_rx.await;
-                })
-                .await;
+                },
+            )
+            .await;
             if let Err(e) = r {
                 tracing::error!("raft peer server: {e}");
             }

@@ -104,11 +104,16 @@ impl Agent {
         let app = crate::agent_api::router(info.clone(), tasks.clone(), cfg.token.clone());
         let mut srv_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
+            // Masters (log and file proxies) and operators with an admin certificate only.
+            let _ = cairn_raft::tls::serve(
+                listener,
+                app,
+                cairn_raft::tls::Clients::Required(&["master", "admin"]),
+                async move {
                     let _ = srv_stop.wait_for(|s| *s).await;
-                })
-                .await;
+                },
+            )
+            .await;
         });
         let reg = AgentRegistration {
             id,
@@ -213,7 +218,8 @@ pub(crate) async fn heartbeat_loop(
     info: Arc<Mutex<AgentInfo>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let client = reqwest::Client::builder()
+    let scheme = cairn_raft::tls::scheme();
+    let client = cairn_raft::tls::client_builder()
         .timeout(Duration::from_secs(5))
         .connect_timeout(Duration::from_millis(500))
         .build()
@@ -231,7 +237,7 @@ pub(crate) async fn heartbeat_loop(
         let mut failed: Option<Option<Duration>> = None;
         if !registered {
             let r = client
-                .post(format!("http://{master}/api/v1/agents"))
+                .post(format!("{scheme}://{master}/api/v1/agents"))
                 .bearer_auth(&cfg.token)
                 .json(&reg)
                 .send()
@@ -262,7 +268,7 @@ pub(crate) async fn heartbeat_loop(
         if registered {
             let beat = match client
                 .post(format!(
-                    "http://{master}/api/v1/agents/{}/heartbeat",
+                    "{scheme}://{master}/api/v1/agents/{}/heartbeat",
                     reg.id
                 ))
                 .bearer_auth(&cfg.token)

@@ -71,6 +71,11 @@ async fn metrics(ctx: C) -> Response {
 }
 
 async fn auth(ctx: C, req: Request, next: Next) -> Response {
+    // Under TLS the listener lets through only masters' and admins' certificates (see
+    // `Agent::start`); they need no token. Plaintext (`--insecure`) needs the token.
+    if cairn_raft::tls::peer_identity(&req).is_some() {
+        return next.run(req).await;
+    }
     match cairn_kernel::error::check_bearer(req.headers(), &ctx.token) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),

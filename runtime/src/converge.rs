@@ -19,7 +19,7 @@ use tokio::sync::watch;
 /// The HTTP client of an agent loop: a short connect timeout (a dead master is skipped fast)
 /// and the loop's own request timeout.
 fn client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
+    cairn_raft::tls::client_builder()
         .connect_timeout(Duration::from_millis(500))
         .timeout(timeout)
         .build()
@@ -84,6 +84,7 @@ pub async fn assignment_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let scheme = cairn_raft::tls::scheme();
     let http = client(Duration::from_secs(40));
     let mut index = 0u64;
     let mut cur = 0usize;
@@ -95,7 +96,7 @@ pub async fn assignment_loop(
         let ms = masters(&cfg, &info);
         let master = ms[cur % ms.len()].clone();
         let url =
-            format!("http://{master}/api/v1/agents/{agent_id}/assignments?index={index}&wait=30s&stale=true");
+            format!("{scheme}://{master}/api/v1/agents/{agent_id}/assignments?index={index}&wait=30s&stale=true");
         let req = http.get(url).bearer_auth(&cfg.token).send();
         let resp = tokio::select! {
             r = req => r,
@@ -171,6 +172,7 @@ pub async fn status_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let scheme = cairn_raft::tls::scheme();
     let http = client(Duration::from_secs(15));
     // Reports are built from each task's current state when sent, so while the masters are
     // away only the latest state per task waits (coalescing): the backlog never grows.
@@ -193,7 +195,9 @@ pub async fn status_loop(
             let ms = masters(&cfg, &info);
             let master = ms[cur % ms.len()].clone();
             let r = http
-                .post(format!("http://{master}/api/v1/agents/{agent_id}/status"))
+                .post(format!(
+                    "{scheme}://{master}/api/v1/agents/{agent_id}/status"
+                ))
                 .bearer_auth(&cfg.token)
                 .json(&batch)
                 .send()
@@ -245,6 +249,7 @@ pub async fn volume_loop(
     tasks: Arc<TaskManager>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let scheme = cairn_raft::tls::scheme();
     let http = client(Duration::from_secs(10));
     let mut cur = 0usize;
     loop {
@@ -255,7 +260,7 @@ pub async fn volume_loop(
         }
         let ms = masters(&cfg, &info);
         let master = ms[cur % ms.len()].clone();
-        let url = format!("http://{master}/api/v1/agents/{agent_id}/volumes?stale=true");
+        let url = format!("{scheme}://{master}/api/v1/agents/{agent_id}/volumes?stale=true");
         let list = match http.get(url).bearer_auth(&cfg.token).send().await {
             Ok(r) if r.status().is_success() => r.json::<Vec<VolumeReservation>>().await,
             other => {
@@ -285,7 +290,7 @@ pub async fn volume_loop(
         if done.is_empty() {
             continue;
         }
-        let url = format!("http://{master}/api/v1/agents/{agent_id}/volumes/destroyed");
+        let url = format!("{scheme}://{master}/api/v1/agents/{agent_id}/volumes/destroyed");
         let r = http
             .post(url)
             .bearer_auth(&cfg.token)
@@ -310,6 +315,7 @@ pub async fn dns_loop(
     view: watch::Sender<Arc<cairn_kernel::dns::DnsView>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let scheme = cairn_raft::tls::scheme();
     let http = client(Duration::from_secs(40));
     let mut index = 0u64;
     let mut cur = 0usize;
@@ -317,7 +323,7 @@ pub async fn dns_loop(
     loop {
         let ms = masters(&cfg, &info);
         let master = ms[cur % ms.len()].clone();
-        let url = format!("http://{master}/api/v1/dns?index={index}&wait=30s&stale=true");
+        let url = format!("{scheme}://{master}/api/v1/dns?index={index}&wait=30s&stale=true");
         let req = http.get(url).bearer_auth(&cfg.token).send();
         let resp = tokio::select! {
             r = req => r,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 /// Runs `n` simulated agents until `stop`. Agent `i` has id `<prefix>-<i>`, hostname
 /// `sim-<i>`, the given resources, and attributes `rack:r<i%20>;zone:z<i%3>` plus `attributes`.
 pub async fn run(cfg: AgentConfig, n: usize, prefix: String, stop: watch::Receiver<bool>) {
-    let http = reqwest::Client::builder()
+    let http = cairn_raft::tls::client_builder()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(40))
         .pool_max_idle_per_host(n.max(1))
@@ -71,6 +71,7 @@ async fn assignments(
     http: reqwest::Client,
     mut stop: watch::Receiver<bool>,
 ) {
+    let scheme = cairn_raft::tls::scheme();
     let mut index = 0u64;
     let mut cur = 0usize;
     let mut running: HashSet<String> = HashSet::new();
@@ -90,7 +91,7 @@ async fn assignments(
         let master = masters[cur % masters.len()].clone();
         let r = tokio::select! {
             r = http
-                .get(format!("http://{master}/api/v1/agents/{id}/assignments"))
+                .get(format!("{scheme}://{master}/api/v1/agents/{id}/assignments"))
                 .query(&[("index", index.to_string()), ("wait", "30s".into()), ("stale", "true".into())])
                 .bearer_auth(&cfg.token)
                 .send() => r,
@@ -134,7 +135,7 @@ async fn assignments(
         running = now;
         while !reports.is_empty() {
             let r = http
-                .post(format!("http://{master}/api/v1/agents/{id}/status"))
+                .post(format!("{scheme}://{master}/api/v1/agents/{id}/status"))
                 .bearer_auth(&cfg.token)
                 .json(&reports)
                 .send()

@@ -25,16 +25,19 @@ use std::sync::{Arc, LazyLock};
 pub struct Ui {
     pub backend: Backend,
     pub keys: Keys,
+    /// The master serves over TLS: session cookies are `Secure`.
+    pub tls: bool,
 }
 
 pub(crate) type St = State<Arc<Ui>>;
 
 /// The UI routes merged with `api` (the master's API router, which the UI calls in process).
 /// `token` is the cluster token (it keys the session cookies, the same on every master).
-pub fn router(api: Router, token: &str) -> Router {
+pub fn router(api: Router, token: &str, tls: bool) -> Router {
     let ui = Arc::new(Ui {
         backend: Backend::new(api.clone()),
         keys: Keys::new(token),
+        tls,
     });
     let pages = pages::routes()
         .route("/ui/assets/{file}", get(asset))

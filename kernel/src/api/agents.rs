@@ -145,8 +145,21 @@ pub(super) async fn volumes_destroyed(
 
 pub(super) async fn register_agent(
     ctx: Ctx,
+    caller: Option<axum::Extension<super::NodeCaller>>,
     JsonBody(reg): JsonBody<AgentRegistration>,
 ) -> Result<Response, ApiError> {
+    if let Some(axum::Extension(super::NodeCaller(id))) = &caller {
+        if id.role == "agent" && id.name != reg.id {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "the certificate of agent {} cannot register agent {}",
+                    id.name, reg.id
+                ),
+            ));
+        }
+    }
     if !valid_id(&reg.id) {
         return Err(ApiError::bad_request(
             "id",
@@ -227,7 +240,10 @@ pub(super) async fn heartbeat(
             // Heartbeats are leader-local: hand it to the leader.
             let r = ctx
                 .client
-                .post(format!("http://{addr}/api/v1/agents/{id}/heartbeat"))
+                .post(format!(
+                    "{}://{addr}/api/v1/agents/{id}/heartbeat",
+                    cairn_raft::tls::scheme()
+                ))
                 .bearer_auth(&ctx.token)
                 .header("x-cairn-forwarded", "1")
                 .timeout(Duration::from_secs(2))

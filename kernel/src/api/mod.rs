@@ -6,6 +6,7 @@ mod agents;
 mod cluster;
 mod dns;
 mod events;
+mod join;
 mod kv;
 mod metrics;
 mod packages;
@@ -106,6 +107,10 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/events",
     "/api/v1/events/recent",
     "/api/v1/dns",
+    "/api/v1/join-tokens",
+    "/api/v1/join-tokens/{id}",
+    "/api/v1/join/ca",
+    "/api/v1/join",
     "/api/v1/openapi.json",
     "/metrics",
     "/healthz",
@@ -254,6 +259,14 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/events", get(events::events))
         .route("/api/v1/events/recent", get(events::recent_events))
         .route("/api/v1/dns", get(dns::dns_table))
+        .route(
+            "/api/v1/join-tokens",
+            get(join::list_tokens).post(join::create_token),
+        )
+        .route(
+            "/api/v1/join-tokens/{id}",
+            axum::routing::delete(join::revoke_token),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(api.max_body));
@@ -261,6 +274,12 @@ pub fn router(api: Arc<Api>) -> Router {
     v1.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(auth))
+        // A joining node has no token and no certificate yet: its join token is its credential.
+        .route("/api/v1/join/ca", get(join::join_ca))
+        .route(
+            "/api/v1/join",
+            post(join::join).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
         .layer(middleware::from_fn(admit))
         .layer(middleware::from_fn(observe))
         .route("/healthz", get(|| async { "ok" }))
@@ -287,10 +306,63 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-async fn auth(ctx: Ctx, req: Request, next: Next) -> Response {
+/// A request made with a node certificate and no token: who made it (`tls::Identity`).
+#[derive(Clone, Debug)]
+pub struct NodeCaller(pub cairn_raft::tls::Identity);
+
+/// A token is checked when one is sent. Without one, a cluster certificate presented in the
+/// TLS handshake speaks for its node: masters and admins may do anything, an agent only its
+/// own reporting (registration, `/api/v1/agents/<its id>/...`) and the DNS table, so a
+/// joined agent never holds the user token and cannot speak for another agent.
+async fn auth(ctx: Ctx, mut req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.strip_prefix("Bearer ").is_some_and(|t| !t.is_empty()));
+    if !bearer {
+        if let Some(id) = cairn_raft::tls::peer_identity(&req).cloned() {
+            if let Err(e) = node_may(&id, req.method(), req.uri().path()) {
+                return e.into_response();
+            }
+            req.extensions_mut().insert(NodeCaller(id));
+            return next.run(req).await;
+        }
+    }
     match crate::error::check_bearer(req.headers(), &ctx.token) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
+    }
+}
+
+/// What a node certificate allows without a token (see `auth`).
+pub fn node_may(
+    id: &cairn_raft::tls::Identity,
+    method: &axum::http::Method,
+    path: &str,
+) -> Result<(), ApiError> {
+    let ok = match id.role.as_str() {
+        "master" | "admin" => true,
+        "agent" => {
+            let own = format!("/api/v1/agents/{}/", id.name);
+            (path == "/api/v1/agents" && method == axum::http::Method::POST)
+                || path.starts_with(&own)
+                || path == "/api/v1/dns"
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "the certificate of {}:{} may not {method} {path}: an agent reports only as \
+                 itself; send a user token for anything else",
+                id.role, id.name
+            ),
+        ))
     }
 }
 
@@ -411,7 +483,10 @@ impl Api {
             } => {
                 let status = match code.as_str() {
                     "not_found" => StatusCode::NOT_FOUND,
-                    "cas_failed" | "conflict" | "invalid_transition" => StatusCode::CONFLICT,
+                    "unauthorized" => StatusCode::UNAUTHORIZED,
+                    "cas_failed" | "conflict" | "invalid_transition" | "too_many" => {
+                        StatusCode::CONFLICT
+                    }
                     _ => StatusCode::BAD_REQUEST,
                 };
                 let mut e = ApiError::new(status, &code, message);

@@ -126,9 +126,10 @@ async fn login(
     if ui.backend.get(&token, "/api/v1/cluster").await.is_err() {
         return refuse("That token is not valid for this cluster.");
     }
-    let secure = headers
-        .get("x-forwarded-proto")
-        .is_some_and(|v| v.as_bytes() == b"https");
+    let secure = ui.tls
+        || headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes() == b"https");
     let s = ui.keys.issue(&token, crate::now_secs());
     (
         [(
