@@ -35,6 +35,9 @@ pub enum BenchCmd {
         /// Send every request to the first endpoint only (no follower forwarding).
         #[arg(long)]
         one_endpoint: bool,
+        /// Cairn with mutual TLS on every port (a CA made for the run); plaintext otherwise.
+        #[arg(long)]
+        tls: bool,
         /// Where the cluster keeps its data (default: a temporary dir).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -313,17 +316,22 @@ async fn start_cluster(
     dir: &Path,
     nodes: u64,
     extra: &[&str],
+    tls: bool,
 ) -> anyhow::Result<(Cluster, Vec<String>)> {
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     match target {
         Target::Cairn => {
             let bin = std::env::current_exe()?;
-            let lab = Lab::start(&bin, dir, nodes, TOKEN, extra)?;
+            let lab = if tls {
+                Lab::start_tls(&bin, dir, nodes, TOKEN, extra)?
+            } else {
+                Lab::start(&bin, dir, nodes, TOKEN, extra)?
+            };
+            let http = lab.client_builder().build()?;
             let eps: Vec<String> = lab
                 .masters
                 .iter()
-                .map(|m| format!("http://{}", m.addr))
+                .map(|m| format!("{}://{}", lab.scheme(), m.addr))
                 .collect();
             while put(&http, target, &eps[0], TOKEN, "warmup", "x")
                 .await
@@ -335,6 +343,8 @@ async fn start_cluster(
             Ok((Cluster::Cairn(lab), eps))
         }
         Target::Etcd => {
+            anyhow::ensure!(!tls, "--tls is for Cairn only");
+            let http = reqwest::Client::new();
             let lab = EtcdLab::start(dir)?;
             let eps: Vec<String> = (0..3).map(|i| lab.endpoint(i)).collect();
             while put(&http, target, &eps[0], "", "warmup", "x")
@@ -371,6 +381,7 @@ struct KvLoad {
     value_size: usize,
     nodes: u64,
     one_endpoint: bool,
+    tls: bool,
 }
 
 async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -381,9 +392,10 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
         value_size,
         nodes,
         one_endpoint,
+        tls,
     } = load;
     let (dir, _tmp) = workdir(dir)?;
-    let (_cluster, mut eps) = start_cluster(target, &dir, nodes, &[]).await?;
+    let (cluster, mut eps) = start_cluster(target, &dir, nodes, &[], tls).await?;
     if one_endpoint {
         eps.truncate(1);
     }
@@ -395,11 +407,14 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
         for c in 0..n {
             let ep = eps[c % eps.len()].clone();
             let value = value.clone();
+            // One client (and connection pool) per simulated client, as before.
+            let http = match &cluster {
+                Cluster::Cairn(lab) => lab.client_builder(),
+                Cluster::Etcd(_) => reqwest::Client::builder(),
+            }
+            .tcp_nodelay(true)
+            .build()?;
             handles.push(tokio::spawn(async move {
-                let http = reqwest::Client::builder()
-                    .tcp_nodelay(true)
-                    .build()
-                    .expect("client");
                 let mut h = Histogram::<u64>::new(3).expect("histogram");
                 let mut errors = 0u64;
                 let mut i = 0u64;
@@ -424,8 +439,9 @@ async fn kv(load: KvLoad, dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
         let secs = duration.as_secs_f64();
         println!(
-            "| {:?} | {} | {:.0} | {:.2} | {:.2} | {} |",
+            "| {:?}{} | {} | {:.0} | {:.2} | {:.2} | {} |",
             target,
+            if tls { " mTLS" } else { "" },
             n,
             all.len() as f64 / secs,
             all.value_at_quantile(0.5) as f64 / 1000.0,
@@ -444,7 +460,7 @@ async fn failover(
 ) -> anyhow::Result<()> {
     let (dir, _tmp) = workdir(dir)?;
     let extra: &[&str] = if fast { &["--fast-failover"] } else { &[] };
-    let (mut cluster, eps) = start_cluster(target, &dir, 3, extra).await?;
+    let (mut cluster, eps) = start_cluster(target, &dir, 3, extra, false).await?;
     // Short attempts: a write sent while there is no leader may be held (etcd) or wait for the
     // election (Cairn); a fresh attempt every 100 ms finds the new leader as soon as it commits.
     let http = reqwest::Client::builder()
@@ -535,6 +551,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             value_size,
             nodes,
             one_endpoint,
+            tls,
             dir,
         } => {
             println!("| target | clients | commits/s | p50 ms | p99 ms | errors |");
@@ -547,6 +564,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
                     value_size,
                     nodes,
                     one_endpoint,
+                    tls,
                 },
                 dir,
             )

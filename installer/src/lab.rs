@@ -36,6 +36,9 @@ pub struct Lab {
     pub agents: Vec<AgentProc>,
     pub dir: PathBuf,
     pub extra: Vec<String>,
+    /// The lab's CA (`<dir>/pki`, with an admin certificate in `admin/`) when it runs TLS
+    /// (`start_tls`); plaintext (`--insecure`) otherwise.
+    pub pki: Option<PathBuf>,
     http: reqwest::Client,
 }
 
@@ -62,7 +65,8 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
 }
 
 impl Lab {
-    /// Starts `n` masters (ids 1..=n) that bootstrap one cluster. `extra` goes to every master.
+    /// Starts `n` masters (ids 1..=n) that bootstrap one cluster, plaintext (`--insecure`).
+    /// `extra` goes to every master.
     pub fn start(
         bin: &Path,
         dir: &Path,
@@ -70,6 +74,38 @@ impl Lab {
         token: &str,
         extra: &[&str],
     ) -> std::io::Result<Lab> {
+        Self::start_with(bin, dir, n, token, extra, false)
+    }
+
+    /// As `start`, with mutual TLS: a CA in `<dir>/pki`, a certificate per node.
+    pub fn start_tls(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        token: &str,
+        extra: &[&str],
+    ) -> std::io::Result<Lab> {
+        Self::start_with(bin, dir, n, token, extra, true)
+    }
+
+    fn start_with(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        token: &str,
+        extra: &[&str],
+        tls: bool,
+    ) -> std::io::Result<Lab> {
+        let pki = if tls {
+            let p = dir.join("pki");
+            let ca = crate::pki::Ca::generate("lab").map_err(std::io::Error::other)?;
+            ca.save(&p).map_err(std::io::Error::other)?;
+            crate::pki::ensure_node(&ca, &p.join("admin"), crate::pki::Role::Admin, "lab", &[])
+                .map_err(std::io::Error::other)?;
+            Some(p)
+        } else {
+            None
+        };
         let addrs: Vec<(String, String)> = (0..n)
             .map(|_| {
                 (
@@ -92,10 +128,11 @@ impl Lab {
             agents: Vec::new(),
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            http: reqwest::Client::builder()
+            http: Self::client_for(pki.as_deref())
                 .timeout(Duration::from_secs(5))
                 .build()
                 .expect("client"),
+            pki,
         };
         for (i, (addr, peer)) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
@@ -128,9 +165,13 @@ impl Lab {
             self.token.clone(),
             "--peer-token".into(),
             self.peer_token.clone(),
-            // Test labs run plaintext on loopback; `tests/tls.rs` covers TLS.
-            "--insecure".into(),
         ];
+        args.extend(self.tls_args(
+            &data_dir,
+            crate::pki::Role::Master,
+            &id.to_string(),
+            "127.0.0.1",
+        )?);
         args.extend(more);
         let child = spawn(&self.bin, &args, &self.dir.join(format!("master-{id}.log")))?;
         self.masters.push(MasterProc {
@@ -182,8 +223,20 @@ impl Lab {
             data_dir.display().to_string(),
             "--token".into(),
             self.token.clone(),
-            "--insecure".into(),
         ];
+        if self.pki.is_some() {
+            // The agent's id is chosen here so its certificate can name it (random: its
+            // first 8 characters name its task cgroups).
+            std::fs::create_dir_all(&data_dir)?;
+            if !data_dir.join("agent-id").exists() {
+                let id = format!("{:016x}", rand::random::<u64>());
+                std::fs::write(data_dir.join("agent-id"), id)?;
+            }
+            let id = std::fs::read_to_string(data_dir.join("agent-id"))?;
+            args.extend(self.tls_args(&data_dir, crate::pki::Role::Agent, id.trim(), ip)?);
+        } else {
+            args.push("--insecure".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = spawn(&self.bin, &args, &self.dir.join(format!("agent-{n}.log")))?;
         self.agents.push(AgentProc {
@@ -297,11 +350,60 @@ impl Lab {
         self.master(id).child.is_some()
     }
 
+    /// `--insecure` for a plaintext lab; for a TLS lab, the node's certificate (issued into
+    /// `<data_dir>/tls`, with the CA key for masters) and `--tls-dir`.
+    fn tls_args(
+        &self,
+        data_dir: &Path,
+        role: crate::pki::Role,
+        name: &str,
+        ip: &str,
+    ) -> std::io::Result<Vec<String>> {
+        let Some(p) = &self.pki else {
+            return Ok(vec!["--insecure".into()]);
+        };
+        let tls = data_dir.join("tls");
+        let ca = crate::pki::Ca::load(p).map_err(std::io::Error::other)?;
+        crate::pki::ensure_node(&ca, &tls, role, name, &[ip.to_string()])
+            .map_err(std::io::Error::other)?;
+        if role == crate::pki::Role::Master {
+            ca.save(&tls).map_err(std::io::Error::other)?;
+        }
+        Ok(vec!["--tls-dir".into(), tls.display().to_string()])
+    }
+
+    /// A client builder for this lab: for a TLS lab it trusts the lab's CA and presents the
+    /// admin certificate.
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        Self::client_for(self.pki.as_deref())
+    }
+
+    fn client_for(pki: Option<&Path>) -> reqwest::ClientBuilder {
+        let b = reqwest::Client::builder();
+        let Some(p) = pki else {
+            return b;
+        };
+        let ca = std::fs::read(p.join(crate::pki::CA_CERT)).expect("lab CA");
+        let mut id = std::fs::read(p.join("admin").join(crate::pki::NODE_CERT)).expect("admin");
+        id.extend(std::fs::read(p.join("admin").join(crate::pki::NODE_KEY)).expect("admin key"));
+        b.add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("lab CA"))
+            .identity(reqwest::Identity::from_pem(&id).expect("admin identity"))
+    }
+
+    /// `https` for a TLS lab, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// GET a path on one master with the token; `None` if it does not answer 2xx.
     pub async fn get(&self, addr: &str, path: &str) -> Option<serde_json::Value> {
         let r = self
             .http
-            .get(format!("http://{addr}{path}"))
+            .get(format!("{}://{addr}{path}", self.scheme()))
             .bearer_auth(&self.token)
             .send()
             .await
