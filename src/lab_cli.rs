@@ -19,6 +19,10 @@ pub enum LabCmd {
         /// token).
         #[arg(long)]
         insecure: bool,
+        /// Nodes on loopback addresses even as root (by default root gets each node in its
+        /// own network namespace, so `chaos partition|delay|heal` work).
+        #[arg(long)]
+        loopback: bool,
     },
     /// A lab's nodes: role, address, process, leader, agent status.
     Status {
@@ -32,11 +36,16 @@ pub enum LabCmd {
         #[arg(long, default_value = "lab")]
         name: String,
     },
-    /// Inject a fault: `kill NODE` (SIGKILL) or `restart NODE` (e.g. m1, a2).
+    /// Inject a fault: `kill NODE` (SIGKILL), `restart NODE`, and in labs of namespaces
+    /// `partition NODE` (cut off from the other nodes), `delay NODE` (latency on what it
+    /// sends), `heal NODE`; NODE is e.g. m1, a2.
     Chaos {
         #[arg(long, default_value = "lab")]
         name: String,
-        /// kill or restart.
+        /// The latency `delay` adds.
+        #[arg(long, default_value_t = 200)]
+        delay_ms: u64,
+        /// kill, restart, partition, delay or heal.
         action: String,
         /// Nodes, e.g. m1 a2.
         #[arg(required = true)]
@@ -52,6 +61,7 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             masters,
             agents,
             insecure,
+            loopback,
         } => {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.enable_steady_tick(Duration::from_millis(100));
@@ -63,6 +73,7 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 bin: std::env::current_exe()?,
                 root,
                 insecure,
+                netns: !loopback && nix::unistd::geteuid().is_root(),
             };
             let r = labs::up(&spec, &|phase: &str| bar.set_message(phase.to_string())).await;
             bar.finish_and_clear();
@@ -135,26 +146,44 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
                         .ok()
                 }
             };
-            let mut agents = serde_json::Value::Null;
-            let mut leader = None;
+            // Each master's own view (a partitioned one may name no leader, or an old one);
+            // the leader is the one most masters name.
+            let mut views: Vec<(String, Option<String>)> = Vec::new();
             for m in lab.masters().filter(|m| labs::alive(m)) {
-                if let Some(c) = get(m.addr.clone(), "/api/v1/cluster").await {
-                    leader = c["leader_addr"].as_str().map(str::to_string);
-                    agents = get(m.addr.clone(), "/api/v1/agents?stale=true")
-                        .await
-                        .unwrap_or_default();
-                    break;
+                if let Some(c) = get(m.addr.clone(), "/api/v1/cluster?stale=true").await {
+                    views.push((
+                        m.addr.clone(),
+                        c["leader_addr"].as_str().map(str::to_string),
+                    ));
                 }
+            }
+            let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+            for l in views.iter().filter_map(|(_, l)| l.as_deref()) {
+                *counts.entry(l).or_default() += 1;
+            }
+            let leader = counts
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .filter(|(_, n)| **n * 2 > lab.masters().count())
+                .map(|(l, _)| l.to_string());
+            let mut agents = serde_json::Value::Null;
+            if let Some(l) = &leader {
+                agents = get(l.clone(), "/api/v1/agents?stale=true")
+                    .await
+                    .unwrap_or_default();
             }
             let mut t = comfy_table::Table::new();
             t.load_preset(comfy_table::presets::NOTHING);
             t.set_header(["NODE", "ROLE", "ADDRESS", "PID", "PROCESS", "STATE"]);
             for n in &lab.nodes {
                 let state = if n.role == "master" {
+                    let own = views.iter().find(|(a, _)| *a == n.addr).map(|(_, l)| l);
                     if leader.as_deref() == Some(n.addr.as_str()) {
                         "leader".to_string()
-                    } else {
+                    } else if own.is_some_and(|l| l.is_some() && *l == leader) {
                         "follower".to_string()
+                    } else {
+                        "no leader in sight".to_string()
                     }
                 } else {
                     agents
@@ -183,22 +212,24 @@ pub async fn run(cmd: LabCmd) -> anyhow::Result<()> {
             let _ = crate::context::remove(&format!("lab-{name}"));
             println!(
                 "lab {name} removed in {:.1} s ({} nodes stopped, {} leftover processes killed, \
-                 {} mounts removed)",
+                 {} mounts removed, {} namespaces and bridges removed)",
                 t.elapsed().as_secs_f64(),
                 r.stopped,
                 r.killed_leftovers,
-                r.unmounted
+                r.unmounted,
+                r.links
             );
             Ok(())
         }
         LabCmd::Chaos {
             name,
+            delay_ms,
             action,
             nodes,
         } => {
             labs::check_name(&name)?;
             for n in nodes {
-                println!("{}", labs::chaos(&root, &name, &action, &n)?);
+                println!("{}", labs::chaos(&root, &name, &action, &n, delay_ms)?);
             }
             Ok(())
         }

@@ -296,6 +296,7 @@ async fn the_agent_environment_and_data_stay_private() {
             &lab.masters[0].addr,
             "--listen",
             &addr,
+            "--insecure",
         ])
         .arg("--data-dir")
         .arg(&data_dir)

@@ -31,6 +31,9 @@ pub struct Node {
     /// The process's start time (clock ticks since boot), so a reused pid is never signalled.
     pub start_ticks: u64,
     pub args: Vec<String>,
+    /// The node's network namespace (labs started as root), entered with `nsenter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// A lab as recorded in `lab.json`.
@@ -46,6 +49,10 @@ pub struct LabState {
     /// The lab's CA (`<lab>/pki`): TLS on every port; absent for an `--insecure` lab.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pki: Option<PathBuf>,
+    /// Nodes in network namespaces on the bridge `cairnbr<net>` (`crate::netns`), else on
+    /// loopback addresses.
+    #[serde(default)]
+    pub netns: bool,
 }
 
 impl LabState {
@@ -155,11 +162,12 @@ fn save(dir: &Path, lab: &LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first free network byte (10..=250) not used by another lab under `root`.
-pub fn pick_net(root: &Path) -> anyhow::Result<u8> {
+/// The first free network byte (10..=250) not used by another lab under `root` (nor, for
+/// a lab in namespaces, by a route of this host in 10.<net>.0.0/24).
+pub fn pick_net(root: &Path, netns: bool) -> anyhow::Result<u8> {
     let used: Vec<u8> = list(root).iter().map(|l| l.net).collect();
     (10..=250u8)
-        .find(|n| !used.contains(n))
+        .find(|n| !used.contains(n) && (!netns || crate::netns::net_free(*n)))
         .context("no free lab network: remove a lab with `cairn lab down --name NAME`")
 }
 
@@ -175,14 +183,29 @@ pub fn alive(n: &Node) -> bool {
     start_ticks(n.pid) == Some(n.start_ticks)
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<(u32, u64)> {
+fn spawn(
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    netns: Option<&str>,
+) -> anyhow::Result<(u32, u64)> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
     let err = out.try_clone()?;
-    let child = Command::new(bin)
+    // `nsenter --net` enters only the network namespace and execs (same pid); `ip netns
+    // exec` would also remount /sys and hide the cgroup hierarchy from agents.
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
@@ -207,6 +230,8 @@ pub struct UpSpec {
     pub root: PathBuf,
     /// Plaintext instead of TLS.
     pub insecure: bool,
+    /// Each node in its own network namespace (needs root), else on loopback addresses.
+    pub netns: bool,
 }
 
 fn random_token() -> String {
@@ -241,12 +266,32 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             spec.name
         );
     }
+    if spec.netns {
+        crate::netns::available().context(
+            "a lab in network namespaces needs root, iproute2, util-linux and iptables (or use \
+             --loopback)",
+        )?;
+    }
     std::fs::create_dir_all(&spec.root)?;
-    let net = pick_net(&spec.root)?;
+    let net = pick_net(&spec.root, spec.netns)?;
     std::fs::create_dir_all(&dir)?;
     let token = random_token();
     let peer_token = random_token();
-    let mip = |i: u64| format!("127.{net}.0.{i}");
+    let mip = |i: u64| {
+        if spec.netns {
+            crate::netns::node_ip(net, true, i)
+        } else {
+            format!("127.{net}.0.{i}")
+        }
+    };
+    let aip = |i: u64| {
+        if spec.netns {
+            crate::netns::node_ip(net, false, i)
+        } else {
+            format!("127.{net}.1.{i}")
+        }
+    };
+    let ns = |node: &str| spec.netns.then(|| crate::netns::ns_name(net, node));
     let peers: Vec<String> = (1..=spec.masters)
         .map(|i| format!("{i}@{}:{API_PORT}/{}:{PEER_PORT}", mip(i), mip(i)))
         .collect();
@@ -258,7 +303,20 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         nodes: vec![],
         created_at: now_ms(),
         pki: (!spec.insecure).then(|| dir.join("pki")),
+        netns: spec.netns,
     };
+    // Recorded first, so `down` removes what a failed `up` made.
+    save(&dir, &lab)?;
+    if spec.netns {
+        progress("making the lab's network (a bridge, a namespace per node)");
+        crate::netns::setup_bridge(net)?;
+        let nodes = (1..=spec.masters)
+            .map(|i| (format!("m{i}"), mip(i)))
+            .chain((1..=spec.agents).map(|i| (format!("a{i}"), aip(i))));
+        for (node, ip) in nodes {
+            crate::netns::add_node(net, &crate::netns::ns_name(net, &node), &node, &ip)?;
+        }
+    }
     // TLS: a CA for the lab, a certificate per master (with the CA key, so any master signs
     // joining agents), an admin certificate for the CLI; agents join with a token below.
     let ca = match &lab.pki {
@@ -309,7 +367,13 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         .map(|s| s.to_string())
         .collect();
         args.extend(tls_arg);
-        let (pid, ticks) = spawn(&spec.bin, &args, &dir.join(format!("m{i}.log")))?;
+        let netns = ns(&format!("m{i}"));
+        let (pid, ticks) = spawn(
+            &spec.bin,
+            &args,
+            &dir.join(format!("m{i}.log")),
+            netns.as_deref(),
+        )?;
         lab.nodes.push(Node {
             name: format!("m{i}"),
             role: "master".into(),
@@ -317,6 +381,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             pid,
             start_ticks: ticks,
             args,
+            netns,
         });
         save(&dir, &lab)?;
     }
@@ -360,7 +425,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
     progress("starting agents");
     let masters: Vec<String> = lab.masters().map(|m| m.addr.clone()).collect();
     for i in 1..=spec.agents {
-        let ip = format!("127.{net}.1.{i}");
+        let ip = aip(i);
         let first = 31000 + 1000 * (i - 1);
         let args: Vec<String> = [
             "agent",
@@ -384,7 +449,13 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
         .map(|s| s.to_string())
         .chain(agent_cred.iter().cloned())
         .collect();
-        let (pid, ticks) = spawn(&spec.bin, &args, &dir.join(format!("a{i}.log")))?;
+        let netns = ns(&format!("a{i}"));
+        let (pid, ticks) = spawn(
+            &spec.bin,
+            &args,
+            &dir.join(format!("a{i}.log")),
+            netns.as_deref(),
+        )?;
         lab.nodes.push(Node {
             name: format!("a{i}"),
             role: "agent".into(),
@@ -392,6 +463,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             pid,
             start_ticks: ticks,
             args,
+            netns,
         });
         save(&dir, &lab)?;
     }
@@ -488,6 +560,8 @@ pub struct DownReport {
     pub stopped: usize,
     pub killed_leftovers: usize,
     pub unmounted: usize,
+    /// Network namespaces and the bridge removed.
+    pub links: usize,
 }
 
 /// Stops every node of a lab (agents first, so they kill their tasks), then anything left
@@ -525,12 +599,24 @@ pub async fn down(root: &Path, name: &str) -> anyhow::Result<DownReport> {
             report.unmounted += 1;
         }
     }
+    if lab.netns {
+        let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+        report.links = crate::netns::teardown(lab.net, &names);
+    }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(report)
 }
 
-/// Kills (SIGKILL) or restarts one node of a lab.
-pub fn chaos(root: &Path, name: &str, action: &str, node: &str) -> anyhow::Result<String> {
+/// Kills (SIGKILL) or restarts one node of a lab; in a lab of namespaces also cuts it off
+/// from the other nodes (`partition`), slows what it sends (`delay`, `delay_ms`) or undoes
+/// both (`heal`).
+pub fn chaos(
+    root: &Path,
+    name: &str,
+    action: &str,
+    node: &str,
+    delay_ms: u64,
+) -> anyhow::Result<String> {
     let dir = lab_dir(root, name);
     let mut lab = load(&dir)?;
     let Some(i) = lab.nodes.iter().position(|n| n.name == node) else {
@@ -561,17 +647,47 @@ pub fn chaos(root: &Path, name: &str, action: &str, node: &str) -> anyhow::Resul
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            let (pid, ticks) = spawn(&lab.bin, &n.args, &dir.join(format!("{node}.log")))?;
+            let (pid, ticks) = spawn(
+                &lab.bin,
+                &n.args,
+                &dir.join(format!("{node}.log")),
+                n.netns.as_deref(),
+            )?;
             lab.nodes[i].pid = pid;
             lab.nodes[i].start_ticks = ticks;
             save(&dir, &lab)?;
             Ok(format!("restarted {node} (pid {pid})"))
         }
-        "partition" | "heal" | "delay" => bail!(
-            "{action} needs each node in its own network namespace, which this lab variant \
-             (nodes on loopback addresses) does not have yet; use kill and restart"
-        ),
-        other => bail!("unknown chaos action {other:?}: use kill or restart"),
+        "partition" | "heal" | "delay" => {
+            let Some(ns) = lab.nodes[i].netns.clone() else {
+                bail!(
+                    "{action} needs each node in its own network namespace: this lab runs on \
+                     loopback addresses (started without root, or with --loopback); use kill \
+                     and restart"
+                );
+            };
+            match action {
+                "partition" => {
+                    crate::netns::partition(lab.net, &ns)?;
+                    Ok(format!(
+                        "{node} is cut off from the other nodes (heal undoes it)"
+                    ))
+                }
+                "delay" => {
+                    crate::netns::delay(&ns, delay_ms)?;
+                    Ok(format!(
+                        "{node} sends with {delay_ms} ms of delay (heal undoes it)"
+                    ))
+                }
+                _ => {
+                    crate::netns::heal(&ns)?;
+                    Ok(format!("{node} healed"))
+                }
+            }
+        }
+        other => {
+            bail!("unknown chaos action {other:?}: use kill, restart, partition, delay or heal")
+        }
     }
 }
 
@@ -586,7 +702,7 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         let root = tempfile_dir();
-        assert_eq!(pick_net(&root).unwrap(), 10);
+        assert_eq!(pick_net(&root, false).unwrap(), 10);
         let lab = LabState {
             name: "a".into(),
             net: 10,
@@ -595,10 +711,11 @@ mod tests {
             nodes: vec![],
             created_at: 0,
             pki: None,
+            netns: false,
         };
         std::fs::create_dir_all(root.join("a")).unwrap();
         save(&root.join("a"), &lab).unwrap();
-        assert_eq!(pick_net(&root).unwrap(), 11);
+        assert_eq!(pick_net(&root, false).unwrap(), 11);
         assert_eq!(list(&root).len(), 1);
         std::fs::remove_dir_all(&root).unwrap();
     }
@@ -621,6 +738,7 @@ mod tests {
             pid: me,
             start_ticks: start_ticks(me).unwrap(),
             args: vec![],
+            netns: None,
         };
         assert!(alive(&n));
         assert!(!alive(&Node {

@@ -3,4 +3,5 @@
 
 pub mod lab;
 pub mod labs;
+pub mod netns;
 pub mod pki;

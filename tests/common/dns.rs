@@ -19,7 +19,14 @@ pub fn query(name: &str, qt: RecordType) -> Message {
 
 /// One query over UDP; `None` if nothing (matching) came back within a second.
 pub async fn ask_udp(server: SocketAddr, name: &str, qt: RecordType) -> Option<Message> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    // From the address family's any-address, so the kernel picks a source that reaches the
+    // server (loopback, or a lab's bridge).
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let sock = UdpSocket::bind(any).await.ok()?;
     let q = query(name, qt);
     sock.send_to(&q.to_vec().unwrap(), server).await.ok()?;
     let mut buf = vec![0u8; 65_536];
