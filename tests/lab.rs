@@ -221,13 +221,20 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
     assert!(!qdisc().contains("netem"), "{}", qdisc());
 
     // Kill the leader: another takes over; restarted, it rejoins.
-    let (_, status) = lab_cli(root.path(), &["status", "--name", "one"]);
-    let leader = status
-        .lines()
-        .find(|l| l.contains("leader") && !l.contains("no leader"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no leader in {status}"))
-        .to_string();
+    let (status, leader) = eventually(
+        Duration::from_secs(30),
+        "a leader after healing",
+        || async {
+            let (_, status) = lab_cli(root.path(), &["status", "--name", "one"]);
+            let leader = status
+                .lines()
+                .find(|l| l.contains("leader") && !l.contains("no leader"))
+                .and_then(|l| l.split_whitespace().next())?
+                .to_string();
+            Some((status, leader))
+        },
+    )
+    .await;
     let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "one", "kill", &leader]);
     assert!(ok, "{out}");
     let new_leader = eventually(Duration::from_secs(30), "a new leader", || async {
@@ -279,6 +286,58 @@ async fn labs_come_up_survive_a_killed_leader_and_leave_nothing_behind() {
         let ip = r.data().ip_addr().unwrap().to_string();
         assert!(agent_ips.contains(&ip), "{ip} is not an agent of the lab");
     }
+    // Tasks resolve cluster names through their agent: in a namespace it serves DNS on its
+    // own address, port 53, and its tasks' /etc/resolv.conf names it.
+    let job = serde_json::json!({
+        "id": "resolve", "kind": "job", "instances": 1,
+        "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c",
+            "getent hosts labtask.cairn; echo dns=$CAIRN_DNS; cat /etc/resolv.conf"]}},
+        "resources": {"cpus": 0.1, "mem": 32}
+    });
+    let r = http
+        .post(format!("{url}/api/v1/workloads"))
+        .bearer_auth(&token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let out = eventually(
+        Duration::from_secs(60),
+        "the resolve job's output",
+        || async {
+            let ts = get(&http, &url, &token, "/api/v1/tasks?workload=resolve").await?;
+            let t = ts
+                .as_array()?
+                .iter()
+                .find(|t| t["state"] == "finished")?
+                .clone();
+            let id = t["id"].as_str()?.to_string();
+            let r = http
+                .get(format!("{url}/api/v1/tasks/{id}/files?path=stdout"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?;
+            let body = r.text().await.ok()?;
+            body.contains("dns=").then_some(body)
+        },
+    )
+    .await;
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        agent_ips
+            .iter()
+            .any(|ip| first.starts_with(&format!("{ip} "))),
+        "labtask.cairn did not resolve to an agent inside a task: {out}"
+    );
+    assert!(out.contains("search cairn"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("dns=10.") && l.ends_with(":53")),
+        "{out}"
+    );
+
     let (ok, out) = lab_cli(root.path(), &["chaos", "--name", "two", "partition", "m1"]);
     assert!(!ok && out.contains("network namespace"), "{out}");
 

@@ -368,6 +368,52 @@ async fn the_agent_environment_and_data_stay_private() {
     }
 }
 
+/// Task isolation (issue 14, "what it must do" 1): a native and an OCI task run with Docker's
+/// capability set, no_new_privs and a seccomp filter; mounting, unsharing a namespace,
+/// reading /proc/kcore and writing /proc/sys fail inside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_with_default_capabilities_no_new_privs_and_seccomp() {
+    let a = agent().await;
+    let script = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+        mkdir -p m; mount -t tmpfs none m 2>/dev/null && echo MOUNTED; \
+        echo kcore=$(head -c 16 /proc/kcore 2>/dev/null | wc -c); \
+        (echo 1 > /proc/sys/kernel/ns_last_pid) 2>/dev/null && echo PROCSYS-WRITABLE; \
+        unshare -n true 2>/dev/null && echo UNSHARED; \
+        hostname evil 2>/dev/null && echo RENAMED; \
+        echo done";
+    let check = |name: &str, out: &str| {
+        for want in [
+            "CapEff:\t00000000a80425fb",
+            "CapBnd:\t00000000a80425fb",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "kcore=0",
+            "done",
+        ] {
+            assert!(out.contains(want), "{name}: no {want:?} in\n{out}");
+        }
+        for bad in ["MOUNTED", "PROCSYS-WRITABLE", "UNSHARED", "RENAMED"] {
+            assert!(!out.contains(bad), "{name}: {bad}\n{out}");
+        }
+    };
+    let (code, v) = a.launch(sh("iso", script)).await;
+    assert_eq!(code, 201, "{v}");
+    let st = a.wait_state("iso", Duration::from_secs(30)).await;
+    let (_, out) = a.file("iso", "stdout").await;
+    assert_eq!(st["state"], "finished", "{st} {out}");
+    check("native", &out);
+    import_busybox(&a);
+    let spec = json!({"id": "ociiso", "workload": "test",
+        "runtime": {"oci": {"image": "busybox:latest", "cmd": ["/bin/sh", "-c", script]}},
+        "resources": {"cpus": 1.0, "mem": 128, "disk": 0}});
+    let (code, v) = a.launch(spec).await;
+    assert_eq!(code, 201, "{v}");
+    let st = a.wait_state("ociiso", Duration::from_secs(30)).await;
+    let (_, out) = a.file("ociiso", "stdout").await;
+    assert_eq!(st["state"], "finished", "{st} {out}");
+    check("oci", &out);
+}
+
 /// The busybox test image (tests/images/busybox.sh: umoci + skopeo), built once per run
 /// (its own file: tests/runtime.rs builds one too, maybe at the same time).
 fn busybox_tar() -> PathBuf {

@@ -102,7 +102,16 @@ impl LabState {
     pub fn dns(&self) -> Option<String> {
         let a = self.agents().next()?;
         let ip = a.addr.split(':').next()?;
-        Some(format!("{ip}:{DNS_PORT}"))
+        Some(format!("{ip}:{}", self.dns_port()))
+    }
+    /// Agents in namespaces have their own address, so their DNS takes port 53 and their
+    /// tasks' resolv.conf names it; on loopback addresses, `DNS_PORT`.
+    pub fn dns_port(&self) -> u16 {
+        if self.netns {
+            53
+        } else {
+            DNS_PORT
+        }
     }
 }
 
@@ -442,7 +451,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             "--heartbeat-interval",
             "500ms",
             "--dns-listen",
-            &format!("{ip}:{DNS_PORT}"),
+            &format!("{ip}:{}", lab.dns_port()),
             "--kill-tasks-on-exit",
         ]
         .iter()

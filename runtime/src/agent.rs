@@ -101,6 +101,22 @@ impl Agent {
             .unwrap_or_else(|| advertise.clone());
         let tasks = TaskManager::open(&cfg.data_dir, &cfg.cgroup_root, &host)?;
         let (stop, stop_rx) = watch::channel(false);
+        // The DNS server first: tasks launched from here on are pointed at it.
+        let mut dns_handle = None;
+        let mut dns_addr = None;
+        if let Some(dns) = cfg.dns.clone() {
+            let (tx, rx) = watch::channel(Arc::new(cairn_kernel::dns::DnsView::default()));
+            let server =
+                cairn_kernel::dns_server::DnsServer::start(dns, rx, stop_rx.clone()).await?;
+            dns_addr = Some(server.addr);
+            tasks.set_dns(server.addr);
+            dns_handle = Some(tokio::spawn(crate::converge::dns_loop(
+                cfg.clone(),
+                info.clone(),
+                tx,
+                stop_rx.clone(),
+            )));
+        }
         let app = crate::agent_api::router(info.clone(), tasks.clone(), cfg.token.clone());
         let mut srv_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
@@ -145,19 +161,7 @@ impl Agent {
             stop_rx.clone(),
         ));
         let mut handles = vec![server, assign, report, volumes];
-        let mut dns_addr = None;
-        if let Some(dns) = cfg.dns.clone() {
-            let (tx, rx) = watch::channel(Arc::new(cairn_kernel::dns::DnsView::default()));
-            let server =
-                cairn_kernel::dns_server::DnsServer::start(dns, rx, stop_rx.clone()).await?;
-            dns_addr = Some(server.addr);
-            handles.push(tokio::spawn(crate::converge::dns_loop(
-                cfg.clone(),
-                info.clone(),
-                tx,
-                stop_rx.clone(),
-            )));
-        }
+        handles.extend(dns_handle);
         handles.push(tokio::spawn(heartbeat_loop(
             cfg,
             reg,

@@ -47,6 +47,9 @@ pub struct InitSpec {
     /// starts, inside PID 1's mount namespace.
     #[serde(default)]
     pub binds: Vec<(PathBuf, PathBuf)>,
+    /// The task's /etc/resolv.conf (the agent's DNS), in place of the host's.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
 }
 
 /// The root filesystem of an OCI task.
@@ -256,7 +259,8 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
         enter_container(&spec, fs)?;
     } else {
         mount_proc(Path::new("/proc"))?;
-        bind(&tmp, Path::new("/tmp"))?;
+        // Recursive: volumes mounted under the sandbox's tmp come along.
+        bind_rec(&tmp, Path::new("/tmp"))?;
         // A data dir under /tmp: the private /tmp just hid the sandbox's own path, which the
         // task knows as $CAIRN_SANDBOX (and $PWD). Mount the sandbox (PID 1's working
         // directory, with its volumes) back at that path inside the new /tmp.
@@ -271,8 +275,32 @@ fn pid1_inner(spec_path: &Path) -> anyhow::Result<i32> {
             )
             .map_err(|e| anyhow::anyhow!("re-mounting the sandbox at its path: {e}"))?;
         }
+        // The agent's DNS in place of the host's resolv.conf, in this mount namespace only.
+        // The file goes beside init.json (relative to the working directory, the sandbox,
+        // whose absolute path /tmp may shadow), written before the task runs and never
+        // through a link.
+        if let Some(text) = &spec.resolv_conf {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = Path::new(".cairn/resolv.conf");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(file)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(|e| anyhow::anyhow!("writing the task's resolv.conf: {e}"))?;
+            if Path::new("/etc/resolv.conf").exists() {
+                bind(file, Path::new("/etc/resolv.conf"))?;
+            }
+        }
     }
     nix::unistd::sethostname(&spec.hostname).map_err(|e| anyhow::anyhow!("sethostname: {e}"))?;
+    // Last, as it forbids mounts: masked kernel files, Docker's capability set,
+    // no_new_privs and the seccomp filter, inherited by the command and all it starts.
+    crate::isolation::apply()?;
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -369,6 +397,17 @@ fn mount_proc(at: &Path) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("mounting {}: {e}", at.display()))
 }
 
+fn bind_rec(from: &Path, to: &Path) -> anyhow::Result<()> {
+    mount(
+        Some(from),
+        to,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("bind-mounting {} on {}: {e}", from.display(), to.display()))
+}
+
 fn bind(from: &Path, to: &Path) -> anyhow::Result<()> {
     mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .map_err(|e| anyhow::anyhow!("bind-mounting {} on {}: {e}", from.display(), to.display()))
@@ -445,7 +484,7 @@ fn enter_container(spec: &InitSpec, fs: &ContainerFs) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("mounting /dev/shm: {e}"))?;
 
     std::fs::create_dir_all(root.join("tmp"))?;
-    bind(&spec.sandbox.join("tmp"), &root.join("tmp"))?;
+    bind_rec(&spec.sandbox.join("tmp"), &root.join("tmp"))?;
     let sb = root.join(CONTAINER_SANDBOX.trim_start_matches('/'));
     std::fs::create_dir_all(&sb)?;
     // Recursive: the volumes mounted inside the sandbox come along.
@@ -457,10 +496,16 @@ fn enter_container(spec: &InitSpec, fs: &ContainerFs) -> anyhow::Result<()> {
         None::<&str>,
     )
     .map_err(|e| anyhow::anyhow!("bind-mounting the sandbox on {}: {e}", sb.display()))?;
-    // Name resolution as on the host (host network); the files land in the overlay's upper.
+    // Name resolution through the agent's DNS, else as on the host (host network); the
+    // files land in the overlay's upper.
     std::fs::create_dir_all(root.join("etc"))?;
-    if let Ok(r) = std::fs::read("/etc/resolv.conf") {
-        let _ = std::fs::write(root.join("etc/resolv.conf"), r);
+    match &spec.resolv_conf {
+        Some(text) => std::fs::write(root.join("etc/resolv.conf"), text)?,
+        None => {
+            if let Ok(r) = std::fs::read("/etc/resolv.conf") {
+                let _ = std::fs::write(root.join("etc/resolv.conf"), r);
+            }
+        }
     }
     let _ = std::fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname));
 

@@ -9,6 +9,7 @@ pub mod converge;
 pub mod detect;
 pub mod images;
 pub mod init;
+pub mod isolation;
 pub mod metrics;
 pub mod sandbox;
 pub mod sim;

@@ -119,10 +119,38 @@ pub struct TaskManager {
     volumes: VolumeStore,
     /// The agent's Prometheus metrics (`GET /metrics`).
     pub metrics: crate::metrics::AgentMetrics,
+    /// Where the agent serves the built-in DNS, once it does (`set_dns`): native and OCI
+    /// tasks get `CAIRN_DNS` and, on port 53, a resolv.conf naming it.
+    dns: std::sync::OnceLock<std::net::SocketAddr>,
     db: sled::Tree,
     tasks: Mutex<HashMap<String, Entry>>,
     changed: tokio::sync::watch::Sender<u64>,
     executors: Vec<Box<dyn Executor>>,
+}
+
+/// The address a task on this host reaches the agent's DNS at: an unspecified listen address
+/// (all interfaces) is reached on loopback.
+pub fn resolver_addr(dns: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match dns.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, dns.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, dns.port()).into(),
+        _ => dns,
+    }
+}
+
+/// The resolv.conf of a task whose agent serves DNS on `dns`: names in `cairn.` answered by
+/// the agent, the rest forwarded by it. Only on port 53: resolv.conf cannot name another
+/// port, so elsewhere tasks keep the host's and find the server in `CAIRN_DNS`.
+pub fn resolv_conf(dns: std::net::SocketAddr) -> Option<String> {
+    if dns.port() != 53 {
+        return None;
+    }
+    Some(format!(
+        "# written by cairn: this agent's DNS (zone cairn.; other names are forwarded)\n\
+         nameserver {}\nsearch cairn\n",
+        resolver_addr(dns).ip()
+    ))
 }
 
 /// Largest Wasm file the agent reads.
@@ -292,6 +320,7 @@ impl TaskManager {
             wasm,
             images,
             host: host.to_string(),
+            dns: std::sync::OnceLock::new(),
             db: tree,
             tasks: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::channel(0).0,
@@ -579,6 +608,11 @@ impl TaskManager {
         LaunchError::Start(e)
     }
 
+    /// Points tasks started from now on at the agent's DNS server on `addr`.
+    pub fn set_dns(&self, addr: std::net::SocketAddr) {
+        let _ = self.dns.set(addr);
+    }
+
     fn start_native(
         &self,
         spec: &TaskSpec,
@@ -630,6 +664,10 @@ impl TaskManager {
             }
             RuntimeSpec::Wasm { .. } => unreachable!("checked by can_handle"),
         };
+        let dns = self.dns.get().copied();
+        if let Some(d) = dns {
+            env.push(("CAIRN_DNS".into(), resolver_addr(d).to_string()));
+        }
         let cgroup = match &self.cgroups {
             Some(h) => {
                 let limits = Limits {
@@ -658,6 +696,9 @@ impl TaskManager {
                 .iter()
                 .map(|(v, dir)| (dir.clone(), sandbox.join(&v.path)))
                 .collect(),
+            resolv_conf: dns
+                .filter(|_| spec.network() != Network::None)
+                .and_then(resolv_conf),
         };
         let spec_path = state_dir(sandbox).join("init.json");
         {
@@ -1382,6 +1423,21 @@ impl TaskManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_resolve_through_the_agent_only_on_port_53() {
+        let conf = resolv_conf("10.1.0.101:53".parse().unwrap()).unwrap();
+        assert!(conf.contains("nameserver 10.1.0.101\n"), "{conf}");
+        assert!(conf.contains("search cairn\n"), "{conf}");
+        // resolv.conf cannot name a port: elsewhere tasks keep the host's.
+        assert_eq!(resolv_conf("127.0.0.1:5053".parse().unwrap()), None);
+        let any = resolv_conf("0.0.0.0:53".parse().unwrap()).unwrap();
+        assert!(any.contains("nameserver 127.0.0.1\n"), "{any}");
+        assert_eq!(
+            resolver_addr("[::]:5053".parse().unwrap()),
+            "[::1]:5053".parse().unwrap()
+        );
+    }
 
     #[test]
     fn commands_expand_the_tasks_variables_only() {
