@@ -291,11 +291,25 @@ struct MasterArgs {
     peers: String,
     /// The masters' own secret for Raft RPCs and forwarding between masters; users' and
     /// agents' tokens are not accepted there.
-    #[arg(long, env = "CAIRN_PEER_TOKEN", hide_env_values = true)]
+    /// (Not needed with --join-token, which brings it.)
+    #[arg(
+        long,
+        env = "CAIRN_PEER_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     peer_token: String,
     /// Join an existing cluster instead of bootstrapping (then run `cairn cluster add-master`).
     #[arg(long)]
     join: bool,
+    /// Join with a master token (`cairn token create --role master`): this master gets its
+    /// certificate, the CA key and the masters' Raft credential from --join-via, and asks to be
+    /// added as a voter itself.
+    #[arg(long, env = "CAIRN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Masters to join through (HOST:PORT of their API, comma-separated), with --join-token.
+    #[arg(long)]
+    join_via: Option<String>,
     #[arg(long)]
     data_dir: PathBuf,
     /// Cluster secret shared by masters, agents and clients.
@@ -685,18 +699,6 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         anyhow::bail!("--election-timeout-ms must be larger than --heartbeat-ms (> 0)");
     }
     let peers = parse_peers(&a.peers)?;
-    if peers.is_empty() && !a.join {
-        anyhow::bail!(
-            "give --peers ID@HOST:PORT,... (this master included), or --join to be added later"
-        );
-    }
-    if a.peer_token.len() < 16 {
-        anyhow::bail!("--peer-token (CAIRN_PEER_TOKEN) must be at least 16 characters");
-    }
-    if a.peer_token == a.token {
-        anyhow::bail!("--peer-token must differ from --token: users' tokens may not drive Raft");
-    }
-    tls_cli::init_node(&a.tls, &a.data_dir)?;
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
     let peer_listen = match a.peer_listen {
         Some(p) => p,
@@ -706,15 +708,64 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         .peer_advertise
         .clone()
         .unwrap_or_else(|| peer_listen.to_string());
+    let mut join = a.join;
+    let mut peer_token = a.peer_token.clone();
+    let mut join_via = Vec::new();
+    if let Some(jt) = &a.join_token {
+        anyhow::ensure!(!a.tls.insecure, "--join-token needs TLS: drop --insecure");
+        join_via = a
+            .join_via
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        anyhow::ensure!(
+            !join_via.is_empty(),
+            "--join-token needs --join-via HOST:PORT of a master's API"
+        );
+        let host = advertise
+            .rsplit_once(':')
+            .map_or(advertise.as_str(), |(h, _)| h);
+        let hostname = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let pt = tls_cli::join_master(
+            jt,
+            &join_via,
+            &a.tls.dir(&a.data_dir),
+            &a.data_dir,
+            a.node_id,
+            &tls_cli::node_addresses(host, &hostname),
+        )
+        .await?;
+        if peer_token.is_empty() {
+            peer_token = pt;
+        }
+        join = true;
+    }
+    if peers.is_empty() && !join {
+        anyhow::bail!(
+            "give --peers ID@HOST:PORT,... (this master included), or --join to be added later"
+        );
+    }
+    if peer_token.len() < 16 {
+        anyhow::bail!("--peer-token (CAIRN_PEER_TOKEN) must be at least 16 characters");
+    }
+    if peer_token == a.token {
+        anyhow::bail!("--peer-token must differ from --token: users' tokens may not drive Raft");
+    }
+    tls_cli::init_node(&a.tls, &a.data_dir)?;
     let node = node_config(
         a.node_id,
         MasterNode {
-            api: advertise,
-            peer: peer_advertise,
+            api: advertise.clone(),
+            peer: peer_advertise.clone(),
         },
         peer_listen,
         a.data_dir.clone(),
-        a.peer_token.clone(),
+        peer_token,
         &a.tuning,
     );
     let master = Master::start(MasterConfig {
@@ -722,7 +773,7 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
         token: a.token.clone(),
         listen: a.listen,
         peers,
-        join: a.join,
+        join,
         agent_timeout: a.tuning.agent_timeout,
         reschedule_after: a.tuning.reschedule_after,
         task_gc_keep: a.tuning.task_gc_keep,
@@ -734,6 +785,14 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
     })
     .await?;
     tracing::info!(addr = %master.addr, id = a.node_id, "master listening");
+    if a.join_token.is_some() {
+        tokio::spawn(tls_cli::add_self(
+            join_via,
+            a.node_id,
+            advertise,
+            peer_advertise,
+        ));
+    }
     wait_for_signal().await;
     // Bounded: whatever is acknowledged is already fsynced, so a stop that overruns is cut.
     if tokio::time::timeout(Duration::from_millis(4500), master.shutdown())

@@ -52,19 +52,20 @@ pub fn init_node(args: &TlsArgs, data_dir: &Path) -> Result<()> {
 /// Joins the cluster of `masters` with `token`: fetches the CA from a master without
 /// trusting the connection, checks its SHA-256 against the token (a wrong hash means another
 /// cluster or a man in the middle: nothing is sent), then sends a CSR with the token's
-/// secret over a connection that trusts only that CA, and writes the node's TLS directory.
+/// secret over a connection that trusts only that CA, and writes the node's TLS directory
+/// (with a master token also the CA key). Returns the masters' answer.
 pub async fn join(
     token: &str,
     masters: &[String],
     tls_dir: &Path,
     name: &str,
     addresses: &[String],
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let token = JoinToken::parse(token)?;
     let mut last = None;
     for m in masters {
         match join_one(&token, m, tls_dir, name, addresses).await {
-            Ok(()) => return Ok(()),
+            Ok(v) => return Ok(v),
             Err(e) => {
                 // A CA mismatch is final: other masters of a different cluster do not help.
                 if format!("{e:#}").contains("CA hash") {
@@ -84,7 +85,7 @@ async fn join_one(
     tls_dir: &Path,
     name: &str,
     addresses: &[String],
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let untrusted = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .timeout(std::time::Duration::from_secs(10))
@@ -130,7 +131,101 @@ async fn join_one(
         .as_str()
         .context("the join answer has no certificate")?;
     pki::write_node(tls_dir, &ca_pem, cert, &key)?;
-    Ok(())
+    if let Some(ca_key) = v["ca_key"].as_str() {
+        Ca::from_pem(&ca_pem, ca_key)?.save(tls_dir)?;
+    }
+    Ok(v)
+}
+
+/// A master joining with a master token: its certificate, the CA key and the masters' peer
+/// credential (kept in `<data-dir>/peer-token`, 0600, for restarts). Returns the peer
+/// credential.
+pub async fn join_master(
+    token: &str,
+    via: &[String],
+    tls_dir: &Path,
+    data_dir: &Path,
+    id: u64,
+    addresses: &[String],
+) -> Result<String> {
+    let saved = data_dir.join("peer-token");
+    if !tls_dir.join(pki::NODE_CERT).exists() {
+        let v = join(token, via, tls_dir, &id.to_string(), addresses).await?;
+        if v["role"] != "master" {
+            // Signed as an agent: not something a master can use.
+            let _ = std::fs::remove_dir_all(tls_dir);
+            bail!(
+                "--join-token: that is an agent token; make one with `cairn token create --role \
+                 master`"
+            );
+        }
+        let peer = v["peer_token"]
+            .as_str()
+            .context("the join answer has no peer credential")?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(data_dir)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&saved)
+            .and_then(|mut f| f.write_all(peer.as_bytes()))
+            .with_context(|| format!("writing {}", saved.display()))?;
+    }
+    std::fs::read_to_string(&saved)
+        .map(|s| s.trim().to_string())
+        .with_context(|| {
+            format!(
+                "reading {} (written when this master joined)",
+                saved.display()
+            )
+        })
+}
+
+/// After a master that joined by token is serving: asks the masters to add it as a voter
+/// (with its master certificate), retrying with backoff until they have.
+pub async fn add_self(via: Vec<String>, id: u64, api: String, peer: String) {
+    let http = match cairn_raft::tls::client_builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot add this master to the cluster: {e}");
+            return;
+        }
+    };
+    let mut backoff = cairn_raft::backoff::Backoff::new(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
+    );
+    for n in 0.. {
+        let m = &via[n % via.len()];
+        let r = http
+            .post(format!("https://{m}/api/v1/cluster/members"))
+            .json(&serde_json::json!({"id": id, "addr": api, "peer": peer}))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!("this master ({id}) is now a voter");
+                return;
+            }
+            Ok(r) if r.status().is_client_error() && r.status() != 429 => {
+                tracing::error!(
+                    "the masters refused to add this master: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                );
+                return;
+            }
+            Ok(r) => tracing::warn!("adding this master via {m}: {}", r.status()),
+            Err(e) => tracing::warn!("adding this master via {m}: {e}"),
+        }
+        tokio::time::sleep(backoff.next(None)).await;
+    }
 }
 
 /// The addresses an agent's certificate names: its advertised or listening host, loopback,
@@ -220,8 +315,12 @@ pub fn ca_cmd(cmd: CaCmd) -> Result<()> {
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
-    /// Make a join token for agents; it is shown once.
+    /// Make a join token (for agents, or with --role master for masters); it is shown once.
     Create {
+        /// agent, or master (a master token also hands out the CA key and the masters'
+        /// Raft credential: keep it like the CA key).
+        #[arg(long, default_value = "agent", value_parser = ["agent", "master"])]
+        role: String,
         /// How long it is good for (e.g. 30m, 24h, 7d).
         #[arg(long, default_value = "24h")]
         ttl: String,
@@ -240,6 +339,7 @@ pub enum TokenCmd {
 pub async fn token_cmd(c: &Client, json: bool, cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
+            role,
             ttl,
             description,
             max_uses,
@@ -248,16 +348,23 @@ pub async fn token_cmd(c: &Client, json: bool, cmd: TokenCmd) -> Result<()> {
                 .post(
                     "/api/v1/join-tokens",
                     &serde_json::json!({"ttl": ttl, "description": description,
-                                        "max_uses": max_uses}),
+                                        "max_uses": max_uses, "role": role}),
                 )
                 .await?;
             if json {
                 println!("{v}");
             } else {
                 println!("{}", v["token"].as_str().unwrap_or_default());
-                eprintln!(
-                    "join an agent with: cairn agent --join <token> --masters HOST:PORT --data-dir DIR"
-                );
+                if role == "master" {
+                    eprintln!(
+                        "join a master with: cairn master --node-id N --join-token <token> \
+                         --join-via HOST:PORT --token <cluster token> --data-dir DIR ..."
+                    );
+                } else {
+                    eprintln!(
+                        "join an agent with: cairn agent --join <token> --masters HOST:PORT --data-dir DIR"
+                    );
+                }
             }
         }
         TokenCmd::List => {

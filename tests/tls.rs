@@ -501,6 +501,81 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
         .find(|t| t["id"] == id4)
         .unwrap();
     assert_eq!(t4rec["uses"], 0, "a refused join spent the token: {t4rec}");
+    // A fourth master joins with a master token: no certificate, CA key or peer credential
+    // beforehand; it gets them, asks to be added, and the cluster has four voters.
+    let (good, mt, err) = cli(&["token", "create", "--role", "master", "--max-uses", "1"]);
+    assert!(good, "{err}");
+    let (a4, p4) = (
+        cairn_installer::lab::free_port(),
+        cairn_installer::lab::free_port(),
+    );
+    let m4 = d("m4");
+    let args: Vec<String> = [
+        "master",
+        "--node-id",
+        "4",
+        "--listen",
+        &format!("127.0.0.1:{a4}"),
+        "--peer-listen",
+        &format!("127.0.0.1:{p4}"),
+        "--data-dir",
+        &s(&m4),
+        "--token",
+        TOKEN,
+        "--join-token",
+        mt.trim(),
+        "--join-via",
+        &format!("127.0.0.1:{}", ports[0].0),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    procs.0.push(spawn(&args, &d("m4.log")));
+    let v = eventually(Duration::from_secs(60), "master 4 a voter", || async {
+        let v: Value = user
+            .get(format!("https://127.0.0.1:{a4}/api/v1/cluster"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["members"].as_array()?.len() == 4 && v["leader_id"].as_u64().is_some()).then_some(v)
+    })
+    .await;
+    assert!(
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == 4),
+        "{v}"
+    );
+    assert!(m4.join("tls/ca.key").exists() && m4.join("peer-token").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(m4.join("peer-token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An agent token does not make a master.
+    let (_, at, _) = cli(&["token", "create"]);
+    let (started, _, err) = cairn(&[
+        "master",
+        "--node-id",
+        "5",
+        "--data-dir",
+        &s(&d("m5")),
+        "--token",
+        TOKEN,
+        "--join-token",
+        at.trim(),
+        "--join-via",
+        &format!("127.0.0.1:{}", ports[0].0),
+    ]);
+    assert!(!started && err.contains("agent token"), "{err}");
+
     // A master without certificate and without --insecure does not start; with it, it warns.
     let (started, _, err) = cairn(&[
         "master",

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::browser::browser;
+use common::browser::{browser, browser_with};
 use common::*;
 use serde_json::Value;
 use std::time::Duration;
@@ -377,4 +377,52 @@ async fn forms_need_their_csrf_secret_and_user_input_comes_out_inert() {
         .to_str()
         .unwrap()
         .contains("immutable"));
+}
+
+/// Over TLS (the default of `cairn dev` and labs) the session cookie is `Secure` as well, and a
+/// real browser signs in and reads the overview. (The browser is told to accept the test CA's
+/// certificate: a newcomer imports the printed `ca.crt` or accepts the warning.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_signs_in_over_tls_with_a_secure_cookie() {
+    let dir = tempfile::Builder::new()
+        .prefix("cairn-ui-tls-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let lab = cairn_installer::lab::Lab::start_tls(bin(), dir.path(), 1, TOKEN, &[]).unwrap();
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
+    let m = format!("https://{}", lab.masters[0].addr);
+    let http = lab
+        .client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{m}/ui/login"))
+        .form(&[("token", TOKEN), ("next", "/ui/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let c = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(c.contains(attr), "no {attr} in {c}");
+    }
+    let b = browser_with(&["--ignore-certificate-errors"]).await;
+    b.goto(&format!("{m}/ui/")).await;
+    b.wait_url("/ui/login", |u| u.contains("/ui/login")).await;
+    b.fill("input[name=token]", TOKEN).await;
+    b.click("form button[type=submit]").await;
+    b.wait_text("main", "the overview", |t| t.contains("leader"))
+        .await;
+    let cookies = b.c.get_all_cookies().await.unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.name() == "cairn_session")
+        .expect("a session cookie");
+    assert_eq!(session.secure(), Some(true));
+    assert_eq!(session.http_only(), Some(true));
+    b.shot("overview-tls").await;
+    b.close().await;
 }

@@ -113,6 +113,17 @@ impl Ca {
         })
     }
 
+    /// A CA from its PEM certificate and key (checked to make a CA).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca> {
+        let ca = Ca {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        };
+        ca.issuer()
+            .context("the CA certificate and key do not make a CA")?;
+        Ok(ca)
+    }
+
     /// The CA of a TLS directory (`ca.crt` and `ca.key`), with the file named on failure.
     pub fn load(dir: &Path) -> Result<Ca> {
         let cert_pem = read(&dir.join(CA_CERT))?;
@@ -133,6 +144,11 @@ impl Ca {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         write(&dir.join(CA_CERT), &self.cert_pem, 0o644)?;
         write(&dir.join(CA_KEY), &self.key_pem, 0o600)
+    }
+
+    /// The CA's private key (PEM): only for a master joining with a master token.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 
     /// The SHA-256 of the CA certificate (DER), hex: what a join token carries.

@@ -217,6 +217,12 @@ async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pendin
 }
 
 impl<A: App> RaftNode<A> {
+    /// The masters' own credential for Raft RPCs (handed to a master that joins with a
+    /// master join token, over a connection it verified by the CA's hash).
+    pub fn peer_token(&self) -> &str {
+        &self.token
+    }
+
     /// Opens the store in `cfg.data_dir` and starts Raft and its peer listener on a runtime
     /// of their own. Does not bootstrap.
     pub async fn start(cfg: NodeConfig, app: A) -> anyhow::Result<Arc<Self>> {

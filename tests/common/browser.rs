@@ -14,6 +14,11 @@ pub struct Browser {
 
 /// Starts chromedriver on a free port and opens a headless Chromium session.
 pub async fn browser() -> Browser {
+    browser_with(&[]).await
+}
+
+/// As `browser`, with extra Chromium flags.
+pub async fn browser_with(extra: &[&str]) -> Browser {
     use std::os::unix::process::CommandExt;
     let port = cairn_installer::lab::free_port();
     let driver = Command::new("chromedriver")
@@ -23,13 +28,18 @@ pub async fn browser() -> Browser {
         .process_group(0)
         .spawn()
         .expect("chromedriver (Debian: apt-get install chromium chromium-driver)");
+    let mut args = vec![
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ];
+    args.extend_from_slice(extra);
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
-        serde_json::json!({
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1280,1000"],
-        }),
+        serde_json::json!({ "args": args }),
     );
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);

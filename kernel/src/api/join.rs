@@ -38,7 +38,8 @@ pub(super) struct CreateToken {
     description: Option<String>,
     /// How many nodes may join with it; 0 or absent: any number until it expires.
     max_uses: Option<u32>,
-    /// `agent` (the only role that joins by token so far).
+    /// `agent` (default) or `master`. A master token hands the joining master the CA key and
+    /// the masters' peer credential: treat it like the CA key itself.
     role: Option<String>,
 }
 
@@ -65,13 +66,10 @@ pub(super) async fn create_token(
         ));
     }
     let role = b.role.unwrap_or_else(|| "agent".into());
-    if role != "agent" {
+    if role != "agent" && role != "master" {
         return Err(ApiError::bad_request(
             "role",
-            format!(
-                "role {role:?}: only agents join by token; a master gets its certificate from \
-                 `cairn ca issue --role master` (or the installer)"
-            ),
+            format!("role {role:?}: use agent or master"),
         ));
     }
     let tls = tls()?;
@@ -194,20 +192,37 @@ pub(super) async fn join(
     let known = ctx.read(|s| {
         s.join_tokens
             .get(&token.id)
-            .map(|t| t.secret_sha256.clone())
+            .map(|t| (t.secret_sha256.clone(), t.role.clone()))
     });
-    let ok = known.is_some_and(|d| {
-        use subtle::ConstantTimeEq;
-        bool::from(d.as_bytes().ct_eq(digest.as_bytes()))
-    });
-    if !ok {
-        return Err(unauthorized(
-            "join token: unknown id or wrong secret".into(),
-        ));
-    }
+    let role = match known {
+        Some((d, role))
+            if {
+                use subtle::ConstantTimeEq;
+                bool::from(d.as_bytes().ct_eq(digest.as_bytes()))
+            } =>
+        {
+            role
+        }
+        _ => {
+            return Err(unauthorized(
+                "join token: unknown id or wrong secret".into(),
+            ))
+        }
+    };
+    let role = if role == "master" {
+        if b.name.parse::<u64>().map_or(true, |id| id == 0) {
+            return Err(ApiError::bad_request(
+                "name",
+                "a master joins under its --node-id, a number above 0",
+            ));
+        }
+        Role::Master
+    } else {
+        Role::Agent
+    };
     // Sign first (a bad CSR spends nothing), then spend, then hand it out.
     let cert = ca
-        .sign_csr(&b.csr, Role::Agent, &b.name, &b.addresses)
+        .sign_csr(&b.csr, role, &b.name, &b.addresses)
         .map_err(|e| ApiError::bad_request("csr", format!("{e:#}")))?;
     ctx.propose(Command::SpendJoinToken {
         id: token.id,
@@ -215,9 +230,14 @@ pub(super) async fn join(
         at: now_ms(),
     })
     .await?;
-    tracing::info!("agent {} joined with a token", b.name);
-    Ok(
-        Json(json!({"certificate": cert, "ca": tls.ca_pem, "role": "agent", "name": b.name}))
-            .into_response(),
-    )
+    tracing::info!("{role} {} joined with a token", b.name);
+    let mut answer = json!({"certificate": cert, "ca": tls.ca_pem, "role": role.as_str(),
+                            "name": b.name});
+    if role == Role::Master {
+        // What a master needs besides its certificate: the CA key (to sign joins itself)
+        // and the masters' Raft credential.
+        answer["ca_key"] = ca.key_pem().into();
+        answer["peer_token"] = ctx.node.peer_token().into();
+    }
+    Ok(Json(answer).into_response())
 }
