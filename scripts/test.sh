@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR=never
 # the package tests run the real data services and check them with their own clients.)
 APT_PACKAGES=(iproute2 procps coreutils hostname busybox-static umoci skopeo iptables
   prometheus redis-server redis-tools etcd-server etcd-client postgresql-15 postgresql-client-15
-  chromium chromium-driver)
+  chromium chromium-driver openssh-server openssh-client)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

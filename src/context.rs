@@ -97,7 +97,7 @@ fn is_client_command(args: &[std::ffi::OsString]) -> bool {
     let a1 = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let a2 = args.get(2).and_then(|a| a.to_str()).unwrap_or("");
     match a1 {
-        "master" | "dev" | "lab" | "bench" | "context" | "ca" | "help" | "" => false,
+        "master" | "dev" | "lab" | "bench" | "context" | "ca" | "install" | "help" | "" => false,
         "agent" => a2 == "list",
         _ => !a1.starts_with('-'),
     }

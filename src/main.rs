@@ -5,6 +5,7 @@ mod bench;
 mod bench_services;
 mod client;
 mod context;
+mod install_cli;
 mod lab_cli;
 mod package_cli;
 mod service_cli;
@@ -134,6 +135,12 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
+    },
+    /// A real cluster over SSH from one file: `install apply --config cluster.toml
+    /// [--dry-run]`, `install reset --config cluster.toml`.
+    Install {
+        #[command(subcommand)]
+        cmd: install_cli::InstallCmd,
     },
     /// The cluster CA: `ca init`, `ca issue` (node and admin certificates), `ca hash`.
     Ca {
@@ -744,6 +751,11 @@ async fn run_master(a: MasterArgs) -> anyhow::Result<()> {
             peer_token = pt;
         }
         join = true;
+    } else if peer_token.is_empty() {
+        // A master that joined by token earlier kept the masters' credential.
+        if let Ok(s) = std::fs::read_to_string(a.data_dir.join("peer-token")) {
+            peer_token = s.trim().to_string();
+        }
     }
     if peers.is_empty() && !join {
         anyhow::bail!(
@@ -1315,6 +1327,10 @@ fn main() -> anyhow::Result<()> {
             }
             Cmd::Context { cmd } => context_cmd(cmd),
             Cmd::Ca { cmd } => tls_cli::ca_cmd(cmd),
+            Cmd::Install { cmd } => {
+                init_tracing("warn");
+                install_cli::run(cmd).await
+            }
             Cmd::Token { cmd, client } => {
                 init_tracing("warn");
                 let c = Client::new(&client.master, &client.token)?;
