@@ -20,6 +20,15 @@ pub enum InstallCmd {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Replace the binary node by node without stopping tasks: followers, the leader, then
+    /// agents, each back before the next.
+    Upgrade {
+        #[arg(long)]
+        config: PathBuf,
+        /// The new binary (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Remove Cairn from every host of the file: nodes, tasks, units, binary and data.
     Reset {
         #[arg(long)]
@@ -73,6 +82,31 @@ pub async fn run(cmd: InstallCmd) -> anyhow::Result<()> {
             println!("  UI:     {}/ui/  (sign in with the token)", a.url);
             println!("  CA:     {}", a.ca.display());
             println!("  token:  {}", a.token);
+            Ok(())
+        }
+        InstallCmd::Upgrade { config, binary } => {
+            let cfg = ClusterConfig::load(&config)?;
+            let bin = match binary {
+                Some(b) => b,
+                None => std::env::current_exe()?,
+            };
+            let r = install::upgrade(&cfg, &bin, &|phase: &str| {
+                bar.set_message(phase.to_string())
+            })
+            .await;
+            bar.finish_and_clear();
+            let a = r?;
+            for n in &a.nodes {
+                println!(
+                    "  {:<16} {:<7} upgraded ({} service manager)",
+                    n.host, n.role, n.manager
+                );
+            }
+            println!(
+                "cluster {} upgraded in {:.1} s",
+                cfg.name,
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         InstallCmd::Reset { config } => {

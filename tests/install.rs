@@ -3,7 +3,8 @@
 //! root directory of its own for what the installer writes (the hosts share this machine's
 //! filesystem; each has its own `etc/machine-id` there). Apply 3 masters + 2 agents, check
 //! the cluster, re-apply (no change), dry-run and apply an added agent, refuse a host whose
-//! machine id is another's, reset. This machine's PID 1 is not systemd, so the `direct`
+//! machine id is another's, upgrade the binary node by node with tasks running, reset.
+//! This machine's PID 1 is not systemd, so the `direct`
 //! service manager is what runs; the generated systemd units are checked with
 //! `systemd-analyze verify`.
 
@@ -261,6 +262,87 @@ async fn install_apply_reapply_add_refuse_and_reset_over_ssh() {
         3,
         "{a}"
     );
+
+    // Upgrade to another binary: followers, leader, then agents; tasks keep running.
+    let spec = serde_json::json!({"id": "keep", "kind": "service", "instances": 2,
+        "runtime": {"native": {"cmd": "/bin/sh", "args": ["-c", "exec sleep 600"]}},
+        "resources": {"cpus": 0.1, "mem": 16}});
+    let r = http
+        .post(format!("{url}/api/v1/workloads"))
+        .bearer_auth(&token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let running = |http: reqwest::Client, url: String, token: String| async move {
+        let v = get(&http, &format!("{url}/api/v1/tasks?workload=keep"), &token).await;
+        let mut ids: Vec<String> = v
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "running")
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        (ids.len() == 2).then_some(ids)
+    };
+    let before = eventually(Duration::from_secs(60), "2 tasks running", || {
+        running(http.clone(), url.clone(), token.clone())
+    })
+    .await;
+    let pid = |n: u64, role: &str| {
+        std::fs::read_to_string(d.join(format!("h{n}/var/lib/cairn/{role}.pid"))).unwrap()
+    };
+    let (m1_pid, a4_pid) = (pid(1, "master"), pid(4, "agent"));
+    let c = get(&http, &format!("{url}/api/v1/cluster"), &token).await;
+    let leader_ip = c["leader_addr"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let new_bin = d.join("cairn-new");
+    let mut bytes = std::fs::read(bin()).unwrap();
+    bytes.extend_from_slice(b"\0a different build\0");
+    std::fs::write(&new_bin, &bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&new_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, out) = install(&[
+        "upgrade",
+        "--config",
+        &cfg,
+        "--binary",
+        &new_bin.display().to_string(),
+    ]);
+    assert!(ok, "{out}");
+    eprintln!("upgrade:\n{out}");
+    assert_eq!(out.matches("upgraded (").count(), 6, "{out}");
+    // The leader goes last among the masters.
+    let order: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" master "))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(order.len(), 3, "{out}");
+    assert_eq!(
+        order[2], leader_ip,
+        "the leader was not upgraded last: {out}"
+    );
+    for n in 1..=6 {
+        assert_eq!(
+            std::fs::read(d.join(format!("h{n}/usr/local/bin/cairn"))).unwrap(),
+            bytes,
+            "h{n} runs the old binary"
+        );
+    }
+    assert_ne!(pid(1, "master"), m1_pid, "master 1 was not restarted");
+    assert_ne!(pid(4, "agent"), a4_pid, "agent 4 was not restarted");
+    let after = eventually(Duration::from_secs(30), "the same 2 tasks running", || {
+        running(http.clone(), url.clone(), token.clone())
+    })
+    .await;
+    assert_eq!(before, after, "the upgrade replaced tasks");
 
     // A host whose machine id is another's is refused, naming it.
     std::fs::copy(d.join("h1/etc/machine-id"), d.join("h6/etc/machine-id")).unwrap();

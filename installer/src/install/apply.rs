@@ -319,3 +319,149 @@ pub fn reset(cfg: &ClusterConfig, progress: &dyn Fn(&str)) -> Result<usize> {
     let _ = std::fs::remove_file(cfg.state_dir().join("state.json"));
     Ok(n)
 }
+
+/// Replaces the binary of an installed cluster node by node without stopping tasks:
+/// followers first, the leader last, each back in the cluster before the next; then agents
+/// one by one, each active again before the next (an agent's stop leaves its tasks running
+/// and the new agent re-attaches them).
+pub async fn upgrade(
+    cfg: &ClusterConfig,
+    binary: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<Applied> {
+    let (_, state) = local_pki(cfg)?;
+    if state.masters.is_empty() {
+        bail!(
+            "nothing is installed for cluster {}: run `cairn install apply` first",
+            cfg.name
+        );
+    }
+    let ssh = Ssh {
+        user: cfg.ssh.user.clone(),
+        key: cfg.ssh.key.clone(),
+        port: cfg.ssh.port,
+        known_hosts: cfg.state_dir().join("known_hosts"),
+    };
+    progress("connecting and gathering facts");
+    let mut facts = BTreeMap::new();
+    for h in &cfg.hosts {
+        let f = gather_facts(&ssh, h).with_context(|| format!("connect: {}", h.address))?;
+        facts.insert(h.address.clone(), f);
+    }
+    let bin = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let sha = sha256_hex(&bin);
+    progress("uploading the binary");
+    for h in &cfg.hosts {
+        if facts[&h.address].installed_sha != sha {
+            // Renamed into place: running nodes keep the file they started from.
+            ssh.put(
+                &h.address,
+                &format!("{}/usr/local/bin/cairn", h.r()),
+                &bin,
+                0o755,
+            )?;
+        }
+    }
+    let http = admin_http(cfg)?;
+    let token = state.token.clone();
+    let first = cfg.masters().next().context("no master")?.address.clone();
+    let cluster = |addr: String| {
+        let (http, token) = (http.clone(), token.clone());
+        async move {
+            let v: serde_json::Value = http
+                .get(format!("https://{addr}:{API_PORT}/api/v1/cluster"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(v)
+        }
+    };
+    let leader = wait_for("a leader", 60, || async {
+        let v = cluster(first.clone()).await?;
+        v["leader_addr"]
+            .as_str()
+            .map(|a| a.split(':').next().unwrap_or("").to_string())
+    })
+    .await?;
+    let mut masters: Vec<&HostConfig> = cfg.masters().collect();
+    // Followers first, the leader last: one leader change at most.
+    masters.sort_by_key(|m| m.address == leader);
+    let mut nodes = Vec::new();
+    let via = format!("{first}:{API_PORT}");
+    for m in masters {
+        progress(&format!("upgrading master {}", m.address));
+        let join = state
+            .joined
+            .contains(&m.address)
+            .then_some(("", via.as_str()));
+        let p = master_plan(cfg, m, &state, &sha, join);
+        let f = &facts[&m.address];
+        write_node(&ssh, m, &p, None)?;
+        ssh.run(&m.address, &start_script(&p, &m.r(), f.service_manager()))?;
+        let addr = m.address.clone();
+        wait_for(&format!("master {addr} back with a leader"), 90, || async {
+            let v = cluster(addr.clone()).await?;
+            v["leader_id"].as_u64()
+        })
+        .await?;
+        nodes.push(Done {
+            host: m.address.clone(),
+            role: "master",
+            action: Action::Update,
+            manager: f.service_manager(),
+        });
+    }
+    for a in cfg.hosts.iter().filter(|h| h.is("agent")) {
+        progress(&format!("upgrading agent {}", a.address));
+        let p = agent_plan(cfg, a, &sha, None);
+        let f = &facts[&a.address];
+        write_node(&ssh, a, &p, None)?;
+        // The script stops the old agent (waiting for it to exit) before starting the new
+        // one, so an answer from the agent's own API is the new process.
+        ssh.run(&a.address, &start_script(&p, &a.r(), f.service_manager()))?;
+        let own = format!("https://{}:{AGENT_PORT}/api/v1/agent", a.address);
+        let want = format!("{}:{AGENT_PORT}", a.address);
+        wait_for(
+            &format!("agent {} back and active", a.address),
+            90,
+            || async {
+                http.get(&own)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())?;
+                let v: serde_json::Value = http
+                    .get(format!("https://{first}:{API_PORT}/api/v1/agents"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                v.as_array()?
+                    .iter()
+                    .any(|x| x["addr"] == want.as_str() && x["status"] == "active")
+                    .then_some(())
+            },
+        )
+        .await?;
+        nodes.push(Done {
+            host: a.address.clone(),
+            role: "agent",
+            action: Action::Update,
+            manager: f.service_manager(),
+        });
+    }
+    Ok(Applied {
+        nodes,
+        url: format!("https://{first}:{API_PORT}"),
+        token,
+        ca: cfg.state_dir().join("pki").join(pki::CA_CERT),
+        dry_run: false,
+    })
+}

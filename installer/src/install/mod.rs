@@ -769,7 +769,7 @@ pub fn gather_facts(ssh: &Ssh, host: &HostConfig) -> Result<Facts> {
 }
 
 mod apply;
-pub use apply::{apply, reset, Applied, Done};
+pub use apply::{apply, reset, upgrade, Applied, Done};
 
 #[cfg(test)]
 mod tests;
