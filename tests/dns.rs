@@ -366,6 +366,7 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
 
 const KV: &str = r#"
 name = "kv"
+endpoints = { primary = "node-1" }
 [[pod_types]]
 name = "node"
 count = 2
@@ -497,6 +498,48 @@ async fn stateful_pods_keep_their_names_across_restarts() {
         },
     )
     .await;
+
+    // A named endpoint follows the pod it names; a switchover is an update of the spec,
+    // and moves the name without restarting a pod.
+    eventually(
+        Duration::from_secs(5),
+        "primary.kv.cairn on node-1",
+        || async {
+            let m = ask_udp(dns[0], "primary.kv.cairn.", RecordType::A).await?;
+            (addrs(&m) == BTreeSet::from([h1])).then_some(())
+        },
+    )
+    .await;
+    let pods = lab.get(&master, "/api/v1/services/kv/pods").await.unwrap();
+    let gens = |pods: &serde_json::Value| -> Vec<String> {
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["tasks"].to_string())
+            .collect()
+    };
+    let before = gens(&pods);
+    let r = http()
+        .put(format!("http://{master}/api/v1/services/kv"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/toml")
+        .body(KV.replace("primary = \"node-1\"", "primary = \"node-0\""))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    eventually(
+        Duration::from_secs(5),
+        "primary.kv.cairn on node-0",
+        || async {
+            let m = ask_udp(dns[1], "primary.kv.cairn.", RecordType::A).await?;
+            (addrs(&m) == BTreeSet::from([h0])).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pods = lab.get(&master, "/api/v1/services/kv/pods").await.unwrap();
+    assert_eq!(gens(&pods), before, "the switchover restarted a pod");
 }
 
 /// The lab index of the agent with id `id` (agents were started in order on 127.0.0.5-7).

@@ -13,6 +13,8 @@
 //!   `<service>.cairn.` — A of the agents of its pods that have a ready `running` task;
 //!   `_<port>._tcp.<pod>.<service>.cairn.` — SRV from the pod's running tasks, target the pod's
 //!   name; `_<port>._tcp.<service>.cairn.` — the same over its ready pods;
+//!   `<endpoint>.<service>.cairn.` (and its SRV names) — the records of the pod a service's
+//!   named endpoint points at (`endpoints = { primary = "postgresql-0" }`);
 //! - `leader.cairn.`, `masters.cairn.` — A of the leader's / every master's API host;
 //!   `agents.cairn.` — A of every active agent; `<agent-id>.agents.cairn.` — one agent.
 //!
@@ -242,7 +244,22 @@ impl DnsView {
             };
             let svc_name = format!("{sl}.cairn.");
             b.touch(&svc_name);
+            // Endpoint names follow their pod's records (name → the pod's label).
+            let endpoints: Vec<(String, String)> = svc
+                .spec
+                .endpoints
+                .iter()
+                .filter_map(|(e, pod)| Some((label(e)?, pod.clone())))
+                .collect();
+            for (e, _) in &endpoints {
+                b.touch(&format!("{e}.{svc_name}"));
+            }
             for pod in svc.pods.values() {
+                let aliases: Vec<String> = endpoints
+                    .iter()
+                    .filter(|(_, p)| *p == pod.id)
+                    .map(|(e, _)| format!("{e}.{svc_name}"))
+                    .collect();
                 let Some(pl) = label(&pod.id) else {
                     continue;
                 };
@@ -255,6 +272,9 @@ impl DnsView {
                     continue;
                 };
                 b.add(&pod_name, DnsRecord::Addr { ip });
+                for a in &aliases {
+                    b.add(a, DnsRecord::Addr { ip });
+                }
                 let mut ready = false;
                 for (tname, target) in &pod.tasks {
                     let id = crate::service::driver::task_id(
@@ -280,6 +300,9 @@ impl DnsView {
                             target: pod_name.clone(),
                         };
                         b.add(&format!("{port}._tcp.{pod_name}"), srv.clone());
+                        for a in &aliases {
+                            b.add(&format!("{port}._tcp.{a}"), srv.clone());
+                        }
                         if task_ready {
                             b.add(&format!("{port}._tcp.{svc_name}"), srv);
                         }

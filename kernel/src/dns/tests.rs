@@ -418,6 +418,38 @@ fn pods_agent_before(ip: &IpAddr, w: &World) -> String {
 }
 
 #[test]
+fn endpoints_follow_the_pod_they_name() {
+    let mut w = World::new();
+    let mut svc = kv_service();
+    svc.endpoints.insert("primary".into(), "node-1".into());
+    svc.endpoints.insert("standby".into(), "node-9".into());
+    w.apply(Command::CreateService {
+        service: svc,
+        at: w.now,
+    });
+    w.ticks(12);
+    let v = w.view();
+    let a = pods_agent(&w, "node-1");
+    let h1 = host_ip(&w.state.agents[&a].addr).unwrap();
+    assert_eq!(
+        ask(&v, "primary.kv.cairn.", RecordType::A),
+        format!("No Error\nprimary.kv.cairn. 1 A {h1}")
+    );
+    let srv = ask(&v, "_client._tcp.primary.kv.cairn.", RecordType::SRV);
+    assert!(srv.contains(" node-1.kv.cairn.\n"), "{srv}");
+    // An endpoint whose pod does not exist (validation refuses it; state may still carry
+    // one) has no address, and is no error either.
+    assert_eq!(
+        ask(&v, "standby.kv.cairn.", RecordType::A),
+        "No Error\n(soa)"
+    );
+    assert_eq!(
+        ask(&v, "nothing.kv.cairn.", RecordType::A),
+        "Non-Existent Domain\n(soa)"
+    );
+}
+
+#[test]
 fn labels() {
     let cases = [
         ("web", Some("web")),

@@ -24,6 +24,9 @@ pub struct StatefulService {
     /// The package this spec was rendered from (`None` for a spec written by hand); the
     /// package's options (defaults filled) are `options`.
     pub package: Option<PackageRef>,
+    /// Named endpoints: name → pod id (`primary.<service>.cairn.`).
+    #[serde(default)]
+    pub endpoints: std::collections::BTreeMap<String, String>,
 }
 
 impl StatefulService {

@@ -27,6 +27,10 @@ pub struct ServiceSpec {
     /// Free-form options config templates see as `options` (a table / JSON object).
     #[serde(default)]
     pub options: Option<serde_json::Value>,
+    /// Names that each point at one pod: `primary = "postgresql-0"` makes
+    /// `primary.<service>.cairn.` resolve to that pod (a switchover is an update of this).
+    #[serde(default)]
+    pub endpoints: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -516,12 +520,42 @@ impl ServiceSpec {
                 ),
             );
         }
+        if self.endpoints.len() > 16 {
+            return err("endpoints", "a service declares at most 16 endpoints");
+        }
+        for (name, pod) in &self.endpoints {
+            let f = format!("endpoints.{name}");
+            check_name(&f, name, 63)?;
+            let is_pod = |id: &str| {
+                pod_types.iter().any(|t| {
+                    id.strip_prefix(&format!("{}-", t.name))
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .is_some_and(|n| n < t.count)
+                })
+            };
+            if is_pod(name) {
+                return err(
+                    &f,
+                    format!("{name:?} is a pod's name; name the endpoint otherwise"),
+                );
+            }
+            if !is_pod(pod) {
+                return err(
+                    &f,
+                    format!(
+                        "no pod {pod:?}: pods are <pod type>-<index>, e.g. {}-0",
+                        pod_types[0].name
+                    ),
+                );
+            }
+        }
         Ok(StatefulService {
             name: self.name,
             pod_types,
             plans,
             options,
             package: None,
+            endpoints: self.endpoints,
         })
     }
 }

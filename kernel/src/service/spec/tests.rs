@@ -66,6 +66,19 @@ fn a_good_spec_validates_from_toml_and_json() {
     assert_eq!(s.pod_types[0].volumes[0].path, "var/data");
 }
 
+#[test]
+fn endpoints_name_existing_pods() {
+    let s = from_toml(&GOOD.replacen(
+        "name = \"zk\"",
+        "name = \"zk\"\nendpoints = { leader = \"node-2\" }",
+        1,
+    ))
+    .unwrap()
+    .validate()
+    .unwrap();
+    assert_eq!(s.endpoints["leader"], "node-2");
+}
+
 /// Replaces `from` by `to` in the good spec and returns the error's field and message.
 fn bad(from: &str, to: &str) -> SpecError {
     assert!(GOOD.contains(from), "{from:?} is not in the spec");
@@ -80,6 +93,24 @@ fn bad(from: &str, to: &str) -> SpecError {
 fn bad_specs_name_the_field() {
     let vol = r#"volumes = [{ name = "data", path = "data", size_mb = 512 }]"#;
     let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { leader = \"node-7\" }",
+            "endpoints.leader",
+            "no pod \"node-7\"",
+        ),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { node-1 = \"node-0\" }",
+            "endpoints.node-1",
+            "a pod's name",
+        ),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { Leader = \"node-0\" }",
+            "endpoints.Leader",
+            "lowercase",
+        ),
         (
             "name = \"zk\"",
             "name = \"zk\"\ncolour = \"red\"",
