@@ -102,20 +102,8 @@ fn config(h: &Hosts, masters: &[String], agents: &[String]) -> String {
 }
 
 fn install(args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin())
-        .arg("install")
-        .args(args)
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    let args = [&["install"], args].concat();
+    run_cairn(&args, &[("XDG_CONFIG_HOME", "/nonexistent".as_ref())])
 }
 
 async fn get(http: &reqwest::Client, url: &str, token: &str) -> Value {

@@ -1,5 +1,7 @@
-//! `cairn lab` end to end, through the CLI: two labs side by side, a workload on one, its
-//! leader killed and restarted, and `lab down` leaving no process, mount or file behind.
+//! `cairn lab` end to end, through the CLI: a TLS lab in network namespaces (agents joined
+//! by token) beside a plaintext loopback one; on the first a workload, its leader cut off
+//! and healed, delay, the leader killed and restarted, DNS from the agents and inside a
+//! task; `lab down` leaving no process, mount, namespace, bridge or file behind.
 
 mod common;
 
@@ -9,20 +11,13 @@ use std::path::Path;
 use std::time::Duration;
 
 fn lab_cli(root: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(bin())
-        .arg("lab")
-        .args(args)
-        .env("CAIRN_LAB_DIR", root)
-        .env("XDG_CONFIG_HOME", root)
-        .output()
-        .expect("run cairn lab");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    let args = [&["lab"], args].concat();
+    run_cairn(
+        &args,
+        &[
+            ("CAIRN_LAB_DIR", root.as_os_str()),
+            ("XDG_CONFIG_HOME", root.as_os_str()),
+        ],
     )
 }
 

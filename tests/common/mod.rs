@@ -224,3 +224,22 @@ pub async fn cairn_cli(addr: &str, args: &[&str], timeout: Duration) -> (bool, S
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs the cairn binary with `args` and these environment variables set (no stdin);
+/// (success, stdout followed by stderr).
+pub fn run_cairn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run cairn");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

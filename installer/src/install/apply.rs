@@ -35,6 +35,18 @@ fn admin_http(cfg: &ClusterConfig) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// A GET of the masters' API as JSON, `None` on any failure (the callers poll).
+async fn get_json(http: &reqwest::Client, url: String, token: &str) -> Option<serde_json::Value> {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -84,12 +96,7 @@ pub async fn apply(
     progress: &dyn Fn(&str),
 ) -> Result<Applied> {
     let (ca, mut state) = local_pki(cfg)?;
-    let ssh = Ssh {
-        user: cfg.ssh.user.clone(),
-        key: cfg.ssh.key.clone(),
-        port: cfg.ssh.port,
-        known_hosts: cfg.state_dir().join("known_hosts"),
-    };
+    let ssh = Ssh::for_cluster(cfg);
     progress("connecting and gathering facts");
     let mut facts = Vec::new();
     for h in &cfg.hosts {
@@ -206,15 +213,7 @@ pub async fn apply(
     progress("waiting for a leader");
     let token = state.token.clone();
     wait_for("a leader", 90, || async {
-        let v: serde_json::Value = http
-            .get(format!("{url}/api/v1/cluster"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = get_json(&http, format!("{url}/api/v1/cluster"), &token).await?;
         v["leader_id"].as_u64()
     })
     .await?;
@@ -260,27 +259,11 @@ pub async fn apply(
         .map(|h| format!("{}:{AGENT_PORT}", h.address))
         .collect();
     wait_for("every master and agent", 120, || async {
-        let c: serde_json::Value = http
-            .get(format!("{url}/api/v1/cluster"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let c = get_json(&http, format!("{url}/api/v1/cluster"), &token).await?;
         if c["members"].as_array()?.len() != want_masters || c["leader_id"].as_u64().is_none() {
             return None;
         }
-        let a: serde_json::Value = http
-            .get(format!("{url}/api/v1/agents"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let a = get_json(&http, format!("{url}/api/v1/agents"), &token).await?;
         let active: BTreeSet<String> = a
             .as_array()?
             .iter()
@@ -303,12 +286,7 @@ pub async fn apply(
 
 /// Removes Cairn from every host of `cfg` (and forgets the cluster's state, keeping the CA).
 pub fn reset(cfg: &ClusterConfig, progress: &dyn Fn(&str)) -> Result<usize> {
-    let ssh = Ssh {
-        user: cfg.ssh.user.clone(),
-        key: cfg.ssh.key.clone(),
-        port: cfg.ssh.port,
-        known_hosts: cfg.state_dir().join("known_hosts"),
-    };
+    let ssh = Ssh::for_cluster(cfg);
     let mut n = 0;
     for h in &cfg.hosts {
         progress(&format!("resetting {}", h.address));
@@ -336,12 +314,7 @@ pub async fn upgrade(
             cfg.name
         );
     }
-    let ssh = Ssh {
-        user: cfg.ssh.user.clone(),
-        key: cfg.ssh.key.clone(),
-        port: cfg.ssh.port,
-        known_hosts: cfg.state_dir().join("known_hosts"),
-    };
+    let ssh = Ssh::for_cluster(cfg);
     progress("connecting and gathering facts");
     let mut facts = BTreeMap::new();
     for h in &cfg.hosts {
@@ -368,16 +341,12 @@ pub async fn upgrade(
     let cluster = |addr: String| {
         let (http, token) = (http.clone(), token.clone());
         async move {
-            let v: serde_json::Value = http
-                .get(format!("https://{addr}:{API_PORT}/api/v1/cluster"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            Some(v)
+            get_json(
+                &http,
+                format!("https://{addr}:{API_PORT}/api/v1/cluster"),
+                &token,
+            )
+            .await
         }
     };
     let leader = wait_for("a leader", 60, || async {
@@ -434,15 +403,12 @@ pub async fn upgrade(
                     .await
                     .ok()
                     .filter(|r| r.status().is_success())?;
-                let v: serde_json::Value = http
-                    .get(format!("https://{first}:{API_PORT}/api/v1/agents"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = get_json(
+                    &http,
+                    format!("https://{first}:{API_PORT}/api/v1/agents"),
+                    &token,
+                )
+                .await?;
                 v.as_array()?
                     .iter()
                     .any(|x| x["addr"] == want.as_str() && x["status"] == "active")

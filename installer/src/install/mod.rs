@@ -165,6 +165,16 @@ pub struct Ssh {
 }
 
 impl Ssh {
+    /// The client `cfg` asks for, with the installer's own known_hosts.
+    pub fn for_cluster(cfg: &ClusterConfig) -> Ssh {
+        Ssh {
+            user: cfg.ssh.user.clone(),
+            key: cfg.ssh.key.clone(),
+            port: cfg.ssh.port,
+            known_hosts: cfg.state_dir().join("known_hosts"),
+        }
+    }
+
     fn command(&self, host: &str) -> Command {
         let mut c = Command::new("ssh");
         c.args([
