@@ -9,10 +9,11 @@ export CARGO_TERM_COLOR=never
 # Debian packages the tests use. (The end-to-end tests start real `cairn` processes; the OCI
 # tests build a busybox image with umoci and skopeo; the benchmarks additionally use
 # etcd-server and runc, see BENCHMARKS.md; iptables cuts a master off in the pre-vote test; promtool (prometheus) checks both metrics pages;
-# the package tests run the real data services and check them with their own clients.)
+# the package tests run the real data services and check them with their own clients; the
+# installer test runs a real sshd per host and checks its units with systemd-analyze.)
 APT_PACKAGES=(iproute2 procps coreutils hostname busybox-static umoci skopeo iptables
   prometheus redis-server redis-tools etcd-server etcd-client postgresql-15 postgresql-client-15
-  chromium chromium-driver openssh-server openssh-client)
+  chromium chromium-driver openssh-server openssh-client systemd)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
