@@ -52,7 +52,9 @@ impl Liveness {
     }
 
     /// Called on every monitor tick while leading. On a new term every known agent gets a
-    /// full timeout of grace, so a leader change never marks healthy agents unreachable.
+    /// full timeout of grace, so a leader change never marks healthy agents unreachable; so
+    /// does an agent this leader sees for the first time (one that registered through a
+    /// follower has not sent the leader a heartbeat yet).
     pub fn tick(
         &self,
         term: u64,
@@ -70,6 +72,11 @@ impl Liveness {
                         *t = (*t).max(now);
                     }
                 }
+            }
+        }
+        for (id, status) in agents {
+            if *status == AgentStatus::Active {
+                g.last_seen.entry(id.clone()).or_insert(now);
             }
         }
         decide(agents, &g.last_seen, now, timeout)
@@ -136,6 +143,35 @@ mod tests {
         assert_eq!(
             l.tick(5, &back, t0 + Duration::from_secs(6), timeout),
             vec![("a".to_string(), AgentStatus::Active)]
+        );
+    }
+
+    #[test]
+    fn a_new_agent_gets_grace_until_its_first_heartbeat() {
+        // "b" registered through a follower at t0+7: the leader has heard nothing from it.
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(3);
+        l.beat("a", t0);
+        let one = vec![("a".to_string(), AgentStatus::Active)];
+        assert!(l.tick(5, &one, t0, timeout).is_empty());
+        let two = vec![
+            ("a".to_string(), AgentStatus::Active),
+            ("b".to_string(), AgentStatus::Active),
+        ];
+        l.beat("a", t0 + Duration::from_secs(7));
+        assert!(l
+            .tick(5, &two, t0 + Duration::from_secs(7), timeout)
+            .is_empty());
+        assert!(l
+            .tick(5, &two, t0 + Duration::from_secs(9), timeout)
+            .is_empty());
+        assert_eq!(
+            l.tick(5, &two, t0 + Duration::from_secs(11), timeout),
+            vec![
+                ("a".to_string(), AgentStatus::Unreachable),
+                ("b".to_string(), AgentStatus::Unreachable)
+            ]
         );
     }
 }
