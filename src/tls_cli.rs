@@ -68,7 +68,7 @@ pub async fn join(
             Ok(v) => return Ok(v),
             Err(e) => {
                 // A CA mismatch is final: other masters of a different cluster do not help.
-                if format!("{e:#}").contains("CA hash") {
+                if e.is::<WrongCa>() {
                     return Err(e);
                 }
                 tracing::warn!("join via {m}: {e:#}");
@@ -78,6 +78,18 @@ pub async fn join(
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("--masters is empty")))
 }
+
+/// The masters' CA is not the one the token names.
+#[derive(Debug)]
+struct WrongCa(String);
+
+impl std::fmt::Display for WrongCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WrongCa {}
 
 async fn join_one(
     token: &JoinToken,
@@ -100,11 +112,12 @@ async fn join_one(
         .await?;
     let hash = pki::ca_hash(&ca_pem).context("the master's CA")?;
     if hash != token.ca_hash {
-        bail!(
+        return Err(WrongCa(format!(
             "the CA at {master} has CA hash {hash}, but the join token expects {}: another \
              cluster, or someone in between; refusing to join",
             token.ca_hash
-        );
+        ))
+        .into());
     }
     let trusted = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
@@ -162,17 +175,8 @@ pub async fn join_master(
         let peer = v["peer_token"]
             .as_str()
             .context("the join answer has no peer credential")?;
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(data_dir)?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&saved)
-            .and_then(|mut f| f.write_all(peer.as_bytes()))
-            .with_context(|| format!("writing {}", saved.display()))?;
+        pki::write_file(&saved, peer.as_bytes(), 0o600)?;
     }
     std::fs::read_to_string(&saved)
         .map(|s| s.trim().to_string())
@@ -437,8 +441,8 @@ pub fn dev_pki(data_dir: &Path, host: &str) -> Result<DevPki> {
         &node_addresses(host, &hostname),
     )?;
     ca.save(&tls_dir)?;
-    let admin = pki_dir.join("admin");
-    pki::ensure_node(&ca, &admin, Role::Admin, "dev", &[])?;
+    pki::ensure_admin(&ca, &pki_dir, "dev")?;
+    let admin = pki_dir.join(pki::ADMIN_DIR);
     Ok(DevPki {
         tls_dir,
         ca_cert: pki_dir.join(pki::CA_CERT),
@@ -447,20 +451,15 @@ pub fn dev_pki(data_dir: &Path, host: &str) -> Result<DevPki> {
     })
 }
 
-/// "in 23h" or "2h ago" for a Unix-milliseconds time.
+/// "in 23h 59m" or "2h 1m ago" for a Unix-milliseconds time, to the minute.
 fn until(ms: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let fmt = |d: u64| {
-        let s = d / 1000;
-        match s {
-            0..=119 => format!("{s}s"),
-            120..=7199 => format!("{}m", s / 60),
-            7200..=172_799 => format!("{}h", s / 3600),
-            _ => format!("{}d", s / 86_400),
-        }
+        let minutes = std::time::Duration::from_secs(d / 60_000 * 60);
+        humantime::format_duration(minutes).to_string()
     };
     if ms >= now {
         format!("in {}", fmt(ms - now))

@@ -60,6 +60,18 @@ fn client(ca_dir: &Path, cert_dir: Option<&Path>) -> reqwest::Client {
     b.build().unwrap()
 }
 
+/// GET with the cluster token, as JSON; `None` on any failure.
+async fn get_json(c: &reqwest::Client, url: String) -> Option<Value> {
+    c.get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 struct Kill(Vec<Child>);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -175,15 +187,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
         Duration::from_secs(60),
         "a leader over mTLS Raft",
         || async {
-            let v: Value = user
-                .get(format!("{}/api/v1/cluster", api(0)))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = get_json(&user, format!("{}/api/v1/cluster", api(0))).await?;
             v["leader_id"].as_u64()
         },
     )
@@ -243,15 +247,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
         Duration::from_secs(30),
         "the joined agent active",
         || async {
-            let v: Value = user
-                .get(format!("{}/api/v1/agents", api(0)))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = get_json(&user, format!("{}/api/v1/agents", api(0))).await?;
             let a = v.as_array()?.first()?;
             (a["status"] == "active").then(|| a["id"].as_str().unwrap().to_string())
         },
@@ -259,13 +255,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
     .await;
     let a1_tls = d("a1").join("tls");
     assert!(a1_tls.join("node.crt").exists() && !a1_tls.join("ca.key").exists());
-    let list = user
-        .get(format!("{}/api/v1/join-tokens", api(1)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
+    let list = get_json(&user, format!("{}/api/v1/join-tokens", api(1)))
         .await
         .unwrap();
     assert_eq!(list[0]["uses"], 1, "{list}");
@@ -287,15 +277,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let task = eventually(Duration::from_secs(60), "the task running", || async {
-        let v: Value = user
-            .get(format!("{}/api/v1/tasks?workload=hello", api(0)))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = get_json(&user, format!("{}/api/v1/tasks?workload=hello", api(0))).await?;
         let t = v.as_array()?.first()?.clone();
         (t["state"] == "running").then(|| t["id"].as_str().unwrap().to_string())
     })
@@ -477,13 +459,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("CA hash"), "{err}");
     assert!(!d("a2").join("tls").join("node.crt").exists());
-    let list = user
-        .get(format!("{}/api/v1/join-tokens", api(0)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
+    let list = get_json(&user, format!("{}/api/v1/join-tokens", api(0)))
         .await
         .unwrap();
     let id4 = t4
@@ -532,15 +508,7 @@ async fn mutual_tls_with_join_tokens_and_every_refusal() {
     .collect();
     procs.0.push(spawn(&args, &d("m4.log")));
     let v = eventually(Duration::from_secs(60), "master 4 a voter", || async {
-        let v: Value = user
-            .get(format!("https://127.0.0.1:{a4}/api/v1/cluster"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = get_json(&user, format!("https://127.0.0.1:{a4}/api/v1/cluster")).await?;
         (v["members"].as_array()?.len() == 4 && v["leader_id"].as_u64().is_some()).then_some(v)
     })
     .await;

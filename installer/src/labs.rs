@@ -76,21 +76,18 @@ impl LabState {
         let p = self.pki.as_ref()?;
         Some((
             p.join(crate::pki::CA_CERT),
-            p.join("admin").join(crate::pki::NODE_CERT),
-            p.join("admin").join(crate::pki::NODE_KEY),
+            p.join(crate::pki::ADMIN_DIR).join(crate::pki::NODE_CERT),
+            p.join(crate::pki::ADMIN_DIR).join(crate::pki::NODE_KEY),
         ))
     }
     /// An HTTP client for the lab's nodes: under TLS it trusts the lab's CA and presents the
     /// admin certificate (agents' APIs take only masters' and admins' certificates).
     pub fn http(&self, timeout: Duration) -> anyhow::Result<reqwest::Client> {
-        let mut b = reqwest::Client::builder().timeout(timeout);
-        if let Some((ca, cert, key)) = self.credentials() {
-            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
-            let mut pem = std::fs::read(cert)?;
-            pem.extend(std::fs::read(key)?);
-            b = b.identity(reqwest::Identity::from_pem(&pem)?);
-        }
-        Ok(b.build()?)
+        let b = match &self.pki {
+            Some(p) => crate::pki::admin_client(p)?,
+            None => reqwest::Client::builder(),
+        };
+        Ok(b.timeout(timeout).build()?)
     }
     pub fn masters(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(|n| n.role == "master")
@@ -333,7 +330,7 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             progress("making the lab's CA and certificates");
             let ca = crate::pki::Ca::generate(&spec.name)?;
             ca.save(p)?;
-            crate::pki::ensure_node(&ca, &p.join("admin"), crate::pki::Role::Admin, "lab", &[])?;
+            crate::pki::ensure_admin(&ca, p, "lab")?;
             Some(ca)
         }
         None => None,

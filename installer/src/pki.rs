@@ -13,7 +13,7 @@
 //! secret's SHA-256, so a stolen state snapshot does not let anyone join.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rcgen::{
@@ -185,22 +185,8 @@ impl Ca {
 
     /// A key and a certificate for a node, both PEM: `(cert, key)`.
     pub fn issue(&self, role: Role, name: &str, sans: &[String]) -> Result<(String, String)> {
-        self.issue_for(role, name, sans, NODE_CERT_DAYS)
-    }
-
-    /// As `issue`, good for `days` (tests make expired ones with a negative count).
-    pub fn issue_for(
-        &self,
-        role: Role,
-        name: &str,
-        sans: &[String],
-        days: i64,
-    ) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
-        let mut p = Self::params(role, name, sans, days)?;
-        if days < 0 {
-            p.not_before = p.not_after - time::Duration::days(1);
-        }
+        let p = Self::params(role, name, sans, NODE_CERT_DAYS)?;
         let cert = p.signed_by(&key, &self.issuer()?)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -247,6 +233,26 @@ pub fn write_node(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Re
     write(&dir.join(NODE_KEY), key_pem, 0o600)
 }
 
+/// Where a PKI directory (of `cairn dev`, a lab, the installer) keeps its admin certificate.
+pub const ADMIN_DIR: &str = "admin";
+
+/// A client builder that trusts the CA of `pki_dir` and presents its admin certificate: what
+/// the CLI of a lab, the test labs and the installer call the cluster with.
+pub fn admin_client(pki_dir: &Path) -> Result<reqwest::ClientBuilder> {
+    let read = |p: PathBuf| std::fs::read(&p).with_context(|| format!("reading {}", p.display()));
+    let ca = read(pki_dir.join(CA_CERT))?;
+    let mut id = read(pki_dir.join(ADMIN_DIR).join(NODE_CERT))?;
+    id.extend(read(pki_dir.join(ADMIN_DIR).join(NODE_KEY))?);
+    Ok(reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .identity(reqwest::Identity::from_pem(&id)?))
+}
+
+/// The admin client certificate of a PKI directory (`<pki_dir>/admin`), made once.
+pub fn ensure_admin(ca: &Ca, pki_dir: &Path, name: &str) -> Result<()> {
+    ensure_node(ca, &pki_dir.join(ADMIN_DIR), Role::Admin, name, &[])
+}
+
 /// A TLS directory for a node of a cluster whose CA is in `ca`: writes it unless it is
 /// already there (re-runs keep existing certificates).
 pub fn ensure_node(ca: &Ca, dir: &Path, role: Role, name: &str, sans: &[String]) -> Result<()> {
@@ -281,6 +287,11 @@ fn read(p: &Path) -> Result<String> {
 }
 
 fn write(p: &Path, text: &str, mode: u32) -> Result<()> {
+    write_file(p, text.as_bytes(), mode)
+}
+
+/// Writes `data` to `p` atomically (a temporary file renamed into place) with `mode`.
+pub fn write_file(p: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = p.with_extension("tmp");
@@ -291,7 +302,7 @@ fn write(p: &Path, text: &str, mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
+    f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))
 }

@@ -31,6 +31,8 @@ pub struct NodeTls {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// Built once at load: every client of the process starts from a copy.
+    client: ClientConfig,
     /// This node's own identity, from its certificate.
     pub identity: Identity,
 }
@@ -103,17 +105,23 @@ impl NodeTls {
         })?;
         let key = PrivateKeyDer::from_pem_slice(&read("node.key")?)
             .map_err(|e| anyhow!("{}: {e}", dir.join("node.key").display()))?;
+        let roots = Arc::new(roots);
+        // Fails at start, not at the first connection, if the key does not match.
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .with_context(|| format!("{}: key and certificate do not match", dir.display()))?;
         let tls = NodeTls {
             dir: dir.to_path_buf(),
             ca_pem: String::from_utf8_lossy(&ca).into_owned(),
-            roots: Arc::new(roots),
+            roots,
             chain,
             key,
+            client,
             identity,
         };
-        // Fail at start, not at the first connection, if the key does not match.
         tls.server_config(Clients::Optional)?;
-        tls.client_config()?;
         Ok(tls)
     }
 
@@ -137,12 +145,8 @@ impl NodeTls {
 
     /// A client configuration trusting only the cluster CA and presenting this node's
     /// certificate.
-    pub fn client_config(&self) -> Result<ClientConfig> {
-        ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .with_context(|| format!("{}: key and certificate do not match", self.dir.display()))
+    pub fn client_config(&self) -> ClientConfig {
+        self.client.clone()
     }
 }
 
@@ -192,15 +196,7 @@ pub fn scheme() -> &'static str {
 pub fn client_builder() -> reqwest::ClientBuilder {
     let b = reqwest::Client::builder();
     match current() {
-        Some(t) => match t.client_config() {
-            Ok(cfg) => b.use_preconfigured_tls(cfg),
-            // `load` built the same configuration already, so this does not happen; a client
-            // without TLS would fail every call, which is loud enough.
-            Err(e) => {
-                tracing::error!("tls client: {e:#}");
-                b
-            }
-        },
+        Some(t) => b.use_preconfigured_tls(t.client_config()),
         None => b,
     }
 }

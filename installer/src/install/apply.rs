@@ -23,14 +23,7 @@ pub struct Applied {
 }
 
 fn admin_http(cfg: &ClusterConfig) -> Result<reqwest::Client> {
-    let p = cfg.state_dir().join("pki");
-    let mut id = std::fs::read(p.join("admin").join(pki::NODE_CERT))?;
-    id.extend(std::fs::read(p.join("admin").join(pki::NODE_KEY))?);
-    Ok(reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
-            p.join(pki::CA_CERT),
-        )?)?)
-        .identity(reqwest::Identity::from_pem(&id)?)
+    Ok(pki::admin_client(&cfg.state_dir().join("pki"))?
         .timeout(std::time::Duration::from_secs(10))
         .build()?)
 }

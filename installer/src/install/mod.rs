@@ -684,7 +684,7 @@ pub fn local_pki(cfg: &ClusterConfig) -> Result<(Ca, State)> {
         ca.save(&pki_dir)?;
         ca
     };
-    pki::ensure_node(&ca, &pki_dir.join("admin"), Role::Admin, "installer", &[])?;
+    pki::ensure_admin(&ca, &pki_dir, "installer")?;
     let state_file = dir.join("state.json");
     let mut state: State = match std::fs::read(&state_file) {
         Ok(b) => serde_json::from_slice(&b).context("state.json")?,
@@ -698,19 +698,11 @@ pub fn local_pki(cfg: &ClusterConfig) -> Result<(Ca, State)> {
 }
 
 pub fn save_state(cfg: &ClusterConfig, state: &State) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let p = cfg.state_dir().join("state.json");
-    let tmp = p.with_extension("tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?
-        .write_all(&serde_json::to_vec_pretty(state)?)?;
-    std::fs::rename(&tmp, &p)?;
-    Ok(())
+    pki::write_file(
+        &cfg.state_dir().join("state.json"),
+        &serde_json::to_vec_pretty(state)?,
+        0o600,
+    )
 }
 
 fn random_hex(n: usize) -> String {
