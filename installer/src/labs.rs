@@ -395,21 +395,20 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
     // Agents of a TLS lab join with a token, which needs a leader to make it.
     let agent_cred = if lab.pki.is_some() {
         progress("waiting for a leader to make the agents' join token");
+        // Wait with reads (safe to repeat), then make the token once: a retried POST whose
+        // first attempt timed out after committing would leave a second, unused token.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             check_alive(&dir, &lab)?;
-            let r = http
-                .post(format!("{}/api/v1/join-tokens", lab.url()))
+            let leader = http
+                .get(format!("{}/api/v1/cluster", lab.url()))
                 .bearer_auth(&token)
-                .json(&serde_json::json!({"ttl": "1h", "max_uses": spec.agents,
-                                          "description": format!("lab {}", spec.name)}))
                 .send()
                 .await;
-            if let Ok(r) = r {
-                if r.status().is_success() {
-                    let v: serde_json::Value = r.json().await?;
-                    let t = v["token"].as_str().context("no token in the answer")?;
-                    break vec!["--join".to_string(), t.to_string()];
+            if let Ok(r) = leader {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if v["leader_id"].as_u64().is_some() {
+                    break;
                 }
             }
             if Instant::now() > deadline {
@@ -421,6 +420,22 @@ pub async fn up(spec: &UpSpec, progress: &dyn Fn(&str)) -> anyhow::Result<LabSta
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let r = http
+            .post(format!("{}/api/v1/join-tokens", lab.url()))
+            .bearer_auth(&token)
+            .timeout(Duration::from_secs(30))
+            .json(&serde_json::json!({"ttl": "1h", "max_uses": spec.agents,
+                                      "description": format!("lab {}", spec.name)}))
+            .send()
+            .await
+            .context("making the agents' join token")?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("making the agents' join token: {status} {}", v["message"]);
+        }
+        let t = v["token"].as_str().context("no token in the answer")?;
+        vec!["--join".to_string(), t.to_string()]
     } else {
         vec![
             "--token".to_string(),
