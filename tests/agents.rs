@@ -315,3 +315,56 @@ async fn dev_mode_runs_a_master_and_an_agent() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// An agent the masters marked unreachable without it noticing (stopped with SIGSTOP past
+/// the agent timeout, then continued): its tasks, marked unreachable with it, are reported
+/// running again once it is back (the heartbeat's status epoch), not left unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_an_agent_marked_unreachable_come_back_running() {
+    use common::services::*;
+    let c = service_cluster_on(29_700).await;
+    let spec = r#"name = "held"
+[[pod_types]]
+name = "node"
+[[pod_types.tasks]]
+name = "server"
+runtime.native = { cmd = "/bin/sleep", args = ["600"] }
+resources = { cpus = 0.1, mem = 32 }
+"#;
+    let (status, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/services",
+            "application/toml",
+            spec.to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    c.wait_plan("held", "deploy", "complete").await;
+    let pods = c.pods("held").await;
+    let agent = pods["node-0"].0.trim_matches('"').to_string();
+    let n = c.agent_index(&agent).await;
+    let pid = c.lab.agent_pid(n).expect("agent runs").to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    eventually(Duration::from_secs(30), "task unreachable", || async {
+        let p = c.pods("held").await;
+        p["node-0"]
+            .1
+            .iter()
+            .any(|s| s.contains("unreachable"))
+            .then_some(())
+    })
+    .await;
+    assert!(signal("-CONT").success());
+    eventually(Duration::from_secs(30), "task running again", || async {
+        let p = c.pods("held").await;
+        (p["node-0"].1 == ["\"running\""] && p["node-0"].2).then_some(())
+    })
+    .await;
+}

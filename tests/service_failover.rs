@@ -81,10 +81,8 @@ async fn a_leader_killed_mid_deploy_and_a_stuck_step_forced() {
     // Step node-0 was not run again: the same history, the same task launch.
     assert_eq!(steps(&p)[0]["history"], before["history"], "{p:#}");
     assert_eq!(task_ids(&c).await[0], gen0);
-    eventually(Duration::from_secs(30), "every pod ready", || async {
-        c.pods("fo").await.values().all(|p| p.2).then_some(())
-    })
-    .await;
+    c.wait_all_ready("fo", Duration::from_secs(30), "every pod ready")
+        .await;
 
     // An update whose readiness never passes: node-0 is stuck; force-complete skips it, and
     // node-1 gets stuck next. Rollback returns to v1 for every pod.
@@ -137,11 +135,12 @@ async fn a_leader_killed_mid_deploy_and_a_stuck_step_forced() {
         String::from_utf8_lossy(&out.stderr)
     );
     // (Under load an agent of this 3-master cluster can be briefly marked unreachable after
-    // the leader kill; its pod comes back ready.)
-    eventually(
+    // the leader kill; its tasks are reported again when it is back, and its pod is ready.
+    // Before the heartbeat's status epoch they stayed unreachable: CI failed here once.)
+    c.wait_all_ready(
+        "fo",
         Duration::from_secs(60),
         "every pod ready after rollback",
-        || async { c.pods("fo").await.values().all(|p| p.2).then_some(()) },
     )
     .await;
     // Every pod's log: v1 once at least, and v1 last (rolled back), on its own volume.

@@ -331,6 +331,11 @@ impl Lab {
         kill_processes_mentioning(&self.agents[n].data_dir.join(""));
     }
 
+    /// The process id of agent `n`, if it runs.
+    pub fn agent_pid(&self, n: usize) -> Option<u32> {
+        self.agents[n].child.as_ref().map(|c| c.id())
+    }
+
     /// The agent's API address (`host:port`).
     pub fn agent_addr(&self, n: usize) -> &str {
         &self.agents[n].addr

@@ -15,6 +15,11 @@ pub struct Assignment {
 pub struct HeartbeatReply {
     pub leader_id: u64,
     pub masters: Vec<String>,
+    /// When the masters last changed this agent's status (leader's Unix ms). A new value
+    /// tells the agent to report every task again: while it was marked unreachable its tasks
+    /// were too, and an agent that never noticed would otherwise leave them so.
+    #[serde(default)]
+    pub status_epoch: u64,
 }
 
 /// A task state an agent reports.

@@ -46,6 +46,9 @@ pub struct AgentInfo {
     pub registrations: u64,
     /// Retries (backoff waits) of the registration/heartbeat, assignment and status loops.
     pub retries: u64,
+    /// The masters' `HeartbeatReply::status_epoch`: when it changes, every task is reported
+    /// again.
+    pub status_epoch: u64,
 }
 
 /// A running agent.
@@ -297,6 +300,7 @@ pub(crate) async fn heartbeat_loop(
                     i.heartbeats_ok += 1;
                     backoff.reset();
                     i.leader_id = Some(r.leader_id);
+                    i.status_epoch = r.status_epoch;
                     if !r.masters.is_empty() {
                         // Learn the current membership, keeping the configured masters too.
                         let mut all = r.masters.clone();

@@ -180,8 +180,16 @@ pub async fn status_loop(
     let mut changed = tasks.watch();
     let mut cur = 0usize;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut epoch = 0;
     loop {
         let mut wait = Duration::from_secs(1);
+        // The masters changed this agent's status (unreachable, back): they may have marked
+        // its tasks unreachable meanwhile, so everything is reported again.
+        let now_epoch = info.lock().expect("info").status_epoch;
+        if now_epoch != epoch {
+            acked.clear();
+            epoch = now_epoch;
+        }
         let batch: Vec<serde_json::Value> = tasks
             .specs()
             .into_iter()

@@ -117,6 +117,27 @@ impl Cluster {
         .await
     }
 
+    /// Waits until every pod of `svc` has all its tasks ready; on timeout the panic shows the
+    /// pods, the agents and the service's plans.
+    pub async fn wait_all_ready(&self, svc: &str, timeout: Duration, what: &str) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let pods = self.pods(svc).await;
+            if !pods.is_empty() && pods.values().all(|p| p.2) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\npods: {:#}\nagents: {:#}\nplans: {:#}",
+                    self.get(&format!("/api/v1/services/{svc}/pods")).await,
+                    self.get("/api/v1/agents").await,
+                    self.get(&format!("/api/v1/services/{svc}/plans")).await,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Pod id → (agent, states of its tasks, ready).
     pub async fn pods(&self, svc: &str) -> BTreeMap<String, (String, Vec<String>, bool)> {
         let v = self.get(&format!("/api/v1/services/{svc}/pods")).await;

@@ -230,9 +230,11 @@ pub(super) async fn heartbeat(
     match (leader_id, leader_addr) {
         (Some(l), _) if l == ctx.node.id => {
             ctx.liveness.beat(&id, Instant::now());
+            let status_epoch = ctx.read(|s| s.agents.get(&id).map_or(0, |a| a.status_changed_at));
             Ok(Json(HeartbeatReply {
                 leader_id: l,
                 masters,
+                status_epoch,
             })
             .into_response())
         }
