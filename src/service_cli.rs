@@ -53,6 +53,20 @@ pub enum ServiceCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Move the service's failover endpoint (e.g. PostgreSQL's `primary`) to another pod on
+    /// purpose: it takes the role, then the other pods follow it (the `failover` plan).
+    Switchover {
+        name: String,
+        /// The pod that takes over, e.g. `postgresql-1`.
+        #[arg(long)]
+        to: String,
+        /// The endpoint (default: the one under the service's `[failover]`).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Show the failover plan's progress; exit non-zero if it errors.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Every volume reservation (service, pod, agent, size, status).
     Volumes,
     /// Delete an orphaned volume (kept by `rm --keep-volumes`).
@@ -262,6 +276,26 @@ pub async fn run(c: &Client, json: bool, cmd: ServiceCmd) -> anyhow::Result<()> 
             );
             if wait {
                 wait_plan(c, &name, "deploy").await?;
+            }
+            Ok(())
+        }
+        ServiceCmd::Switchover {
+            name,
+            to,
+            endpoint,
+            wait,
+        } => {
+            let mut path = format!("/api/v1/services/{name}/switchover?to={to}");
+            if let Some(e) = &endpoint {
+                path.push_str(&format!("&endpoint={e}"));
+            }
+            post(c, &path).await?;
+            println!(
+                "service {name}: {} moves to {to}",
+                endpoint.as_deref().unwrap_or("the failover endpoint")
+            );
+            if wait {
+                wait_plan(c, &name, "failover").await?;
             }
             Ok(())
         }

@@ -5,7 +5,9 @@
 //! (SET/GET, the options in `CONFIG GET`); `cairn package update` rolls new options out
 //! through the deploy plan; `uninstall` removes the service and stops the server; a repo
 //! added from a local folder shows up in search and describe. PostgreSQL installs with
-//! `initdb` and is checked with the real `psql`; etcd forms a 3-member cluster on three agents,
+//! `initdb` and is checked with the real `psql`; with a synchronous replica on three masters
+//! and three agents it fails over when the primary's agent crashes mid-stream without losing
+//! an acknowledged row, rewinds the old primary and switches back; etcd forms a 3-member cluster on three agents,
 //! checked with `etcdctl`.
 //! Needs root (native tasks run in namespaces and cgroups) and Debian's redis-server,
 //! redis-tools, postgresql-15, etcd-server and etcd-client (scripts/test.sh installs them).
@@ -397,7 +399,7 @@ async fn pg_port(lab: &cairn_installer::lab::Lab, addr: &str) -> u64 {
     .await
 }
 
-/// PostgreSQL with its defaults: `initdb` on first start, the database of the `database`
+/// PostgreSQL alone (`replicas=0`): `initdb` on first start, the database of the `database`
 /// option, rows written and read back with the real `psql`, still there after the pod is
 /// restarted in place (the data directory is on the pod's volume).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,6 +412,8 @@ async fn postgresql_installs_and_serves_psql() {
         "postgresql",
         "--set",
         "database=shop",
+        "--set",
+        "replicas=0",
         "--wait",
     ];
     let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(180)).await;
@@ -556,4 +560,250 @@ async fn etcd_three_members_form_one_cluster() {
         (!st.status.success()).then_some(())
     })
     .await;
+}
+
+/// Runs one SQL statement against the server on `port`; its output, or the error.
+async fn psql_res(port: u64, sql: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("/usr/bin/psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-d", "shop", "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// The pod the `primary` endpoint names, and the port of every pod's ready server.
+async fn pg_topology(
+    lab: &cairn_installer::lab::Lab,
+    addr: &str,
+) -> Option<(String, std::collections::BTreeMap<String, u64>)> {
+    let svc = lab.get(addr, "/api/v1/services/postgresql").await?;
+    let primary = svc["spec"]["endpoints"]["primary"].as_str()?.to_string();
+    let pods = lab.get(addr, "/api/v1/services/postgresql/pods").await?;
+    let mut ports = std::collections::BTreeMap::new();
+    for p in pods.as_array()? {
+        let t = &p["tasks"][0];
+        if t["state"] == "running" && t["ready"] == true {
+            ports.insert(
+                p["id"].as_str()?.to_string(),
+                t["ports"][0]["number"].as_u64()?,
+            );
+        }
+    }
+    Some((primary, ports))
+}
+
+/// The lab index of the agent running pod `pod` of service `postgresql`.
+async fn agent_of_pod(lab: &cairn_installer::lab::Lab, addr: &str, pod: &str) -> usize {
+    let pods = lab
+        .get(addr, "/api/v1/services/postgresql/pods")
+        .await
+        .expect("pods");
+    let agent = pods
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"] == pod)
+        .and_then(|p| p["agent"].as_str())
+        .expect("placed pod")
+        .to_string();
+    let a = lab
+        .get(addr, &format!("/api/v1/agents/{agent}"))
+        .await
+        .expect("agent");
+    (0..3)
+        .find(|&n| Some(lab.agent_addr(n)) == a["addr"].as_str())
+        .expect("a lab agent")
+}
+
+/// PostgreSQL with a synchronous streaming replica on three masters and three agents: rows
+/// written on the primary are read on the replica; the primary's agent crashes (kill -9 of
+/// the agent and its tasks) in the middle of a stream of inserts; the replica is promoted and
+/// takes writes, and no acknowledged row is lost. The crashed agent returns: its old primary
+/// is rewound into a replica of the new one; a switchover makes it the primary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
+    let (_dir, mut lab) = lab(3, &["--agent-timeout", "4s", "--request-timeout", "5s"]);
+    lab.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    for n in 0..3u16 {
+        let first = 26_600 + 100 * n;
+        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{first}-{}]", first + 99);
+        lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
+            .unwrap();
+    }
+    let addr = lab.running_addrs()[0].clone();
+    eventually(MIN, "3 agents", || async {
+        let v = lab.get(&addr, "/api/v1/agents").await?;
+        (v.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let args = [
+        "package",
+        "install",
+        "postgresql",
+        "--set",
+        "database=shop",
+        "--set",
+        "replicas=1",
+        "--set",
+        "synchronous=true",
+        "--set",
+        "failover_after_s=2",
+        "--wait",
+    ];
+    let started = std::time::Instant::now();
+    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(240)).await;
+    assert!(
+        ok,
+        "{out}{err}\nplan: {:?}",
+        lab.get(&addr, "/api/v1/services/postgresql/plans/deploy")
+            .await
+    );
+    println!("install → deploy complete: {:?}", started.elapsed());
+    let (primary, ports) = eventually(MIN, "both servers ready", || async {
+        pg_topology(&lab, &addr).await.filter(|(_, p)| p.len() == 2)
+    })
+    .await;
+    assert_eq!(primary, "postgresql-0");
+    let (p0, p1) = (ports["postgresql-0"], ports["postgresql-1"]);
+    psql_res(p0, "CREATE TABLE acks (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The replica streams, and commits wait for it.
+    eventually(MIN, "a synchronous replica", || async {
+        let r = psql_res(p0, "SELECT sync_state FROM pg_stat_replication")
+            .await
+            .ok()?;
+        (r == "quorum" || r == "sync").then_some(())
+    })
+    .await;
+    assert_eq!(
+        psql_res(p1, "SELECT pg_is_in_recovery()").await.as_deref(),
+        Ok("t")
+    );
+
+    // A stream of inserts, one acknowledged commit at a time, to whichever pod the endpoint
+    // names; the primary's agent crashes after 30 of them.
+    let n0 = agent_of_pod(&lab, &addr, "postgresql-0").await;
+    let mut acked = Vec::new();
+    let mut crashed_at = None;
+    let mut first_after = None;
+    let mut id = 0;
+    let mut last_err = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while acked.len() < 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new primary took writes ({last_err}): {:?}",
+            lab.get(&addr, "/api/v1/services/postgresql/plans/failover")
+                .await
+        );
+        if acked.len() == 30 && crashed_at.is_none() {
+            lab.crash_agent(n0);
+            crashed_at = Some(std::time::Instant::now());
+        }
+        let Some((primary, ports)) = pg_topology(&lab, &addr).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Some(&port) = ports.get(&primary) else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        id += 1;
+        let r = psql_res(port, &format!("INSERT INTO acks VALUES ({id})")).await;
+        if let Err(e) = &r {
+            last_err = e.clone();
+        }
+        if r.is_ok() {
+            acked.push(id);
+            if crashed_at.is_some() && first_after.is_none() && primary != "postgresql-0" {
+                first_after = crashed_at.map(|t| t.elapsed());
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!("agent crash → new primary took a write: {first_after:?}");
+    let (primary, ports) = pg_topology(&lab, &addr).await.expect("topology");
+    assert_eq!(primary, "postgresql-1");
+    let rows = psql_res(ports["postgresql-1"], "SELECT id FROM acks ORDER BY id")
+        .await
+        .unwrap();
+    let have: std::collections::BTreeSet<i64> =
+        rows.lines().filter_map(|l| l.parse().ok()).collect();
+    let lost: Vec<&i64> = acked.iter().filter(|i| !have.contains(i)).collect();
+    assert!(lost.is_empty(), "acknowledged rows lost: {lost:?}");
+
+    // The crashed agent comes back: its old primary is rewound and follows the new one.
+    lab.restart_agent(n0).unwrap();
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["service", "plan", "show", "postgresql", "failover"],
+        MIN,
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let p0 = eventually(
+        Duration::from_secs(180),
+        "postgresql-0 a replica",
+        || async {
+            let (_, ports) = pg_topology(&lab, &addr).await?;
+            let p0 = *ports.get("postgresql-0")?;
+            let r = psql_res(p0, "SELECT pg_is_in_recovery()").await.ok()?;
+            (r == "t").then_some(p0)
+        },
+    )
+    .await;
+    let last = acked.last().unwrap();
+    eventually(MIN, "postgresql-0 has every row", || async {
+        let r = psql_res(p0, &format!("SELECT count(*) FROM acks WHERE id = {last}"))
+            .await
+            .ok()?;
+        (r == "1").then_some(())
+    })
+    .await;
+
+    // A switchover on purpose: postgresql-0 is the primary again and takes writes.
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &[
+            "service",
+            "switchover",
+            "postgresql",
+            "--to",
+            "postgresql-0",
+            "--wait",
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert!(
+        ok,
+        "{out}{err}\n{:?}",
+        lab.get(&addr, "/api/v1/services/postgresql/plans/failover")
+            .await
+    );
+    let port = eventually(MIN, "postgresql-0 takes writes", || async {
+        let (primary, ports) = pg_topology(&lab, &addr).await?;
+        let port = *ports.get(&primary)?;
+        (primary == "postgresql-0"
+            && psql_res(port, "INSERT INTO acks VALUES (100000)")
+                .await
+                .is_ok())
+        .then_some(port)
+    })
+    .await;
+    assert_eq!(
+        psql_res(port, "SELECT count(*) FROM acks").await.unwrap(),
+        (acked.len() + 1).to_string()
+    );
 }

@@ -85,6 +85,7 @@ pub const ROUTES: &[&str] = &[
     "/api/v1/services/{name}",
     "/api/v1/services/{name}/history",
     "/api/v1/services/{name}/rollback",
+    "/api/v1/services/{name}/switchover",
     "/api/v1/services/{name}/plans",
     "/api/v1/services/{name}/plans/{plan}",
     "/api/v1/services/{name}/plans/{plan}/start",
@@ -200,6 +201,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/services/{name}/rollback",
             post(services::rollback_service),
+        )
+        .route(
+            "/api/v1/services/{name}/switchover",
+            post(services::switchover),
         )
         .route("/api/v1/services/{name}/plans", get(services::list_plans))
         .route(

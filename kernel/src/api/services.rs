@@ -331,6 +331,58 @@ async fn service_op(ctx: Ctx, name: String, op: ServiceOp) -> Result<Response, A
     Ok(with_index(index, serde_json::json!({ "index": index })))
 }
 
+/// `?endpoint=&to=`: which endpoint moves to which pod (`endpoint` defaults to the one
+/// under `[failover]`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SwitchoverParams {
+    endpoint: Option<String>,
+    to: Option<String>,
+}
+
+/// A switchover: the endpoint under `[failover]` moves to pod `to` on purpose, through the
+/// same `failover` plan as an automatic failover (the pod takes the role, the others follow).
+pub(super) async fn switchover(
+    ctx: Ctx,
+    Path(name): Path<String>,
+    q: Q<SwitchoverParams>,
+) -> Result<Response, ApiError> {
+    check_name("name", &name)?;
+    let p = query(q)?;
+    let to = p.to.ok_or_else(|| {
+        ApiError::bad_request("to", "name the pod to switch to: ?to=<pod type>-<index>")
+    })?;
+    check_name("to", &to)?;
+    let endpoint = match p.endpoint {
+        Some(e) => {
+            check_name("endpoint", &e)?;
+            e
+        }
+        None => with_service(&ctx, &name, |_, svc| {
+            svc.spec
+                .failover
+                .as_ref()
+                .map(|f| f.endpoint.clone())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "endpoint",
+                        format!("service {name:?} declares no [failover]; nothing to switch over"),
+                    )
+                })
+        })??,
+    };
+    service_op(
+        ctx,
+        name,
+        ServiceOp::Failover {
+            endpoint,
+            to,
+            message: "switchover asked for by an operator".into(),
+        },
+    )
+    .await
+}
+
 pub(super) async fn start_plan(
     ctx: Ctx,
     Path((name, plan)): Path<(String, String)>,

@@ -27,6 +27,21 @@ pub struct StatefulService {
     /// Named endpoints: name → pod id (`primary.<service>.cairn.`).
     #[serde(default)]
     pub endpoints: std::collections::BTreeMap<String, String>,
+    /// Moves an endpoint to another pod when its pod is down (`[failover]`).
+    #[serde(default)]
+    pub failover: Option<Failover>,
+}
+
+/// Automatic failover of a named endpoint: when the pod it names has its agent unreachable,
+/// or has been failing in a recovery step, for `after_ms`, the endpoint moves to the
+/// lowest-index ready pod of the same type and a `failover` plan relaunches `tasks` there
+/// first (the pod takes the role: its start script reads `endpoints`), then in every other
+/// pod of the type (they follow the new one). A switchover is the same, asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    pub endpoint: String,
+    pub after_ms: u64,
+    pub tasks: Vec<String>,
 }
 
 impl StatefulService {

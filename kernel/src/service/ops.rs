@@ -68,6 +68,13 @@ pub enum ServiceOp {
     StartPlan { plan: String },
     /// The agent deleted these volumes' data.
     VolumesDestroyed { agent: String, ids: Vec<String> },
+    /// Move endpoint `endpoint` (under `[failover]`) to pod `to` and start the `failover`
+    /// plan; `message` says why (the engine's failover, or an operator's switchover).
+    Failover {
+        endpoint: String,
+        to: String,
+        message: String,
+    },
 }
 
 /// Why an op was refused: a stable code, the field, and what to do.
@@ -163,12 +170,24 @@ pub fn new_service(spec: StatefulService, index: u64, at: u64) -> ServiceState {
 /// `decommission` plan; pods of unchanged pod types keep their version (not restarted).
 pub fn update_service(
     svc: &mut ServiceState,
-    spec: StatefulService,
+    mut spec: StatefulService,
     allow_decommission: bool,
     index: u64,
     at: u64,
 ) -> Result<bool, SpecError> {
     super::update::check_update(&svc.spec, &spec, allow_decommission)?;
+    // An endpoint under failover stays where failover (or a switchover) put it: an update
+    // (a package update, a rollback) re-renders the first pod there, which is no longer the
+    // one holding the role.
+    if let Some(f) = &spec.failover {
+        if let Some(cur) = svc.spec.endpoints.get(&f.endpoint) {
+            if svc.pods.get(cur).is_some_and(|p| !p.stopping)
+                && spec.endpoints.contains_key(&f.endpoint)
+            {
+                spec.endpoints.insert(f.endpoint.clone(), cur.clone());
+            }
+        }
+    }
     if spec == svc.spec {
         return Ok(false);
     }
@@ -227,6 +246,68 @@ pub fn update_service(
         }
     }
     Ok(true)
+}
+
+/// Moves a failover endpoint to pod `to` and starts the `failover` plan. Refused while a
+/// failover's `promote` phase is under way (a second one waits for it), for an endpoint
+/// without `[failover]`, and for a pod of another type or the endpoint's own.
+fn failover(svc: &mut ServiceState, endpoint: &str, to: &str, at: u64) -> Result<(), OpError> {
+    let Some(f) = svc.spec.failover.clone().filter(|f| f.endpoint == endpoint) else {
+        return fail(
+            "invalid",
+            "endpoint",
+            format!(
+                "service {:?} has no failover for endpoint {endpoint:?} (declare [failover] in its spec)",
+                svc.spec.name
+            ),
+        );
+    };
+    let Some(cur) = svc.spec.endpoints.get(endpoint).cloned() else {
+        return fail("invalid", "endpoint", format!("no endpoint {endpoint:?}"));
+    };
+    if cur == to {
+        return fail(
+            "conflict",
+            "to",
+            format!("endpoint {endpoint:?} already names {to}"),
+        );
+    }
+    let cur_type = svc.pods.get(&cur).map(|p| p.pod_type.clone());
+    match svc.pods.get(to) {
+        Some(p) if !p.stopping && Some(&p.pod_type) == cur_type.as_ref() => {}
+        _ => {
+            return fail(
+                "invalid",
+                "to",
+                format!(
+                    "no pod {to:?} of type {:?} in service {:?}",
+                    cur_type.unwrap_or_default(),
+                    svc.spec.name
+                ),
+            )
+        }
+    }
+    if let Some(p) = svc.plans.get("failover") {
+        if !p.phases.first().is_some_and(|ph| ph.is_complete())
+            && p.status() != super::plan::PlanStatus::Error
+        {
+            return fail(
+                "conflict",
+                "endpoint",
+                format!(
+                    "a failover to {} is promoting it; wait for its plan",
+                    p.phases[0].steps.first().map_or("?", |s| s.pod.as_str())
+                ),
+            );
+        }
+    }
+    svc.spec
+        .endpoints
+        .insert(endpoint.to_string(), to.to_string());
+    let plan = super::plan::failover_plan(svc, to, &f.tasks, at);
+    svc.plans.insert(plan.name.clone(), plan);
+    svc.updated_at = at;
+    Ok(())
 }
 
 /// Removes a service: returns its volumes, `Orphaned` with `keep_volumes`, else `Destroying`
@@ -488,6 +569,7 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
             };
             svc.plans.insert(plan, new);
         }
+        ServiceOp::Failover { endpoint, to, .. } => failover(svc, &endpoint, &to, at)?,
         ServiceOp::VolumesDestroyed { agent, ids } => {
             for id in ids {
                 if svc
@@ -585,5 +667,10 @@ pub fn describe(op: &ServiceOp) -> (&'static str, String) {
             "volumes_destroyed",
             format!("agent {agent}: {}", ids.join(", ")),
         ),
+        ServiceOp::Failover {
+            endpoint,
+            to,
+            message,
+        } => ("failover", format!("{endpoint} → {to}: {message}")),
     }
 }

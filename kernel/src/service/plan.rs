@@ -220,6 +220,9 @@ pub enum PlanKind {
     Deploy,
     Recovery,
     Decommission,
+    /// An endpoint moved to another pod (`failover`): its pod takes the role, then the
+    /// others follow.
+    Failover,
     /// Declared in the service spec.
     Custom,
 }
@@ -439,6 +442,49 @@ pub fn recovery_plan(svc: &ServiceState, at: u64) -> Plan {
         steps: Vec::new(),
     };
     plan("recovery", PlanKind::Recovery, svc.version, vec![phase], at)
+}
+
+/// The `failover` plan after an endpoint moved to pod `to`: phase `promote` relaunches
+/// `tasks` in `to` (it reads the endpoint at launch and takes the role), then phase `follow`
+/// relaunches them in every other pod of its type at once (each follows the new pod; one on
+/// an unreachable agent waits for it without holding up the others). Tasks keep their
+/// versions.
+pub fn failover_plan(svc: &ServiceState, to: &str, tasks: &[String], at: u64) -> Plan {
+    let pod_type = svc
+        .pods
+        .get(to)
+        .map(|p| p.pod_type.clone())
+        .unwrap_or_default();
+    let deadline_ms = svc.spec.pod_type(&pod_type).map_or(0, |t| t.deadline_ms);
+    let mut others: Vec<&super::model::PodInstance> = svc
+        .pods
+        .values()
+        .filter(|p| p.pod_type == pod_type && p.id != to && !p.stopping)
+        .collect();
+    others.sort_by_key(|p| p.index);
+    let phase = |name: &str, strategy, steps: Vec<Step>| Phase {
+        name: name.into(),
+        pod_type: pod_type.clone(),
+        strategy,
+        deadline_ms: 0,
+        released: false,
+        steps,
+    };
+    let step = |pod: &str| Step::new(pod, StepWork::Launch, tasks.to_vec(), None);
+    let mut promote = phase("promote", PhaseStrategy::Serial, vec![step(to)]);
+    promote.deadline_ms = deadline_ms;
+    let follow = phase(
+        "follow",
+        PhaseStrategy::Parallel,
+        others.iter().map(|p| step(&p.id)).collect(),
+    );
+    plan(
+        "failover",
+        PlanKind::Failover,
+        svc.version,
+        vec![promote, follow],
+        at,
+    )
 }
 
 /// A run of a declared plan: per phase, a step per instance of its pod type running its

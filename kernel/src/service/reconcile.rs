@@ -67,9 +67,10 @@ enum Progress {
 fn plan_order(kind: PlanKind) -> u8 {
     match kind {
         PlanKind::Decommission => 0,
-        PlanKind::Recovery => 1,
-        PlanKind::Deploy => 2,
-        PlanKind::Custom => 3,
+        PlanKind::Failover => 1,
+        PlanKind::Recovery => 2,
+        PlanKind::Deploy => 3,
+        PlanKind::Custom => 4,
     }
 }
 
@@ -99,6 +100,7 @@ pub fn reconcile_service(svc: &ServiceState, obs: &Observed, now: u64) -> Vec<Ac
         }
     }
     cx.recover();
+    cx.failover();
     cx.out
 }
 
@@ -431,6 +433,77 @@ impl Cx<'_> {
             let m = format!("waiting for agent {agent} to destroy {}", left.join(", "));
             self.to(plan, pi, si, StepStatus::Started, m);
         }
+    }
+
+    /// `[failover]`: the endpoint's pod has had its agent unreachable, or has been failing in
+    /// an unfinished recovery step, for `after`: move the endpoint to the lowest-index pod of
+    /// the same type whose failover tasks are all ready on an active agent. Not while the
+    /// previous failover is still promoting, and not to nowhere (no ready pod: it waits).
+    fn failover(&mut self) {
+        let Some(f) = &self.svc.spec.failover else {
+            return;
+        };
+        let Some(cur) = self.svc.spec.endpoints.get(&f.endpoint) else {
+            return;
+        };
+        let Some(pod) = self.svc.pods.get(cur) else {
+            return;
+        };
+        if let Some(p) = self.svc.plans.get("failover") {
+            let promoting = !p.phases.first().is_some_and(|ph| ph.is_complete());
+            if promoting && p.status() != super::plan::PlanStatus::Error {
+                return;
+            }
+        }
+        let Some(agent) = &pod.agent else {
+            return;
+        };
+        let down = match self.obs.agents.get(agent) {
+            Some(a) if a.active => self.failing_since(&pod.id).map(|t| (t, "failing")),
+            Some(a) => Some((a.since, "on an unreachable agent")),
+            None => Some((0, "on a removed agent")),
+        };
+        let Some((since, why)) = down else {
+            return;
+        };
+        if self.now < since.saturating_add(f.after_ms) {
+            return;
+        }
+        let ready = |p: &&PodInstance| {
+            p.pod_type == pod.pod_type
+                && p.id != pod.id
+                && !p.stopping
+                && p.agent
+                    .as_ref()
+                    .is_some_and(|a| self.obs.agents.get(a).is_some_and(|f| f.active))
+                && f.tasks.iter().all(|t| {
+                    p.tasks.get(t).is_some_and(|target| {
+                        matches!(
+                            self.progress(p, TaskGoal::Running, t, target.generation),
+                            Progress::Done
+                        )
+                    })
+                })
+        };
+        let Some(to) = self.svc.pods.values().filter(ready).min_by_key(|p| p.index) else {
+            return;
+        };
+        let d = humantime::format_duration(std::time::Duration::from_millis(f.after_ms));
+        self.out.push(Action::Op(ServiceOp::Failover {
+            endpoint: f.endpoint.clone(),
+            to: to.id.clone(),
+            message: format!("{} {why} for {d}: {} takes over", pod.id, to.id),
+        }));
+    }
+
+    /// Since when a pod has been in an unfinished `recovery` step (its tasks failing).
+    fn failing_since(&self, pod: &str) -> Option<u64> {
+        let plan = self.svc.plans.get("recovery")?;
+        plan.phases
+            .iter()
+            .flat_map(|ph| ph.steps.iter())
+            .find(|s| s.pod == pod && s.status != StepStatus::Complete)
+            .map(|s| s.history.first().map_or(s.updated_at, |h| h.at))
     }
 
     /// Pods no step holds: restart failed `running` tasks in place; replace a pod whose agent

@@ -8,6 +8,7 @@
 //! - `pod`: this pod instance, `{ name, type, index, agent, host, ports }`;
 //! - `task`: `{ name }`, and `ports`: this task's ports by name;
 //! - `env`: this task's environment (`CAIRN_*` and `PORT_*` included);
+//! - `endpoints`: the service's named endpoints, name → pod name (`endpoints.primary`);
 //! - `pods`: every pod instance of the service, in index order per pod type, each
 //!   `{ name, type, index, agent, host, ports }`; `host` is `none` until the pod is placed and
 //!   `ports` (by port name, all tasks of the pod) is empty until its tasks have launched.
@@ -89,6 +90,7 @@ pub fn context(
         "task": { "name": task },
         "ports": ports.iter().map(|p| (p.name.clone(), json!(p.number))).collect::<Map<_, _>>(),
         "env": env,
+        "endpoints": svc.spec.endpoints,
         "pods": pods
             .iter()
             .map(|p| describe(p, (p.id == pod).then_some(ports)))

@@ -31,6 +31,19 @@ pub struct ServiceSpec {
     /// `primary.<service>.cairn.` resolve to that pod (a switchover is an update of this).
     #[serde(default)]
     pub endpoints: std::collections::BTreeMap<String, String>,
+    /// Move an endpoint to a ready pod when its pod is down:
+    /// `failover = { endpoint = "primary", after = "10s", tasks = ["server"] }`.
+    pub failover: Option<FailoverSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSpec {
+    pub endpoint: String,
+    /// How long the endpoint's pod is down before it moves (default `"10s"`).
+    pub after: Option<String>,
+    /// The `running` tasks relaunched in the new pod, then in the others.
+    pub tasks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -108,7 +121,7 @@ pub const MAX_COUNT: u32 = 1_000;
 /// Largest `options` object, as JSON.
 pub const MAX_OPTIONS_BYTES: usize = 64 * 1024;
 /// Names of the built-in plans (a declared plan may not take them).
-pub const BUILT_IN_PLANS: [&str; 3] = ["deploy", "recovery", "decommission"];
+pub const BUILT_IN_PLANS: [&str; 4] = ["deploy", "recovery", "decommission", "failover"];
 
 fn err<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError {
@@ -549,6 +562,10 @@ impl ServiceSpec {
                 );
             }
         }
+        let failover = match self.failover {
+            None => None,
+            Some(f) => Some(failover(f, &self.endpoints, &pod_types)?),
+        };
         Ok(StatefulService {
             name: self.name,
             pod_types,
@@ -556,8 +573,70 @@ impl ServiceSpec {
             options,
             package: None,
             endpoints: self.endpoints,
+            failover,
         })
     }
+}
+
+/// Checks `[failover]`: a declared endpoint, at least a second, `running` tasks of the
+/// endpoint's pod type.
+fn failover(
+    f: FailoverSpec,
+    endpoints: &BTreeMap<String, String>,
+    pod_types: &[PodType],
+) -> Result<super::model::Failover, SpecError> {
+    let Some(pod) = endpoints.get(&f.endpoint) else {
+        return err(
+            "failover.endpoint",
+            format!(
+                "no endpoint {:?}; declare it in endpoints (e.g. endpoints = {{ {} = \"{}-0\" }})",
+                f.endpoint, f.endpoint, pod_types[0].name
+            ),
+        );
+    };
+    // `validate` checked the endpoint names a pod: `<pod type>-<index>`.
+    let ptype = pod_types
+        .iter()
+        .find(|t| {
+            pod.strip_prefix(&format!("{}-", t.name))
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .ok_or_else(|| SpecError {
+            field: "failover.endpoint".into(),
+            message: format!("endpoint {:?} names no pod", f.endpoint),
+        })?;
+    let after_ms = ms("failover.after", &f.after, 10_000)?;
+    if after_ms < 1_000 {
+        return err("failover.after", "at least \"1s\"");
+    }
+    if f.tasks.is_empty() {
+        return err(
+            "failover.tasks",
+            "name the tasks to relaunch, e.g. [\"server\"]",
+        );
+    }
+    for (i, t) in f.tasks.iter().enumerate() {
+        match ptype.task(t) {
+            Some(task) if task.goal == TaskGoal::Running => {}
+            Some(_) => {
+                return err(
+                    format!("failover.tasks[{i}]"),
+                    format!("task {t:?} is not a `running` task"),
+                )
+            }
+            None => {
+                return err(
+                    format!("failover.tasks[{i}]"),
+                    format!("pod type {:?} has no task {t:?}", ptype.name),
+                )
+            }
+        }
+    }
+    Ok(super::model::Failover {
+        endpoint: f.endpoint,
+        after_ms,
+        tasks: f.tasks,
+    })
 }
 
 #[cfg(test)]
