@@ -679,3 +679,111 @@ fn an_update_restarts_only_the_changed_pod_type_one_pod_at_a_time() {
         [1, 9]
     );
 }
+
+#[test]
+fn failover_moves_the_endpoint_promotes_then_the_others_follow() {
+    let spec = SPEC.replace("count = 2", "count = 3").replacen(
+        "[[pod_types]]",
+        "endpoints = { primary = \"node-0\" }\nfailover = { endpoint = \"primary\", after = \"5s\", tasks = [\"server\"] }\n[[pod_types]]",
+        1,
+    );
+    let mut sim = Sim::new(&spec, &["a1", "a2", "a3"]);
+    sim.settle(40);
+    assert_eq!(
+        sim.status("deploy"),
+        "Complete node-0=Complete node-1=Complete node-2=Complete"
+    );
+    sim.take();
+    let agent0 = sim.svc.pods["node-0"].agent.clone().unwrap();
+    // node-0 and node-2 share an agent (the simulated placement alternates over two):
+    // node-1 is the only ready pod left, and takes over once that agent has been unreachable
+    // for 5 s (not before).
+    assert_eq!(sim.svc.pods["node-2"].agent, Some(agent0.clone()));
+    sim.agent(&agent0, false);
+    for _ in 0..4 {
+        assert_eq!(sim.tick(), 0, "{}", sim.take());
+    }
+    sim.settle(20);
+    let log = sim.take();
+    assert!(
+        log.starts_with(&format!(
+            "Failover {{ endpoint: \"primary\", to: \"node-1\", message: \"node-0 on an unreachable agent for 5s: node-1 takes over\" }}\n\
+failover/node-1: Pending → Prepared: preparing node-1\n"
+        )),
+        "{log}"
+    );
+    assert_eq!(sim.svc.spec.endpoints["primary"], "node-1");
+    // node-1 relaunched first (promoted); node-0 and node-2 wait for their agent.
+    let p = &sim.svc.plans["failover"];
+    assert_eq!(p.phases[0].name, "promote");
+    assert_eq!(p.phases[1].strategy, crate::service::model::PhaseStrategy::Parallel);
+    assert!(log.contains("failover/node-1: launch server@v1"), "{log}");
+    assert_eq!(
+        sim.status("failover"),
+        "InProgress node-1=Complete node-0=Starting node-2=Starting"
+    );
+    // No second failover while they wait (node-1 is up). The agent returns: node-0 and
+    // node-2 are relaunched and follow.
+    sim.agent(&agent0, true);
+    sim.report();
+    sim.settle(20);
+    assert_eq!(
+        sim.status("failover"),
+        "Complete node-1=Complete node-0=Complete node-2=Complete"
+    );
+    assert!(!sim.take().contains("Failover {"));
+
+    // An update (a package update, a rollback) keeps the endpoint where failover put it.
+    let new = from_toml(&spec.replace("/bin/db", "/bin/db2"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(new.endpoints["primary"], "node-0");
+    update_service(&mut sim.svc, new, false, 50, sim.now).unwrap();
+    assert_eq!(sim.svc.spec.endpoints["primary"], "node-1");
+    sim.settle(40);
+
+    // A switchover: refused to the pod already named, or to no pod; else the same plan.
+    let op = |to: &str| ServiceOp::Failover {
+        endpoint: "primary".into(),
+        to: to.into(),
+        message: "switchover".into(),
+    };
+    let e = apply_op(&mut sim.svc, op("node-1"), sim.now).unwrap_err();
+    assert_eq!((e.code, e.field), ("conflict", "to"));
+    let e = apply_op(&mut sim.svc, op("node-7"), sim.now).unwrap_err();
+    assert_eq!((e.code, e.field), ("invalid", "to"));
+    apply_op(&mut sim.svc, op("node-0"), sim.now).unwrap();
+    // While node-0 is promoting, a second move is refused.
+    let e = apply_op(&mut sim.svc, op("node-2"), sim.now).unwrap_err();
+    assert_eq!(e.code, "conflict");
+    assert!(e.message.contains("promoting"), "{}", e.message);
+    sim.settle(40);
+    assert_eq!(sim.svc.spec.endpoints["primary"], "node-0");
+    assert!(sim.status("failover").starts_with("Complete node-0=Complete"));
+}
+
+#[test]
+fn a_failover_waits_for_a_ready_pod() {
+    let spec = SPEC.replacen(
+        "[[pod_types]]",
+        "endpoints = { primary = \"node-0\" }\nfailover = { endpoint = \"primary\", after = \"2s\", tasks = [\"server\"] }\n[[pod_types]]",
+        1,
+    );
+    let mut sim = Sim::new(&spec, &["a1", "a2"]);
+    sim.settle(30);
+    sim.take();
+    let agent0 = sim.svc.pods["node-0"].agent.clone().unwrap();
+    sim.unready.insert("node-1/server".into());
+    sim.report();
+    sim.agent(&agent0, false);
+    for _ in 0..10 {
+        assert_eq!(sim.tick(), 0, "{}", sim.take());
+    }
+    assert_eq!(sim.svc.spec.endpoints["primary"], "node-0");
+    // node-1 becomes ready: it takes over.
+    sim.unready.clear();
+    sim.report();
+    sim.settle(20);
+    assert_eq!(sim.svc.spec.endpoints["primary"], "node-1");
+}

@@ -101,6 +101,30 @@ fn bad_specs_name_the_field() {
         ),
         (
             "name = \"zk\"",
+            "name = \"zk\"\nfailover = { endpoint = \"leader\", tasks = [\"server\"] }",
+            "failover.endpoint",
+            "no endpoint \"leader\"; declare it in endpoints",
+        ),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { leader = \"node-0\" }\nfailover = { endpoint = \"leader\", after = \"10ms\", tasks = [\"server\"] }",
+            "failover.after",
+            "at least \"1s\"",
+        ),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { leader = \"node-0\" }\nfailover = { endpoint = \"leader\", tasks = [\"init\"] }",
+            "failover.tasks[0]",
+            "task \"init\" is not a `running` task",
+        ),
+        (
+            "name = \"zk\"",
+            "name = \"zk\"\nendpoints = { leader = \"node-0\" }\nfailover = { endpoint = \"leader\", tasks = [\"srv\"] }",
+            "failover.tasks[0]",
+            "pod type \"node\" has no task \"srv\"",
+        ),
+        (
+            "name = \"zk\"",
             "name = \"zk\"\nendpoints = { node-1 = \"node-0\" }",
             "endpoints.node-1",
             "a pod's name",
