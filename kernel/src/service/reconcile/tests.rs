@@ -716,7 +716,10 @@ failover/node-1: Pending → Prepared: preparing node-1\n"
     // node-1 relaunched first (promoted); node-0 and node-2 wait for their agent.
     let p = &sim.svc.plans["failover"];
     assert_eq!(p.phases[0].name, "promote");
-    assert_eq!(p.phases[1].strategy, crate::service::model::PhaseStrategy::Parallel);
+    assert_eq!(
+        p.phases[1].strategy,
+        crate::service::model::PhaseStrategy::Parallel
+    );
     assert!(log.contains("failover/node-1: launch server@v1"), "{log}");
     assert_eq!(
         sim.status("failover"),
@@ -760,7 +763,9 @@ failover/node-1: Pending → Prepared: preparing node-1\n"
     assert!(e.message.contains("promoting"), "{}", e.message);
     sim.settle(40);
     assert_eq!(sim.svc.spec.endpoints["primary"], "node-0");
-    assert!(sim.status("failover").starts_with("Complete node-0=Complete"));
+    assert!(sim
+        .status("failover")
+        .starts_with("Complete node-0=Complete"));
 }
 
 #[test]
