@@ -706,10 +706,10 @@ fn failover_moves_the_endpoint_promotes_then_the_others_follow() {
     sim.settle(20);
     let log = sim.take();
     assert!(
-        log.starts_with(&format!(
-            "Failover {{ endpoint: \"primary\", to: \"node-1\", message: \"node-0 on an unreachable agent for 5s: node-1 takes over\" }}\n\
+        log.starts_with(
+            "Failover { endpoint: \"primary\", to: \"node-1\", message: \"node-0 on an unreachable agent for 5s: node-1 takes over\" }\n\
 failover/node-1: Pending → Prepared: preparing node-1\n"
-        )),
+        ),
         "{log}"
     );
     assert_eq!(sim.svc.spec.endpoints["primary"], "node-1");
