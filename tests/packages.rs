@@ -406,6 +406,29 @@ async fn pg_port(lab: &cairn_installer::lab::Lab, addr: &str) -> u64 {
 async fn postgresql_installs_and_serves_psql() {
     let (_dir, lab) = master_and_agents(1, 25_500).await;
     let addr = lab.running_addrs()[0].clone();
+    // Two pods, one per agent, on one agent: refused before anything starts, saying why.
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &[
+            "package",
+            "install",
+            "postgresql",
+            "--set",
+            "replicas=1",
+            "--set",
+            "spread=true",
+        ],
+        MIN,
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("1 of the 2 \"postgresql\" pod(s) fit on the 1 active agent(s)")
+            && err.contains("add agents"),
+        "{err}"
+    );
+    let services = lab.get(&addr, "/api/v1/services").await.unwrap();
+    assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
     let args = [
         "package",
         "install",
@@ -622,11 +645,11 @@ async fn agent_of_pod(lab: &cairn_installer::lab::Lab, addr: &str, pod: &str) ->
         .expect("a lab agent")
 }
 
-/// PostgreSQL with a synchronous streaming replica on three masters and three agents: rows
-/// written on the primary are read on the replica; the primary's agent crashes (kill -9 of
-/// the agent and its tasks) in the middle of a stream of inserts; the replica is promoted and
-/// takes writes, and no acknowledged row is lost. The crashed agent returns: its old primary
-/// is rewound into a replica of the new one; a switchover makes it the primary again.
+/// PostgreSQL with two streaming replicas (the first synchronous) on three masters and three
+/// agents: the primary's agent crashes (kill -9 of the agent and its tasks) in the middle of a
+/// stream of inserts; the synchronous replica is promoted, the other follows it, writes go
+/// on, and no acknowledged row is lost. The crashed agent returns: its old primary is rewound
+/// into a replica of the new one; a switchover makes it the primary again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
     let (_dir, mut lab) = lab(3, &["--agent-timeout", "4s", "--request-timeout", "5s"]);
@@ -652,9 +675,11 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
         "--set",
         "database=shop",
         "--set",
-        "replicas=1",
+        "replicas=2",
         "--set",
         "synchronous=true",
+        "--set",
+        "spread=true",
         "--set",
         "failover_after_s=2",
         "--wait",
@@ -668,8 +693,8 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
             .await
     );
     println!("install → deploy complete: {:?}", started.elapsed());
-    let (primary, ports) = eventually(MIN, "both servers ready", || async {
-        pg_topology(&lab, &addr).await.filter(|(_, p)| p.len() == 2)
+    let (primary, ports) = eventually(MIN, "three servers ready", || async {
+        pg_topology(&lab, &addr).await.filter(|(_, p)| p.len() == 3)
     })
     .await;
     assert_eq!(primary, "postgresql-0");
@@ -677,12 +702,15 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
     psql_res(p0, "CREATE TABLE acks (id int PRIMARY KEY)")
         .await
         .unwrap();
-    // The replica streams, and commits wait for it.
+    // Both replicas stream; commits wait for the first one (postgresql-1).
     eventually(MIN, "a synchronous replica", || async {
-        let r = psql_res(p0, "SELECT sync_state FROM pg_stat_replication")
-            .await
-            .ok()?;
-        (r == "quorum" || r == "sync").then_some(())
+        let r = psql_res(
+            p0,
+            "SELECT application_name || ' ' || sync_state FROM pg_stat_replication ORDER BY 1",
+        )
+        .await
+        .ok()?;
+        (r == "postgresql-1 sync\npostgresql-2 potential").then_some(())
     })
     .await;
     assert_eq!(

@@ -111,6 +111,10 @@ async fn a_newcomer_installs_watches_scales_and_removes_in_a_real_browser() {
     })
     .await;
     b.shot("service").await;
+    // Each pod shows where to connect.
+    b.goto(&format!("{m}/ui/services/cache")).await;
+    let address = b.text("[data-pod-address]").await;
+    assert!(address.starts_with("127.0.0.1:"), "{address}");
     let svc = api(&lab, "/api/v1/packages/installed").await;
     assert_eq!(
         svc[0]["options"]["maxmemory_policy"], "allkeys-lru",

@@ -354,6 +354,15 @@ pub(super) async fn install(
     let pkg = pick(&c, &name, &b.version)?;
     let (_, _, service) = render(pkg, &b.options)?;
     let svc = service.name.clone();
+    if let Err(why) = ctx.read(|s| crate::service::driver::check_fits(s, &service)) {
+        return Err(ApiError::bad_request(
+            "agents",
+            format!(
+                "package {name} cannot run on this cluster: {why}; add agents, or change the \
+                 options (fewer pods, less cpus/mem/disk, no spread)"
+            ),
+        ));
+    }
     services::create(&ctx, service).await.map_err(|e| {
         if e.code == "conflict" {
             ApiError::new(

@@ -507,6 +507,9 @@ pub(super) async fn list_pods(
                     "incarnation": pod.incarnation,
                     "agent": pod.agent,
                     "agent_status": agent_status,
+                    // The address its tasks listen on (their ports are in `tasks`).
+                    "host": pod.agent.as_deref().and_then(|a| crate::service::render::agent_host(s, a)),
+                    "endpoints": svc.spec.endpoints.iter().filter(|(_, p)| **p == pod.id).map(|(e, _)| e.clone()).collect::<Vec<_>>(),
                     "stopping": pod.stopping,
                     "created_at": pod.created_at,
                     "placed_at": pod.placed_at,

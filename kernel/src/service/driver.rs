@@ -264,6 +264,32 @@ pub fn commands(state: &State, now: u64) -> Vec<Command> {
     out
 }
 
+/// Whether every pod of a new service `spec` fits on today's active agents, beside what
+/// already runs there (a dry run of the scheduler): the first pod type that does not, and
+/// why. A package install checks this first, so a cluster that cannot run the package says
+/// so instead of leaving a deploy plan waiting for an agent.
+pub fn check_fits(state: &State, spec: &StatefulService) -> Result<(), String> {
+    let mut snap = snapshot(state);
+    let active = state
+        .agents
+        .values()
+        .filter(|a| a.status == crate::model::AgentStatus::Active)
+        .count();
+    for pt in &spec.pod_types {
+        let want = pt.count as usize;
+        let (placed, why) = snap.place(&pod_ask(&spec.name, pt), want);
+        if placed.len() < want {
+            let why = why.map_or_else(|| "no agent fits".into(), |u| u.reason);
+            return Err(format!(
+                "{} of the {want} {:?} pod(s) fit on the {active} active agent(s) ({why})",
+                placed.len(),
+                pt.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An agent for a pod instance, or why none fits.
 fn place_pod(snap: &mut Snapshot, svc: &ServiceState, pod: &str) -> Result<String, String> {
     let p = svc.pods.get(pod).ok_or("no such pod")?;

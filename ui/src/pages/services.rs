@@ -97,6 +97,10 @@ struct PlanView {
 
 struct PodView {
     id: String,
+    /// `host:port` of each port of the pod's tasks.
+    addresses: String,
+    /// The named endpoints that point at this pod, as DNS names.
+    endpoints: Vec<String>,
     agent: String,
     agent_status: String,
     incarnation: String,
@@ -116,6 +120,9 @@ struct ServicePage {
     plans: Vec<PlanView>,
     pods: Vec<PodView>,
     history: Vec<(String, String)>,
+    /// The endpoint under `[failover]` (empty: none): pods it does not name get a
+    /// switchover button.
+    failover: String,
 }
 
 fn plan_view(p: &Value) -> PlanView {
@@ -168,7 +175,10 @@ fn plan_view(p: &Value) -> PlanView {
         })
         .unwrap_or_default();
     PlanView {
-        can_start: !matches!(name.as_str(), "deploy" | "recovery" | "decommission"),
+        can_start: !matches!(
+            name.as_str(),
+            "deploy" | "recovery" | "decommission" | "failover"
+        ),
         interrupted: p["interrupted"].as_bool().unwrap_or(false),
         name,
         status,
@@ -239,7 +249,28 @@ async fn service(State(ui): St, Sess(s): Sess, Path(name): Path<String>) -> Resp
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let host = text(&p["host"]);
+                    let addresses = p["tasks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|t| t["ports"].as_array().cloned().unwrap_or_default())
+                        .map(|port| format!("{host}:{}", text(&port["number"])))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let endpoints = p["endpoints"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| format!("{}.{}.cairn", text(e), name))
+                        .collect();
                     PodView {
+                        addresses: if host.is_empty() {
+                            String::new()
+                        } else {
+                            addresses
+                        },
+                        endpoints,
                         id: text(&p["id"]),
                         agent: text(&p["agent"]),
                         agent_status: text(&p["agent_status"]),
@@ -298,6 +329,7 @@ async fn service(State(ui): St, Sess(s): Sess, Path(name): Path<String>) -> Resp
         plans,
         pods,
         history,
+        failover: text(&svc["spec"]["failover"]["endpoint"]),
         l,
     })
 }
@@ -346,10 +378,16 @@ async fn pod_op(
     Path((name, pod, op)): Path<(String, String, String)>,
     p: Posted,
 ) -> Response {
-    if !matches!(op.as_str(), "restart" | "replace") {
-        return unknown(&p, &op);
-    }
-    let path = format!("/api/v1/services/{}/pods/{}/{op}", enc(&name), enc(&pod));
+    let path = match op.as_str() {
+        "restart" | "replace" => format!("/api/v1/services/{}/pods/{}/{op}", enc(&name), enc(&pod)),
+        // The failover endpoint (e.g. `primary`) moves to this pod on purpose.
+        "switchover" => format!(
+            "/api/v1/services/{}/switchover?to={}",
+            enc(&name),
+            enc(&pod)
+        ),
+        _ => return unknown(&p, &op),
+    };
     act(&ui, &p, &name, Method::POST, path).await
 }
 

@@ -18,6 +18,7 @@ PRIMARY_HOST={{ p.host }}
 PRIMARY_PORT={{ p.ports.postgres }}
 {%- endfor %}
 SLOTS="{% for p in pods if p.name != endpoints.primary %}{{ p.name | replace("-", "_") }} {% endfor %}"
+STANDBYS='{% for p in pods if p.name != endpoints.primary %}{{ "," if not loop.first }}"{{ p.name }}"{% endfor %}'
 {%- endraw %}
 SYNCHRONOUS={{ "yes" if options.synchronous else "no" }}
 # The sandbox's parents are private to root, so the data volume lives under the sandbox's
@@ -31,17 +32,22 @@ chmod 700 "$D"
 cd "$D"
 sql() { pg "$BIN/psql" -X -q -h "$1" -p "$2" -U postgres -d postgres -tAc "$3"; }
 
-# Waits until the primary accepts connections as a primary (not in recovery).
-wait_primary() {
+# Whether the primary accepts connections as a primary (not in recovery) within $1 seconds.
+primary_up() {
   tries=0
   until [ "$(sql "$PRIMARY_HOST" "$PRIMARY_PORT" 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do
     tries=$((tries + 1))
-    if [ "$tries" -ge 120 ]; then
-      echo "the primary $PRIMARY ($PRIMARY_HOST:$PRIMARY_PORT) did not accept connections as a primary within 120 s" >&2
-      exit 1
-    fi
+    [ "$tries" -lt "$1" ] || return 1
     sleep 1
   done
+}
+
+# Waits for the primary, or fails the launch (Cairn launches it again after a backoff).
+wait_primary() {
+  primary_up 120 || {
+    echo "the primary $PRIMARY ($PRIMARY_HOST:$PRIMARY_PORT) did not accept connections as a primary within 120 s" >&2
+    exit 1
+  }
 }
 
 if [ "$ME" = "$PRIMARY" ]; then
@@ -66,16 +72,25 @@ else
     echo "the primary $PRIMARY has no address yet" >&2
     exit 1
   fi
-  if [ -s PG_VERSION ] && [ ! -f standby.signal ]; then
-    # This pod was the primary: rewind its data onto the new primary's timeline (or start
-    # over from a base backup if that fails).
-    wait_primary
-    echo "$ME was a primary: rewinding it onto $PRIMARY" >&2
-    # The promoted server writes its new timeline to its control file at a checkpoint.
-    sql "$PRIMARY_HOST" "$PRIMARY_PORT" CHECKPOINT >/dev/null || true
-    if ! pg "$BIN/pg_rewind" -D "$D" --source-server="host=$PRIMARY_HOST port=$PRIMARY_PORT user=postgres dbname=postgres" >&2; then
-      echo "pg_rewind failed: taking a fresh base backup of $PRIMARY" >&2
-      find "$D" -mindepth 1 -delete
+  if [ -s PG_VERSION ]; then
+    # Data from before: it may be a primary's that the new primary never saw (this pod was
+    # the primary), or a replica's that received more than the promoted replica had. Rewind
+    # it onto the primary's timeline (a no-op when nothing diverged), or start over from a
+    # base backup if that fails. A replica whose primary stays away 30 s starts as it is.
+    if [ ! -f standby.signal ]; then
+      echo "$ME was a primary: rewinding it onto $PRIMARY" >&2
+      wait_primary
+    fi
+    if primary_up 30; then
+      # The promoted server writes its new timeline to its control file at a checkpoint.
+      sql "$PRIMARY_HOST" "$PRIMARY_PORT" CHECKPOINT >/dev/null || true
+      # (pg_rewind finishes an interrupted recovery in single-user mode, which refuses to
+      # run as a standby.)
+      rm -f standby.signal
+      if ! pg "$BIN/pg_rewind" -D "$D" --source-server="host=$PRIMARY_HOST port=$PRIMARY_PORT user=postgres dbname=postgres" >&2; then
+        echo "pg_rewind failed: taking a fresh base backup of $PRIMARY" >&2
+        find "$D" -mindepth 1 -delete
+      fi
     fi
   fi
   if [ ! -s PG_VERSION ]; then
@@ -91,6 +106,11 @@ fi
 cp "$SANDBOX/postgresql.conf" cairn.conf
 {
   echo "promote_trigger_file = '$D/cairn.promote'"
+  if [ "$SYNCHRONOUS" = yes ] && [ "$ROLE" = primary ] && [ -n "$STANDBYS" ]; then
+    # The first connected replica in pod order confirms every commit: the same order in
+    # which Cairn picks the replica to promote.
+    echo "synchronous_standby_names = 'FIRST 1 ($STANDBYS)'"
+  fi
   if [ "$ROLE" = replica ]; then
     echo "primary_conninfo = 'host=$PRIMARY_HOST port=$PRIMARY_PORT user=postgres application_name=$ME'"
     echo "primary_slot_name = '$(echo "$ME" | tr - _)'"
@@ -100,26 +120,14 @@ cp "$SANDBOX/pg_hba.conf" pg_hba.conf
 chown postgres:postgres cairn.conf pg_hba.conf
 
 if [ "$ROLE" = primary ] && [ -n "$SLOTS" ]; then
-  # A helper outside the server's process tree (the subshell exits at once, so its child
-  # is not the postmaster's): once this server is a primary, a replication slot per replica
-  # (the primary keeps the WAL they have not received), then, with `synchronous`, commits
-  # wait for a replica while one streams; a primary left alone goes on accepting writes.
+  # A helper outside the server's process tree (the subshell exits at once, so its child is
+  # not the postmaster's): once this server is a primary, a replication slot per replica, so
+  # the primary keeps the WAL they have not received.
   (
     (
       until [ "$(sql /tmp/pgsock "$PORT_POSTGRES" 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do sleep 0.2; done
       for s in $SLOTS; do
         sql /tmp/pgsock "$PORT_POSTGRES" "SELECT pg_create_physical_replication_slot('$s') WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '$s')" >/dev/null || true
-      done
-      [ "$SYNCHRONOUS" = yes ] || exit 0
-      while :; do
-        streaming=$(sql /tmp/pgsock "$PORT_POSTGRES" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" 2>/dev/null || echo unknown)
-        names=$(sql /tmp/pgsock "$PORT_POSTGRES" "SHOW synchronous_standby_names" 2>/dev/null || echo unknown)
-        if [ "$streaming" != unknown ] && [ "$streaming" -gt 0 ] && [ "$names" = "" ]; then
-          sql /tmp/pgsock "$PORT_POSTGRES" "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'" && sql /tmp/pgsock "$PORT_POSTGRES" "SELECT pg_reload_conf()" >/dev/null || true
-        elif [ "$streaming" = 0 ] && [ "$names" != "" ] && [ "$names" != unknown ]; then
-          sql /tmp/pgsock "$PORT_POSTGRES" "ALTER SYSTEM SET synchronous_standby_names = ''" && sql /tmp/pgsock "$PORT_POSTGRES" "SELECT pg_reload_conf()" >/dev/null || true
-        fi
-        sleep 1
       done
     ) </dev/null >/dev/null 2>&1 &
   )
