@@ -223,11 +223,11 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     );
     let (ok, out, _) = cairn_cli(&addr, &["package", "list"], MIN).await;
     assert!(
-        ok && out.contains("cache") && out.contains("7.0.15-1"),
+        ok && out.contains("cache") && out.contains("7.0.15-2"),
         "{out}"
     );
     let services = lab.get(&addr, "/api/v1/services").await.unwrap();
-    assert_eq!(services[0]["package"], "redis@7.0.15-1", "{services}");
+    assert_eq!(services[0]["package"], "redis@7.0.15-2", "{services}");
 
     // The real client.
     assert_eq!(
@@ -310,7 +310,7 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     .await;
     let (ok, out, err) = cairn_cli(&addr, &["package", "history", "cache"], MIN).await;
     assert!(
-        ok && out.matches("redis@7.0.15-1").count() == 3,
+        ok && out.matches("redis@7.0.15-2").count() == 3,
         "{out}{err}"
     );
     let r = http
@@ -344,7 +344,7 @@ async fn redis_installs_serves_updates_and_uninstalls() {
 
     // A repo from a local folder: a newer redis shows up in search and describe.
     let repo = dir.path().join("myrepo");
-    let dst = copy_redis_package(&repo, "7.0.15-2");
+    let dst = copy_redis_package(&repo, "7.0.15-3");
     let (ok, out, err) = cairn_cli(
         &addr,
         &["package", "repo", "add", repo.to_str().unwrap()],
@@ -353,7 +353,7 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     .await;
     assert!(ok, "{out}{err}");
     let found = lab.get(&addr, "/api/v1/packages?q=redis").await.unwrap();
-    assert_eq!(found[0]["version"], "7.0.15-2", "{found}");
+    assert_eq!(found[0]["version"], "7.0.15-3", "{found}");
     assert_eq!(found[0]["source"], "myrepo");
     let d = lab.get(&addr, "/api/v1/packages/redis").await.unwrap();
     assert_eq!(d["versions"].as_array().map(Vec::len), Some(2), "{d}");
@@ -369,7 +369,7 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     let (ok, _, err) = cairn_cli(&addr, &["package", "repo", "remove", "myrepo"], MIN).await;
     assert!(ok, "{err}");
     let found = lab.get(&addr, "/api/v1/packages?q=redis").await.unwrap();
-    assert_eq!(found[0]["version"], "7.0.15-1", "{found}");
+    assert_eq!(found[0]["version"], "7.0.15-2", "{found}");
 }
 
 /// Runs one SQL statement with the real `psql` against database `shop`; its output, or None.
@@ -601,14 +601,18 @@ async fn psql_res(port: u64, sql: &str) -> Result<String, String> {
     }
 }
 
-/// The pod the `primary` endpoint names, and the port of every pod's ready server.
-async fn pg_topology(
+/// The pod the `primary` endpoint of service `svc` names, and the port of every pod's ready
+/// server.
+async fn topology(
     lab: &cairn_installer::lab::Lab,
     addr: &str,
+    svc: &str,
 ) -> Option<(String, std::collections::BTreeMap<String, u64>)> {
-    let svc = lab.get(addr, "/api/v1/services/postgresql").await?;
-    let primary = svc["spec"]["endpoints"]["primary"].as_str()?.to_string();
-    let pods = lab.get(addr, "/api/v1/services/postgresql/pods").await?;
+    let spec = lab.get(addr, &format!("/api/v1/services/{svc}")).await?;
+    let primary = spec["spec"]["endpoints"]["primary"].as_str()?.to_string();
+    let pods = lab
+        .get(addr, &format!("/api/v1/services/{svc}/pods"))
+        .await?;
     let mut ports = std::collections::BTreeMap::new();
     for p in pods.as_array()? {
         let t = &p["tasks"][0];
@@ -622,10 +626,10 @@ async fn pg_topology(
     Some((primary, ports))
 }
 
-/// The lab index of the agent running pod `pod` of service `postgresql`.
-async fn agent_of_pod(lab: &cairn_installer::lab::Lab, addr: &str, pod: &str) -> usize {
+/// The lab index of the agent running pod `pod` of service `svc`.
+async fn agent_of_pod(lab: &cairn_installer::lab::Lab, addr: &str, svc: &str, pod: &str) -> usize {
     let pods = lab
-        .get(addr, "/api/v1/services/postgresql/pods")
+        .get(addr, &format!("/api/v1/services/{svc}/pods"))
         .await
         .expect("pods");
     let agent = pods
@@ -694,7 +698,9 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
     );
     println!("install → deploy complete: {:?}", started.elapsed());
     let (primary, ports) = eventually(MIN, "three servers ready", || async {
-        pg_topology(&lab, &addr).await.filter(|(_, p)| p.len() == 3)
+        topology(&lab, &addr, "postgresql")
+            .await
+            .filter(|(_, p)| p.len() == 3)
     })
     .await;
     assert_eq!(primary, "postgresql-0");
@@ -720,7 +726,7 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
 
     // A stream of inserts, one acknowledged commit at a time, to whichever pod the endpoint
     // names; the primary's agent crashes after 30 of them.
-    let n0 = agent_of_pod(&lab, &addr, "postgresql-0").await;
+    let n0 = agent_of_pod(&lab, &addr, "postgresql", "postgresql-0").await;
     let mut acked = Vec::new();
     let mut crashed_at = None;
     let mut first_after = None;
@@ -738,7 +744,7 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
             lab.crash_agent(n0);
             crashed_at = Some(std::time::Instant::now());
         }
-        let Some((primary, ports)) = pg_topology(&lab, &addr).await else {
+        let Some((primary, ports)) = topology(&lab, &addr, "postgresql").await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -761,7 +767,7 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
         }
     }
     println!("agent crash → new primary took a write: {first_after:?}");
-    let (primary, ports) = pg_topology(&lab, &addr).await.expect("topology");
+    let (primary, ports) = topology(&lab, &addr, "postgresql").await.expect("topology");
     assert_eq!(primary, "postgresql-1");
     let rows = psql_res(ports["postgresql-1"], "SELECT id FROM acks ORDER BY id")
         .await
@@ -784,7 +790,7 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
         Duration::from_secs(180),
         "postgresql-0 a replica",
         || async {
-            let (_, ports) = pg_topology(&lab, &addr).await?;
+            let (_, ports) = topology(&lab, &addr, "postgresql").await?;
             let p0 = *ports.get("postgresql-0")?;
             let r = psql_res(p0, "SELECT pg_is_in_recovery()").await.ok()?;
             (r == "t").then_some(p0)
@@ -821,7 +827,7 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
             .await
     );
     let port = eventually(MIN, "postgresql-0 takes writes", || async {
-        let (primary, ports) = pg_topology(&lab, &addr).await?;
+        let (primary, ports) = topology(&lab, &addr, "postgresql").await?;
         let port = *ports.get(&primary)?;
         (primary == "postgresql-0"
             && psql_res(port, "INSERT INTO acks VALUES (100000)")
@@ -834,4 +840,101 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
         psql_res(port, "SELECT count(*) FROM acks").await.unwrap(),
         (acked.len() + 1).to_string()
     );
+}
+
+/// Redis with two replicas on three agents: keys written on the primary (and acknowledged by
+/// both replicas with `WAIT`) are read on a replica; the primary's agent crashes; a replica is
+/// promoted, the other follows it, every key is there and writes go on; the crashed agent
+/// returns and its old primary becomes a replica of the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_replica_takes_over_when_the_primary_agent_crashes() {
+    let (_dir, mut lab) = master_and_agents(3, 27_700).await;
+    let addr = lab.running_addrs()[0].clone();
+    let args = [
+        "package",
+        "install",
+        "redis",
+        "--set",
+        "name=kv",
+        "--set",
+        "replicas=2",
+        "--set",
+        "spread=true",
+        "--set",
+        "failover_after_s=1",
+        "--wait",
+    ];
+    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(120)).await;
+    assert!(ok, "{out}{err}");
+    let (primary, ports) = eventually(MIN, "three servers ready", || async {
+        topology(&lab, &addr, "kv")
+            .await
+            .filter(|(_, p)| p.len() == 3)
+    })
+    .await;
+    assert_eq!(primary, "redis-0");
+    let p0 = ports["redis-0"];
+    for i in 0..50 {
+        assert_eq!(
+            redis_cli(p0, &["SET", &format!("k{i}"), &format!("v{i}")])
+                .await
+                .as_deref(),
+            Some("OK")
+        );
+    }
+    // Both replicas have every write before the crash.
+    eventually(MIN, "both replicas acknowledge", || async {
+        (redis_cli(p0, &["WAIT", "2", "1000"]).await.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        redis_cli(ports["redis-1"], &["GET", "k49"])
+            .await
+            .as_deref(),
+        Some("v49")
+    );
+
+    let n0 = agent_of_pod(&lab, &addr, "kv", "redis-0").await;
+    lab.crash_agent(n0);
+    let (primary, port) = eventually(
+        Duration::from_secs(60),
+        "a new primary takes writes",
+        || async {
+            let (primary, ports) = topology(&lab, &addr, "kv").await?;
+            let port = *ports.get(&primary)?;
+            (primary != "redis-0"
+                && redis_cli(port, &["SET", "after", "yes"]).await.as_deref() == Some("OK"))
+            .then_some((primary, port))
+        },
+    )
+    .await;
+    assert_eq!(primary, "redis-1");
+    for i in 0..50 {
+        assert_eq!(
+            redis_cli(port, &["GET", &format!("k{i}")]).await,
+            Some(format!("v{i}")),
+            "k{i} on the new primary"
+        );
+    }
+    // redis-2 follows the new primary.
+    eventually(MIN, "redis-2 replicates redis-1", || async {
+        let (_, ports) = topology(&lab, &addr, "kv").await?;
+        let v = redis_cli(*ports.get("redis-2")?, &["GET", "after"]).await?;
+        (v == "yes").then_some(())
+    })
+    .await;
+
+    // The crashed agent returns: redis-0 is now a replica of redis-1.
+    lab.restart_agent(n0).unwrap();
+    eventually(Duration::from_secs(90), "redis-0 a replica", || async {
+        let (_, ports) = topology(&lab, &addr, "kv").await?;
+        let p = *ports.get("redis-0")?;
+        let info = redis_cli(p, &["INFO", "replication"]).await?;
+        let get = redis_cli(p, &["GET", "after"]).await?;
+        (info.contains("role:slave")
+            && info.contains(&format!("master_port:{port}"))
+            && get == "yes")
+            .then_some(())
+    })
+    .await;
 }

@@ -74,8 +74,12 @@ fn bad_options_name_their_pointer_and_the_fix() {
             "/name: \"Bad_Name\" does not match",
         ),
         (
+            json!({"colour": 1}),
+            "/colour: unknown option; the options here are",
+        ),
+        (
             json!({"replicsa": 1}),
-            "/replicsa: unknown option; the options here are",
+            "/replicsa: unknown option; did you mean \"replicas\"?",
         ),
         (
             json!({"persistence": {"aofx": true}}),
@@ -121,7 +125,7 @@ fn set_reads_values_by_the_options_type() {
         .collect();
     assert_eq!(
         errs[0],
-        "/cpu: unknown option; did you mean \"cpus\"? the options here are [\"cpus\", \"maxmemory_policy\", \"mem_mb\", \"name\", \"persistence\"]"
+        "/cpu: unknown option; did you mean \"cpus\"? the options here are [\"cpus\", \"failover_after_s\", \"maxmemory_policy\", \"mem_mb\", \"min_replicas_to_write\", \"name\", \"persistence\", \"replicas\", \"spread\"]"
     );
     assert!(errs[1].starts_with("/persistence/disk: unknown option; did you mean \"disk_mb\"?"));
     assert!(errs[2].contains("write KEY=VALUE"), "{}", errs[2]);

@@ -201,7 +201,7 @@ pub fn copy_redis_package(repo: &std::path::Path, version: &str) -> std::path::P
     ] {
         let mut text = std::fs::read_to_string(src.join(f)).unwrap();
         if f == "package.toml" {
-            text = text.replace("7.0.15-1", version);
+            text = text.replace("7.0.15-2", version);
         }
         std::fs::write(dst.join(f), text).unwrap();
     }
