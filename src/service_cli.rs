@@ -67,6 +67,22 @@ pub enum ServiceCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Run the service's `backup` plan (packages with data declare one).
+    Backup {
+        name: String,
+        /// Show the plan's progress; exit non-zero if it errors.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run the service's `restore` plan from a backup (its id, as `backup` printed it).
+    Restore {
+        name: String,
+        #[arg(long)]
+        from: String,
+        /// Show the plan's progress; exit non-zero if it errors.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Every volume reservation (service, pod, agent, size, status).
     Volumes,
     /// Delete an orphaned volume (kept by `rm --keep-volumes`).
@@ -112,7 +128,16 @@ pub enum PlanCmd {
         step: String,
     },
     /// Start a declared plan (or deploy again).
-    Start { name: String, plan: String },
+    Start {
+        name: String,
+        plan: String,
+        /// A parameter of the run, `KEY=VALUE` (its tasks see `CAIRN_PARAM_<KEY>`).
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Show the plan's progress; exit non-zero if it errors.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -299,6 +324,10 @@ pub async fn run(c: &Client, json: bool, cmd: ServiceCmd) -> anyhow::Result<()> 
             }
             Ok(())
         }
+        ServiceCmd::Backup { name, wait } => start_plan(c, &name, "backup", &[], wait).await,
+        ServiceCmd::Restore { name, from, wait } => {
+            start_plan(c, &name, "restore", &[format!("from={from}")], wait).await
+        }
         ServiceCmd::Volumes => {
             let v = c.get("/api/v1/volumes").await?;
             if json {
@@ -372,11 +401,12 @@ async fn plan(c: &Client, json: bool, cmd: PlanCmd) -> anyhow::Result<()> {
             println!("{name}/{plan}: interrupted");
             Ok(())
         }
-        PlanCmd::Start { name, plan } => {
-            post(c, &format!("{}/start", base(&name, &plan))).await?;
-            println!("{name}/{plan}: started");
-            Ok(())
-        }
+        PlanCmd::Start {
+            name,
+            plan,
+            params,
+            wait,
+        } => start_plan(c, &name, &plan, &params, wait).await,
         PlanCmd::ForceComplete {
             name,
             plan,
@@ -440,6 +470,38 @@ pub fn tree(p: &Value) -> String {
         }
     }
     out
+}
+
+/// Starts plan `plan` of `name` with `KEY=VALUE` parameters, and with `wait` follows it.
+async fn start_plan(
+    c: &Client,
+    name: &str,
+    plan: &str,
+    params: &[String],
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut query = Vec::new();
+    for p in params {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param {p:?}: write KEY=VALUE"))?;
+        query.push(format!(
+            "{}={}",
+            cairn_ui::backend::enc(k),
+            cairn_ui::backend::enc(v)
+        ));
+    }
+    let mut path = format!("/api/v1/services/{name}/plans/{plan}/start");
+    if !query.is_empty() {
+        path.push('?');
+        path.push_str(&query.join("&"));
+    }
+    post(c, &path).await?;
+    println!("{name}/{plan}: started");
+    if wait {
+        wait_plan(c, name, plan).await?;
+    }
+    Ok(())
 }
 
 /// Follows a plan with a progress bar until it completes (Ok) or errors (Err).

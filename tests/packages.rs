@@ -401,7 +401,9 @@ async fn pg_port(lab: &cairn_installer::lab::Lab, addr: &str) -> u64 {
 
 /// PostgreSQL alone (`replicas=0`): `initdb` on first start, the database of the `database`
 /// option, rows written and read back with the real `psql`, still there after the pod is
-/// restarted in place (the data directory is on the pod's volume).
+/// restarted in place (the data directory is on the pod's volume); `cairn service backup`,
+/// more rows, a restore of a missing backup refused by its check with the server untouched,
+/// then `cairn service restore --from latest` bringing back the rows of the backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_installs_and_serves_psql() {
     let (_dir, lab) = master_and_agents(1, 25_500).await;
@@ -475,7 +477,11 @@ async fn postgresql_installs_and_serves_psql() {
         "rows after the restart",
         || async {
             let pods = lab.get(&addr, "/api/v1/services/postgresql/pods").await?;
-            let t = pods[0]["tasks"].as_array()?.first()?.clone();
+            let t = pods[0]["tasks"]
+                .as_array()?
+                .iter()
+                .find(|t| t["name"] == "server")?
+                .clone();
             if t["generation"].as_u64()? < 2 || t["ready"] != true {
                 return None;
             }
@@ -488,6 +494,83 @@ async fn postgresql_installs_and_serves_psql() {
     )
     .await;
     assert_eq!(count, "100");
+
+    // A backup; 50 more rows; a restore of the latest backup brings back the 100.
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["service", "backup", "postgresql", "--wait"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let port = pg_port(&lab, &addr).await;
+    let q = "INSERT INTO orders (item) SELECT 'late-' || g FROM generate_series(1, 50) g";
+    assert!(psql(port, q).await.is_some());
+    assert_eq!(
+        psql(port, "SELECT count(*) FROM orders").await.as_deref(),
+        Some("150")
+    );
+    // A backup that is not there stops the plan at its check: the server is not touched.
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &[
+            "service",
+            "restore",
+            "postgresql",
+            "--from",
+            "20000101T000000Z",
+        ],
+        MIN,
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    eventually(MIN, "the restore check fails", || async {
+        let p = lab
+            .get(&addr, "/api/v1/services/postgresql/plans/restore")
+            .await?;
+        let m = p["phases"][0]["steps"][0]["message"].as_str()?.to_string();
+        m.contains("restore-check of postgresql-0 failed")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        psql(port, "SELECT count(*) FROM orders").await.as_deref(),
+        Some("150")
+    );
+    let (ok, _, err) = cairn_cli(
+        &addr,
+        &[
+            "service",
+            "plan",
+            "force-complete",
+            "postgresql",
+            "restore",
+            "restore",
+            "postgresql-0",
+        ],
+        MIN,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &[
+            "service",
+            "restore",
+            "postgresql",
+            "--from",
+            "latest",
+            "--wait",
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let port = pg_port(&lab, &addr).await;
+    assert_eq!(
+        psql(port, "SELECT count(*) FROM orders").await.as_deref(),
+        Some("100")
+    );
 
     let port = pg_port(&lab, &addr).await;
     let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "postgresql"], MIN).await;
@@ -615,7 +698,13 @@ async fn topology(
         .await?;
     let mut ports = std::collections::BTreeMap::new();
     for p in pods.as_array()? {
-        let t = &p["tasks"][0];
+        let Some(t) = p["tasks"]
+            .as_array()?
+            .iter()
+            .find(|t| t["name"] == "server")
+        else {
+            continue;
+        };
         if t["state"] == "running" && t["ready"] == true {
             ports.insert(
                 p["id"].as_str()?.to_string(),

@@ -383,13 +383,42 @@ pub(super) async fn switchover(
     .await
 }
 
+/// Starts a plan; every query parameter is a parameter of the run (`?from=ID`), seen by the
+/// tasks it launches as `CAIRN_PARAM_<KEY>`: at most 8, keys `[a-z0-9_]` up to 32, values
+/// up to 256 printable characters.
 pub(super) async fn start_plan(
     ctx: Ctx,
     Path((name, plan)): Path<(String, String)>,
+    q: Q<std::collections::BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     check_name("name", &name)?;
     check_name("plan", &plan)?;
-    service_op(ctx, name, ServiceOp::StartPlan { plan }).await
+    let params = query(q)?;
+    if params.len() > 8 {
+        return Err(ApiError::bad_request(
+            "params",
+            format!("{} parameters; a plan run takes at most 8", params.len()),
+        ));
+    }
+    for (k, v) in &params {
+        let key_ok = !k.is_empty()
+            && k.len() <= 32
+            && k.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !key_ok {
+            return Err(ApiError::bad_request(
+                k,
+                "a parameter name is 1-32 of a-z, 0-9 and _",
+            ));
+        }
+        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(ApiError::bad_request(
+                k,
+                "a parameter value is at most 256 printable characters",
+            ));
+        }
+    }
+    service_op(ctx, name, ServiceOp::StartPlan { plan, params }).await
 }
 
 async fn plan_op(ctx: Ctx, name: String, plan: String, op: PlanOp) -> Result<Response, ApiError> {

@@ -229,6 +229,7 @@ mod tests {
             }),
             op(ServiceOp::StartPlan {
                 plan: "backup".into(),
+                params: Default::default(),
             }),
             Command::RemoveService {
                 name: "db".into(),

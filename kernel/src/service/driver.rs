@@ -406,6 +406,9 @@ fn pod_task(
     env.insert("CAIRN_SERVICE".into(), svc.spec.name.clone());
     env.insert("CAIRN_POD".into(), pod.id.clone());
     env.insert("CAIRN_POD_INDEX".into(), pod.index.to_string());
+    for (k, v) in &target.params {
+        env.insert(format!("CAIRN_PARAM_{}", k.to_uppercase()), v.clone());
+    }
     let own = format!("{}.{}.{}.", svc.spec.name, pod.id, name);
     let ports = ports_on(state, agent, role, &k.ports, &own);
     for p in &ports {

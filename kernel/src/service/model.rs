@@ -110,6 +110,8 @@ pub enum TaskGoal {
     Finish,
     /// Run to success once in the pod instance's life (e.g. initialise the data directory).
     Once,
+    /// Run to success when a declared plan names it (a backup), never by `deploy`.
+    OnDemand,
 }
 
 /// A config file rendered (minijinja) into the sandbox or a volume just before the task starts.
@@ -177,6 +179,9 @@ pub struct TaskTarget {
     /// Bumped at each launch of this task in this pod instance.
     pub generation: u64,
     pub launched_at: u64,
+    /// The parameters of the plan run that launched it (`CAIRN_PARAM_<KEY>` in its env).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
 }
 
 /// One instance of a pod type, `<type>-<index>`. It keeps its index, agent and volumes for

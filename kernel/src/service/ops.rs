@@ -64,8 +64,12 @@ pub enum ServiceOp {
     },
     /// An operator's operation on a plan.
     Plan { plan: String, op: PlanOp },
-    /// Start a declared plan (or `deploy` again).
-    StartPlan { plan: String },
+    /// Start a declared plan (or `deploy` again), with parameters for its tasks.
+    StartPlan {
+        plan: String,
+        #[serde(default)]
+        params: BTreeMap<String, String>,
+    },
     /// The agent deleted these volumes' data.
     VolumesDestroyed { agent: String, ids: Vec<String> },
     /// Move endpoint `endpoint` (under `[failover]`) to pod `to` and start the `failover`
@@ -414,6 +418,11 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
             step,
             tasks,
         } => {
+            let params = svc
+                .plans
+                .get(&plan)
+                .map(|p| p.params.clone())
+                .unwrap_or_default();
             let Some(s) = svc
                 .plans
                 .get_mut(&plan)
@@ -467,6 +476,7 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
                         version: l.version,
                         generation,
                         launched_at: at,
+                        params: params.clone(),
                     },
                 );
             }
@@ -490,7 +500,14 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
             let all: Vec<String> = svc
                 .spec
                 .pod_type(&p.pod_type)
-                .map(|t| t.tasks.iter().map(|k| k.name.clone()).collect())
+                .map(|t| {
+                    t.tasks
+                        .iter()
+                        // A plan's own tasks (a backup) run only when the plan does.
+                        .filter(|k| k.goal != super::model::TaskGoal::OnDemand)
+                        .map(|k| k.name.clone())
+                        .collect()
+                })
                 .unwrap_or_default();
             let tasks = if tasks.is_empty() || replace {
                 all
@@ -543,7 +560,7 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
             };
             p.operate(&op, at).or_else(|m| fail("invalid", "op", m))?;
         }
-        ServiceOp::StartPlan { plan } => {
+        ServiceOp::StartPlan { plan, params } => {
             if let Some(p) = svc.plans.get(&plan) {
                 use super::plan::PlanStatus;
                 if !matches!(p.status(), PlanStatus::Complete | PlanStatus::Error) {
@@ -557,7 +574,7 @@ pub fn apply_op(svc: &mut ServiceState, op: ServiceOp, at: u64) -> Result<(), Op
             let new = if plan == "deploy" {
                 deploy_plan(svc, at)
             } else if let Some(def) = svc.spec.plans.iter().find(|d| d.name == plan) {
-                custom_plan(svc, def, at)
+                custom_plan(svc, def, params, at)
             } else {
                 return fail(
                     "not_found",
@@ -662,7 +679,10 @@ pub fn describe(op: &ServiceOp) -> (&'static str, String) {
             format!("{pod}: {message}"),
         ),
         ServiceOp::Plan { plan, op } => ("plan_operation", format!("{plan}: {op:?}")),
-        ServiceOp::StartPlan { plan } => ("plan_started", plan.clone()),
+        ServiceOp::StartPlan { plan, params } if params.is_empty() => {
+            ("plan_started", plan.clone())
+        }
+        ServiceOp::StartPlan { plan, params } => ("plan_started", format!("{plan} {params:?}")),
         ServiceOp::VolumesDestroyed { agent, ids } => (
             "volumes_destroyed",
             format!("agent {agent}: {}", ids.join(", ")),

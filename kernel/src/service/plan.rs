@@ -252,6 +252,10 @@ pub struct Plan {
     pub interrupted: bool,
     pub created_at: u64,
     pub updated_at: u64,
+    /// What the run was started with (`cairn service restore --from ID`: `from`); the tasks
+    /// it launches see them as `CAIRN_PARAM_<KEY>`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
 }
 
 /// An operator's operation on a plan (steps named by phase and step name).
@@ -364,6 +368,7 @@ fn plan(name: &str, kind: PlanKind, version: u64, phases: Vec<Phase>, at: u64) -
         interrupted: false,
         created_at: at,
         updated_at: at,
+        params: BTreeMap::new(),
     }
 }
 
@@ -384,7 +389,12 @@ pub fn deploy_plan(svc: &ServiceState, at: u64) -> Plan {
             released: false,
             steps: (0..t.count)
                 .map(|i| {
-                    let tasks = t.tasks.iter().map(|k| k.name.clone()).collect();
+                    let tasks = t
+                        .tasks
+                        .iter()
+                        .filter(|k| k.goal != super::model::TaskGoal::OnDemand)
+                        .map(|k| k.name.clone())
+                        .collect();
                     let pod = super::model::PodInstance::id_of(&t.name, i);
                     Step::new(&pod, StepWork::Launch, tasks, Some(svc.version))
                 })
@@ -489,28 +499,49 @@ pub fn failover_plan(svc: &ServiceState, to: &str, tasks: &[String], at: u64) ->
 
 /// A run of a declared plan: per phase, a step per instance of its pod type running its
 /// tasks at the current version.
-pub fn custom_plan(svc: &ServiceState, def: &PlanDef, at: u64) -> Plan {
+/// The pod the failover endpoint names comes first (a backup or restore starts with the
+/// primary, wherever failover moved it).
+pub fn custom_plan(
+    svc: &ServiceState,
+    def: &PlanDef,
+    params: BTreeMap<String, String>,
+    at: u64,
+) -> Plan {
+    let first = svc
+        .spec
+        .failover
+        .as_ref()
+        .and_then(|f| svc.spec.endpoints.get(&f.endpoint));
     let phases = def
         .phases
         .iter()
         .map(|ph| {
             let count = svc.spec.pod_type(&ph.pod_type).map_or(0, |t| t.count);
+            let mut pods: Vec<String> = (0..count)
+                .map(|i| super::model::PodInstance::id_of(&ph.pod_type, i))
+                .collect();
+            if let Some(i) = first.and_then(|f| pods.iter().position(|p| p == f)) {
+                let p = pods.remove(i);
+                pods.insert(0, p);
+            }
             Phase {
                 name: ph.name.clone(),
                 pod_type: ph.pod_type.clone(),
                 strategy: ph.strategy,
                 deadline_ms: ph.deadline_ms,
                 released: false,
-                steps: (0..count)
-                    .map(|i| {
-                        let pod = super::model::PodInstance::id_of(&ph.pod_type, i);
-                        Step::new(&pod, StepWork::Launch, ph.tasks.clone(), Some(svc.version))
+                steps: pods
+                    .iter()
+                    .map(|pod| {
+                        Step::new(pod, StepWork::Launch, ph.tasks.clone(), Some(svc.version))
                     })
                     .collect(),
             }
         })
         .collect();
-    plan(&def.name, PlanKind::Custom, svc.version, phases, at)
+    let mut p = plan(&def.name, PlanKind::Custom, svc.version, phases, at);
+    p.params = params;
+    p
 }
 
 #[cfg(test)]

@@ -253,7 +253,9 @@ impl Cx<'_> {
                 Progress::Up(why("running; readiness check failing"))
             }
             (_, TaskState::Running) => Progress::Up(why("running")),
-            (TaskGoal::Finish | TaskGoal::Once, TaskState::Finished) => Progress::Done,
+            (TaskGoal::Finish | TaskGoal::Once | TaskGoal::OnDemand, TaskState::Finished) => {
+                Progress::Done
+            }
             (_, st) => Progress::Failed(why(&format!("{st:?}").to_lowercase())),
         }
     }

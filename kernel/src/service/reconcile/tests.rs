@@ -792,3 +792,52 @@ fn a_failover_waits_for_a_ready_pod() {
     sim.settle(20);
     assert_eq!(sim.svc.spec.endpoints["primary"], "node-1");
 }
+
+#[test]
+fn on_demand_tasks_run_only_in_their_plan_with_its_parameters() {
+    let spec = SPEC.to_string()
+        + r#"
+[[pod_types.tasks]]
+name = "backup"
+goal = "on_demand"
+runtime.native = { cmd = "/bin/backup" }
+
+[[plans]]
+name = "backup"
+[[plans.phases]]
+name = "backup"
+pod_type = "node"
+tasks = ["backup"]
+"#;
+    let mut sim = Sim::new(&spec, &["a1", "a2"]);
+    sim.settle(30);
+    assert_eq!(
+        sim.status("deploy"),
+        "Complete node-0=Complete node-1=Complete"
+    );
+    // Deploy and a pod restart leave it alone.
+    assert!(!sim.svc.pods["node-0"].tasks.contains_key("backup"));
+    let op = ServiceOp::Recover {
+        pod: "node-0".into(),
+        tasks: vec![],
+        replace: false,
+        message: "restarted by an operator".into(),
+    };
+    apply_op(&mut sim.svc, op, sim.now).unwrap();
+    sim.settle(20);
+    assert!(!sim.svc.pods["node-0"].tasks.contains_key("backup"));
+    // The plan runs it in every pod, with the run's parameters.
+    let op = ServiceOp::StartPlan {
+        plan: "backup".into(),
+        params: [("to".to_string(), "nightly".to_string())].into(),
+    };
+    apply_op(&mut sim.svc, op, sim.now).unwrap();
+    sim.settle(20);
+    assert_eq!(
+        sim.status("backup"),
+        "Complete node-0=Complete node-1=Complete"
+    );
+    let t = &sim.svc.pods["node-1"].tasks["backup"];
+    assert_eq!(t.goal, TaskGoal::OnDemand);
+    assert_eq!(t.params["to"], "nightly");
+}

@@ -52,6 +52,18 @@ wait_primary() {
 
 if [ "$ME" = "$PRIMARY" ]; then
   ROLE=primary
+  if [ -n "${CAIRN_PARAM_FROM:-}" ]; then
+    # The `restore` plan (its first task checked the backup is here).
+    FROM=$CAIRN_PARAM_FROM
+    if [ "$FROM" = latest ]; then
+      FROM=$(ls -1 /tmp/pgbackup | grep '^2' | sort | tail -n 1)
+    fi
+    echo "restoring $ME from backup $FROM" >&2
+    find "$D" -mindepth 1 -delete
+    tar -xzf "/tmp/pgbackup/$FROM/base.tar.gz" -C "$D"
+    chown -R postgres:postgres "$D"
+    chmod 700 "$D"
+  fi
   if [ ! -s PG_VERSION ]; then
     pg "$BIN/initdb" -D "$D" -U postgres --data-checksums --auth-local=trust --auth-host=reject --encoding=UTF8 --locale=C.UTF-8 >/dev/null
     echo "CREATE DATABASE {{ options.database }};" | pg "$BIN/postgres" --single -D "$D" postgres >/dev/null
@@ -71,6 +83,11 @@ else
   if [ -z "$PRIMARY_HOST" ] || [ -z "$PRIMARY_PORT" ]; then
     echo "the primary $PRIMARY has no address yet" >&2
     exit 1
+  fi
+  if [ -n "${CAIRN_PARAM_FROM:-}" ]; then
+    # The `restore` plan: the primary went back to a backup; this replica starts over from it.
+    echo "$ME starts over from the restored primary $PRIMARY" >&2
+    find "$D" -mindepth 1 -delete
   fi
   if [ -s PG_VERSION ]; then
     # Data from before: it may be a primary's that the new primary never saw (this pod was
