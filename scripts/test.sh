@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR=never
 # installer test runs a real sshd per host and checks its units with systemd-analyze.)
 APT_PACKAGES=(iproute2 procps coreutils hostname busybox-static umoci skopeo iptables
   prometheus redis-server redis-tools etcd-server etcd-client postgresql-15 postgresql-client-15
-  chromium chromium-driver openssh-server openssh-client systemd)
+  chromium chromium-driver openssh-server openssh-client systemd memcached libmemcached-tools)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -331,15 +331,7 @@ name = "server"
 runtime.native = { cmd = "/bin/sleep", args = ["600"] }
 resources = { cpus = 0.1, mem = 32 }
 "#;
-    let (status, v) = c
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/services",
-            "application/toml",
-            spec.to_string(),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    c.create_service(spec).await;
     c.wait_plan("held", "deploy", "complete").await;
     let pods = c.pods("held").await;
     let agent = pods["node-0"].0.trim_matches('"').to_string();

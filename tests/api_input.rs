@@ -132,6 +132,18 @@ async fn bad_input_is_rejected_with_json_errors_and_changes_nothing() {
             "/api/v1/kv/keep",
             &format!(r#"{{"value":"{}"}}"#, "v".repeat(70 * 1024)),
         ),
+        case(
+            "bad plan parameter",
+            "POST",
+            "/api/v1/services/db/plans/restore/start?From=x",
+            "",
+        ),
+        case(
+            "switchover without to",
+            "POST",
+            "/api/v1/services/db/switchover",
+            "",
+        ),
     ];
     cases[0].content_type = Some("application/json");
     let mut got = String::new();
@@ -205,6 +217,8 @@ wrong token: 401 unauthorized -
 no token raft: 401 unauthorized -
 huge body: 413 body_too_large -
 huge value: 400 invalid_field value
+bad plan parameter: 400 invalid_field From
+switchover without to: 400 invalid_field to
 ";
     assert_eq!(got, expected);
 

@@ -692,7 +692,11 @@ async fn topology(
     svc: &str,
 ) -> Option<(String, std::collections::BTreeMap<String, u64>)> {
     let spec = lab.get(addr, &format!("/api/v1/services/{svc}")).await?;
-    let primary = spec["spec"]["endpoints"]["primary"].as_str()?.to_string();
+    // (Empty for a service without a `primary` endpoint.)
+    let primary = spec["spec"]["endpoints"]["primary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let pods = lab
         .get(addr, &format!("/api/v1/services/{svc}/pods"))
         .await?;
@@ -1024,6 +1028,89 @@ async fn redis_replica_takes_over_when_the_primary_agent_crashes() {
             && info.contains(&format!("master_port:{port}"))
             && get == "yes")
             .then_some(())
+    })
+    .await;
+}
+
+/// Runs a libmemcached tool against `port`; its stdout, or None when it fails.
+async fn memc(tool: &str, port: u64, args: &[&str]) -> Option<String> {
+    let out = tokio::process::Command::new(tool)
+        .arg(format!("--servers=127.0.0.1:{port}"))
+        .args(args)
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// memcached with two nodes on two agents, checked with libmemcached's own tools: a value
+/// stored (`memccp`) is read back (`memccat`); kill -9 of a node's server: it is restarted
+/// in place on the same port, empty, as a cache is; uninstall stops both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memcached_nodes_cache_and_restart_empty() {
+    let (dir, lab) = master_and_agents(2, 28_200).await;
+    let addr = lab.running_addrs()[0].clone();
+    let args = [
+        "package",
+        "install",
+        "memcached",
+        "--set",
+        "nodes=2",
+        "--wait",
+    ];
+    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(120)).await;
+    assert!(ok, "{out}{err}");
+    let (_, ports) = eventually(MIN, "two nodes ready", || async {
+        topology(&lab, &addr, "memcached")
+            .await
+            .filter(|(_, p)| p.len() == 2)
+    })
+    .await;
+    let (p0, p1) = (ports["memcached-0"], ports["memcached-1"]);
+    assert!(memc("/usr/bin/memcping", p0, &[]).await.is_some());
+    let file = dir.path().join("greeting");
+    std::fs::write(&file, "hello from cairn").unwrap();
+    let f = file.to_str().unwrap();
+    assert!(memc("/usr/bin/memccp", p1, &[f]).await.is_some());
+    assert_eq!(
+        memc("/usr/bin/memccat", p1, &["greeting"]).await.as_deref(),
+        Some("hello from cairn")
+    );
+
+    // kill -9 of node 1's server: restarted in place, same port, empty.
+    let pids = cairn_installer::lab::pids_mentioning(format!("-p\0{p1}\0"));
+    let pid = pids
+        .iter()
+        .copied()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "memcached")
+        })
+        .expect("the memcached process");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually(MIN, "node 1 restarted", || async {
+        let pods = lab.get(&addr, "/api/v1/services/memcached/pods").await?;
+        let t = pods[1]["tasks"][0].clone();
+        (t["generation"].as_u64()? >= 2 && t["ready"] == true).then_some(())
+    })
+    .await;
+    let (_, ports) = topology(&lab, &addr, "memcached").await.unwrap();
+    assert_eq!(ports["memcached-1"], p1, "the same port after a restart");
+    assert!(memc("/usr/bin/memcping", p1, &[]).await.is_some());
+    assert_eq!(memc("/usr/bin/memccat", p1, &["greeting"]).await, None);
+
+    let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "memcached"], MIN).await;
+    assert!(ok, "{err}");
+    eventually(MIN, "both nodes stopped", || async {
+        (memc("/usr/bin/memcping", p0, &[]).await.is_none()
+            && memc("/usr/bin/memcping", p1, &[]).await.is_none())
+        .then_some(())
     })
     .await;
 }

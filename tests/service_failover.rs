@@ -52,15 +52,7 @@ async fn task_ids(c: &Cluster) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_mid_deploy_and_a_stuck_step_forced() {
     let mut c = service_cluster_with(3, 27_000).await;
-    let (status, v) = c
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/services",
-            "application/toml",
-            spec("v1", "true"),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    c.create_service(&spec("v1", "true")).await;
 
     // Kill the leader once node-0's step is complete and node-1's is under way.
     let before = eventually(Duration::from_secs(60), "step node-0 done", || async {

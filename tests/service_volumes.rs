@@ -347,15 +347,7 @@ name = "node"
 volumes = [{ name = "data", path = "data", size_mb = 1 }]
 tasks = [{ name = "writer", runtime.native = { cmd = "/bin/sh", args = ["-c", "head -c 3000000 /dev/zero > data/blob; exec sleep 600"] } }]
 "#;
-    let (status, v) = c
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/services",
-            "application/toml",
-            fill.into(),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    c.create_service(fill).await;
     eventually(
         Duration::from_secs(60),
         "writer killed for its quota",
@@ -493,15 +485,7 @@ async fn running_node1(c: &Cluster, http: &reqwest::Client) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_on_a_lost_agent_is_replaced_and_its_old_volume_destroyed_when_it_returns() {
     let mut c = service_cluster_on(25_000).await;
-    let (status, v) = c
-        .send(
-            reqwest::Method::POST,
-            "/api/v1/services",
-            "application/toml",
-            REPLACED.into(),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    c.create_service(REPLACED).await;
     c.wait_plan("rep", "deploy", "complete").await;
     let old_agent = task_of(&c, "rep", "node-1", "server").await["agent"]
         .as_str()

@@ -83,6 +83,19 @@ impl Cluster {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Creates a stateful service from a TOML spec; fails the test unless it is a 201.
+    pub async fn create_service(&self, toml: &str) {
+        let (status, v) = self
+            .send(
+                reqwest::Method::POST,
+                "/api/v1/services",
+                "application/toml",
+                toml.to_string(),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+
     pub async fn post(&self, path: &str) -> (u16, Value) {
         self.send(
             reqwest::Method::POST,
