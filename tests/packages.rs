@@ -588,7 +588,8 @@ async fn postgresql_installs_and_serves_psql() {
 
 /// etcd with its defaults on three agents: one member per agent, each later member added to
 /// the running ones; a key written through one member is read through another, and
-/// `etcdctl member list` shows three started members.
+/// `etcdctl member list` shows three started members; `package update --set members=5` on
+/// two more agents adds two members (five started, the key still there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_three_members_form_one_cluster() {
     let (_dir, lab) = master_and_agents(3, 26_000).await;
@@ -649,6 +650,41 @@ async fn etcd_three_members_form_one_cluster() {
     );
     let members = etcdctl(clients[1].clone(), vec!["member", "list"]).await;
     assert_eq!(members.matches(", started, etcd-").count(), 3, "{members}");
+
+    // Scale 3 → 5 on two more agents: each new member is added to the running cluster.
+    let mut lab = lab;
+    for n in 3..5u16 {
+        let first = 26_000 + 100 * n;
+        let res = format!("cpus:2;mem:1024;disk:4000;ports:[{first}-{}]", first + 99);
+        lab.start_agent(&["--resources", &res, "--heartbeat-interval", "300ms"])
+            .unwrap();
+    }
+    eventually(MIN, "5 agents", || async {
+        let v = lab.get(&addr, "/api/v1/agents").await?;
+        (v.as_array()?.len() == 5).then_some(())
+    })
+    .await;
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["package", "update", "etcd", "--set", "members=5", "--wait"],
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(
+        ok,
+        "{out}{err}\nplan: {:?}",
+        lab.get(&addr, "/api/v1/services/etcd/plans/deploy").await
+    );
+    let members = etcdctl(clients[0].clone(), vec!["member", "list"]).await;
+    assert_eq!(members.matches(", started, etcd-").count(), 5, "{members}");
+    assert_eq!(
+        etcdctl(
+            clients[1].clone(),
+            vec!["get", "greeting", "--print-value-only"]
+        )
+        .await,
+        "hello"
+    );
     let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "etcd"], MIN).await;
     assert!(ok, "{err}");
     let first = clients[0].clone();
