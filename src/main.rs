@@ -826,8 +826,9 @@ async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
         Some(r) => parse_resources(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))?,
         None => cairn_runtime::detect::detect(&data_dir),
     };
-    let attributes =
+    let mut attributes =
         parse_attributes(&a.attributes).map_err(|e| anyhow::anyhow!("--attributes: {e}"))?;
+    advertise_packages(&mut attributes);
     let masters: Vec<String> = a
         .masters
         .split(',')
@@ -937,6 +938,27 @@ fn state_home() -> PathBuf {
     }
 }
 
+/// Adds the `cairn.packages` attribute (the bundled packages whose host binaries this agent
+/// has) unless the operator gave one with `--attributes`. Probed at start: an agent started
+/// before the binaries were installed says so until it restarts.
+fn advertise_packages(attributes: &mut BTreeMap<String, String>) {
+    let key = cairn_universe::PACKAGES_ATTRIBUTE;
+    if attributes.contains_key(key) {
+        return;
+    }
+    let Ok(all) = cairn_universe::bundled() else {
+        return;
+    };
+    let names = cairn_universe::runnable(&all, |b| std::path::Path::new(b).exists());
+    // An attribute value is not empty: "none" when nothing can run.
+    let v = if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(",")
+    };
+    attributes.insert(key.to_string(), v);
+}
+
 async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
     let (data_dir, _tmp) = match a.data_dir {
         Some(d) => (d, None),
@@ -1019,7 +1041,11 @@ async fn run_dev(a: DevArgs) -> anyhow::Result<()> {
         data_dir: agent_dir.clone(),
         token: token.clone(),
         resources: cairn_runtime::detect::detect(&data_dir),
-        attributes: BTreeMap::new(),
+        attributes: {
+            let mut a = BTreeMap::new();
+            advertise_packages(&mut a);
+            a
+        },
         heartbeat_interval: Duration::from_secs(1),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         dns: dns_config(Some(a.dns_listen), a.dns_upstream.as_deref())?,

@@ -1105,6 +1105,12 @@ async fn memcached_nodes_cache_and_restart_empty() {
     })
     .await;
     let (p0, p1) = (ports["memcached-0"], ports["memcached-1"]);
+    // Agents list the bundled packages whose binaries they have.
+    let agents = lab.get(&addr, "/api/v1/agents").await.unwrap();
+    let listed = agents[0]["attributes"]["cairn.packages"]
+        .as_str()
+        .unwrap_or("");
+    assert!(listed.split(',').any(|p| p == "memcached"), "{agents}");
     assert!(memc("/usr/bin/memcping", p0, &[]).await.is_some());
     let file = dir.path().join("greeting");
     std::fs::write(&file, "hello from cairn").unwrap();
@@ -1149,4 +1155,41 @@ async fn memcached_nodes_cache_and_restart_empty() {
         .then_some(())
     })
     .await;
+}
+
+/// An agent that lacks a package's binaries (here it says it has only redis's) does not get
+/// its pods: installing postgresql is refused before anything starts, naming the binaries and
+/// the Debian packages to install; redis installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_no_agent_can_run_is_refused_naming_what_to_install() {
+    let (_dir, mut lab) = master_and_agents(0, 28_800).await;
+    let addr = lab.running_addrs()[0].clone();
+    lab.start_agent(&[
+        "--resources",
+        "cpus:2;mem:1024;disk:4000;ports:[28800-28899]",
+        "--attributes",
+        "cairn.packages:redis",
+    ])
+    .unwrap();
+    eventually(MIN, "the agent", || async {
+        let v = lab.get(&addr, "/api/v1/agents").await?;
+        (v.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let (ok, out, err) = cairn_cli(&addr, &["package", "install", "postgresql"], MIN).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("no agent can run package postgresql: none of the 1 active agent(s) has /usr/lib/postgresql/15/bin/postgres")
+            && err.contains("apt-get install postgresql-15"),
+        "{err}"
+    );
+    let services = lab.get(&addr, "/api/v1/services").await.unwrap();
+    assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["package", "install", "redis", "--wait"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(ok, "{out}{err}");
 }

@@ -331,6 +331,23 @@ pub fn read_repo(source: &str, dir: &std::path::Path) -> Result<Vec<Package>, Fo
         .collect()
 }
 
+/// The agent attribute listing the bundled packages whose host binaries an agent has
+/// (`cairn.packages: etcd,memcached,postgresql,redis`); package installs place pods only
+/// where it names the package.
+pub const PACKAGES_ATTRIBUTE: &str = "cairn.packages";
+
+/// The names of the packages whose required binaries all exist (`exists` asks the host).
+pub fn runnable(packages: &[Package], exists: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut out: Vec<String> = packages
+        .iter()
+        .filter(|p| p.meta.requirements.binaries.iter().all(|b| exists(b)))
+        .map(|p| p.meta.name.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The packages bundled in the binary, checked (a bad one is a build mistake: the unit test
 /// `every_bundled_package_is_valid` catches it first).
 pub fn bundled() -> Result<Vec<Package>, FormatError> {

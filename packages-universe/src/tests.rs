@@ -341,3 +341,18 @@ fn catalog_picks_the_newest_version_and_searches() {
         assert_eq!(catalog::compare_versions(a, b), o, "{a} vs {b}");
     }
 }
+
+#[test]
+fn agents_list_the_packages_whose_binaries_they_have() {
+    let all = crate::bundled().unwrap();
+    let have = [
+        "/usr/bin/redis-server",
+        "/usr/bin/redis-cli",
+        "/usr/bin/memcached",
+    ];
+    assert_eq!(
+        crate::runnable(&all, |b| have.contains(&b)),
+        ["memcached", "redis"]
+    );
+    assert!(crate::runnable(&all, |_| false).is_empty());
+}

@@ -215,6 +215,20 @@ fn render(pkg: &Package, user: &Value) -> Result<(Options, String, StatefulServi
             )
             .field(format!("spec.{}", e.field))
         })?;
+    // A bundled package's pods go only to agents that have its binaries (they list it in
+    // their `cairn.packages` attribute); a repo's packages are not known to agents.
+    if pkg.source == cairn_universe::BUILTIN && !pkg.meta.requirements.binaries.is_empty() {
+        let only = crate::scheduler::Constraint {
+            field: cairn_universe::PACKAGES_ATTRIBUTE.to_string(),
+            op: crate::scheduler::ConstraintOp::Like,
+            value: Some(format!("(.*,)?{}(,.*)?", regex::escape(&pkg.meta.name))),
+        };
+        for t in &mut service.pod_types {
+            if !t.constraints.contains(&only) {
+                t.constraints.push(only.clone());
+            }
+        }
+    }
     // The options go where config templates see them at launch (`options`).
     service.options = o.0.to_string();
     service.package = Some(PackageRef {
@@ -344,6 +358,44 @@ pub(super) async fn render_package(
 }
 
 /// Renders and creates the service (`services::create`, as `POST /api/v1/services`).
+/// A bundled package needs an active agent that has its binaries (`cairn.packages`), or the
+/// install is refused saying what to put on an agent.
+fn can_run(ctx: &Ctx, pkg: &Package) -> Result<(), ApiError> {
+    let req = &pkg.meta.requirements;
+    if pkg.source != cairn_universe::BUILTIN || req.binaries.is_empty() {
+        return Ok(());
+    }
+    let name = &pkg.meta.name;
+    let (active, able) = ctx.read(|s| {
+        let active: Vec<&crate::model::Agent> = s
+            .agents
+            .values()
+            .filter(|a| a.status == crate::model::AgentStatus::Active)
+            .collect();
+        let able = active
+            .iter()
+            .filter(|a| {
+                a.attributes
+                    .get(cairn_universe::PACKAGES_ATTRIBUTE)
+                    .is_some_and(|v| v.split(',').any(|p| p == name))
+            })
+            .count();
+        (active.len(), able)
+    });
+    if able > 0 {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "agents",
+        format!(
+            "no agent can run package {name}: none of the {active} active agent(s) has {} \
+             (Debian: apt-get install {}); install them on an agent and restart it",
+            req.binaries.join(", "),
+            req.debian_packages.join(" ")
+        ),
+    ))
+}
+
 pub(super) async fn install(
     ctx: Ctx,
     Path(name): Path<String>,
@@ -354,6 +406,7 @@ pub(super) async fn install(
     let pkg = pick(&c, &name, &b.version)?;
     let (_, _, service) = render(pkg, &b.options)?;
     let svc = service.name.clone();
+    can_run(&ctx, pkg)?;
     if let Err(why) = ctx.read(|s| crate::service::driver::check_fits(s, &service)) {
         return Err(ApiError::bad_request(
             "agents",
