@@ -327,6 +327,39 @@ async fn redis_installs_serves_updates_and_uninstalls() {
         "{v}"
     );
 
+    // Backup, more writes, restore of the latest backup: the data of the backup is back, and
+    // the append-only file is on again.
+    let port = redis_port(&lab, &addr, "cache").await;
+    assert_eq!(
+        redis_cli(port, &["SET", "k1", "before"]).await.as_deref(),
+        Some("OK")
+    );
+    let (ok, out, err) = cairn_cli(&addr, &["service", "backup", "cache", "--wait"], MIN).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        redis_cli(port, &["SET", "k1", "after"]).await.as_deref(),
+        Some("OK")
+    );
+    assert_eq!(
+        redis_cli(port, &["SET", "k2", "new"]).await.as_deref(),
+        Some("OK")
+    );
+    let (ok, out, err) = cairn_cli(
+        &addr,
+        &["service", "restore", "cache", "--from", "latest", "--wait"],
+        MIN,
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    eventually(MIN, "the backup's data, with AOF on", || async {
+        let port = redis_port(&lab, &addr, "cache").await;
+        let k1 = redis_cli(port, &["GET", "k1"]).await?;
+        let k2 = redis_cli(port, &["GET", "k2"]).await?;
+        let aof = redis_cli(port, &["CONFIG", "GET", "appendonly"]).await?;
+        (k1 == "before" && k2.is_empty() && aof.ends_with("yes")).then_some(())
+    })
+    .await;
+
     // Uninstall: the service goes and the server stops.
     let port = redis_port(&lab, &addr, "cache").await;
     let (ok, _, err) = cairn_cli(&addr, &["package", "uninstall", "cache"], MIN).await;

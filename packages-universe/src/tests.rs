@@ -125,7 +125,7 @@ fn set_reads_values_by_the_options_type() {
         .collect();
     assert_eq!(
         errs[0],
-        "/cpu: unknown option; did you mean \"cpus\"? the options here are [\"cpus\", \"failover_after_s\", \"maxmemory_policy\", \"mem_mb\", \"min_replicas_to_write\", \"name\", \"persistence\", \"replicas\", \"spread\"]"
+        "/cpu: unknown option; did you mean \"cpus\"? the options here are [\"backup_disk_mb\", \"backups_kept\", \"cpus\", \"failover_after_s\", \"maxmemory_policy\", \"mem_mb\", \"min_replicas_to_write\", \"name\", \"persistence\", \"replicas\", \"spread\"]"
     );
     assert!(errs[1].starts_with("/persistence/disk: unknown option; did you mean \"disk_mb\"?"));
     assert!(errs[2].contains("write KEY=VALUE"), "{}", errs[2]);
@@ -154,10 +154,14 @@ fn redis_renders_options_into_its_spec() {
     let cairn_kernel::model::RuntimeSpec::Native { cmd, args } = &task.runtime else {
         panic!("native");
     };
+    // start.sh runs redis-server on redis.conf (and restores a backup in a restore run).
     assert_eq!(
         (cmd.as_str(), args.as_slice()),
-        ("/usr/bin/redis-server", &["redis.conf".to_string()][..])
+        ("/bin/sh", &["start.sh".to_string()][..])
     );
+    assert!(task.templates[1]
+        .template
+        .contains("exec /usr/bin/redis-server redis.conf\n"));
     let conf = &task.templates[0];
     assert_eq!(conf.path, "redis.conf");
     // Options rendered now; the pod's address and port left for the launch-time rendering.

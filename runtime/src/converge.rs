@@ -145,13 +145,25 @@ pub fn converge(tasks: &Arc<TaskManager>, assignments: &[Assignment]) {
     let wanted: HashSet<&str> = assignments.iter().map(|a| a.task.id.as_str()).collect();
     // Kills first: a pod task restarted in place gets its old ports back, which the old
     // launch frees as it stops.
+    let mut stopping = HashSet::new();
     for (id, (spec, state)) in &here {
         if spec.assigned && !state.is_terminal() && !wanted.contains(id.as_str()) {
             tasks.kill(id, reason::KILLED);
+            if let Some(slot) = pod_task_slot(id) {
+                stopping.insert(slot);
+            }
         }
     }
     for a in assignments {
         if here.contains_key(&a.task.id) {
+            continue;
+        }
+        // A new launch of a pod task waits until the old one has stopped: both would use
+        // the same volume and port (the old one's exit is reported, which brings the next
+        // assignments poll, and this launch then).
+        if a.task.workload.starts_with("service:")
+            && pod_task_slot(&a.task.id).is_some_and(|s| stopping.contains(s))
+        {
             continue;
         }
         match spec_for(a) {
@@ -163,6 +175,12 @@ pub fn converge(tasks: &Arc<TaskManager>, assignments: &[Assignment]) {
             Err(e) => tracing::warn!(task = %a.task.id, "bad assignment: {e}"),
         }
     }
+}
+
+/// A pod task's launch id without its generation (`svc.pod.task.7` → `svc.pod.task`).
+fn pod_task_slot(id: &str) -> Option<&str> {
+    let (slot, generation) = id.rsplit_once('.')?;
+    generation.parse::<u64>().is_ok().then_some(slot)
 }
 
 pub async fn status_loop(

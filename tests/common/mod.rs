@@ -192,18 +192,25 @@ pub fn copy_redis_package(repo: &std::path::Path, version: &str) -> std::path::P
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packages-universe/packages/redis");
     let dst = repo.join("redis");
     std::fs::create_dir_all(dst.join("config")).unwrap();
-    for f in [
-        "package.toml",
-        "options.schema.json",
-        "service.toml.j2",
-        "README.md",
-        "config/redis.conf",
-    ] {
-        let mut text = std::fs::read_to_string(src.join(f)).unwrap();
-        if f == "package.toml" {
+    // Every file of the package: its top level and `config/`.
+    let files = |dir: std::path::PathBuf| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    for from in files(src.clone())
+        .into_iter()
+        .chain(files(src.join("config")))
+    {
+        let rel = from.strip_prefix(&src).unwrap();
+        let mut text = std::fs::read_to_string(&from).unwrap();
+        if rel == std::path::Path::new("package.toml") {
             text = text.replace("7.0.15-2", version);
         }
-        std::fs::write(dst.join(f), text).unwrap();
+        std::fs::write(dst.join(rel), text).unwrap();
     }
     dst
 }
