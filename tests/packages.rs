@@ -788,6 +788,34 @@ async fn topology(
     Some((primary, ports))
 }
 
+/// Installs a package (`cairn package install ARGS --wait`) and waits until `n` pods of
+/// service `svc` are ready: the primary endpoint's pod (empty without one) and every ready
+/// pod's port.
+async fn install_ready(
+    lab: &cairn_installer::lab::Lab,
+    addr: &str,
+    args: &[&str],
+    svc: &str,
+    n: usize,
+) -> (String, std::collections::BTreeMap<String, u64>) {
+    let args: Vec<&str> = ["package", "install"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .chain(["--wait"])
+        .collect();
+    let (ok, out, err) = cairn_cli(addr, &args, Duration::from_secs(240)).await;
+    assert!(
+        ok,
+        "{out}{err}\nplan: {:?}",
+        lab.get(addr, &format!("/api/v1/services/{svc}/plans/deploy"))
+            .await
+    );
+    eventually(MIN, &format!("{n} pods of {svc} ready"), || async {
+        topology(lab, addr, svc).await.filter(|(_, p)| p.len() == n)
+    })
+    .await
+}
+
 /// The lab index of the agent running pod `pod` of service `svc`.
 async fn agent_of_pod(lab: &cairn_installer::lab::Lab, addr: &str, svc: &str, pod: &str) -> usize {
     let pods = lab
@@ -835,8 +863,6 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
     })
     .await;
     let args = [
-        "package",
-        "install",
         "postgresql",
         "--set",
         "database=shop",
@@ -848,23 +874,10 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
         "spread=true",
         "--set",
         "failover_after_s=2",
-        "--wait",
     ];
     let started = std::time::Instant::now();
-    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(240)).await;
-    assert!(
-        ok,
-        "{out}{err}\nplan: {:?}",
-        lab.get(&addr, "/api/v1/services/postgresql/plans/deploy")
-            .await
-    );
+    let (primary, ports) = install_ready(&lab, &addr, &args, "postgresql", 3).await;
     println!("install → deploy complete: {:?}", started.elapsed());
-    let (primary, ports) = eventually(MIN, "three servers ready", || async {
-        topology(&lab, &addr, "postgresql")
-            .await
-            .filter(|(_, p)| p.len() == 3)
-    })
-    .await;
     assert_eq!(primary, "postgresql-0");
     let (p0, p1) = (ports["postgresql-0"], ports["postgresql-1"]);
     psql_res(p0, "CREATE TABLE acks (id int PRIMARY KEY)")
@@ -1013,8 +1026,6 @@ async fn redis_replica_takes_over_when_the_primary_agent_crashes() {
     let (_dir, mut lab) = master_and_agents(3, 27_700).await;
     let addr = lab.running_addrs()[0].clone();
     let args = [
-        "package",
-        "install",
         "redis",
         "--set",
         "name=kv",
@@ -1024,16 +1035,8 @@ async fn redis_replica_takes_over_when_the_primary_agent_crashes() {
         "spread=true",
         "--set",
         "failover_after_s=1",
-        "--wait",
     ];
-    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(120)).await;
-    assert!(ok, "{out}{err}");
-    let (primary, ports) = eventually(MIN, "three servers ready", || async {
-        topology(&lab, &addr, "kv")
-            .await
-            .filter(|(_, p)| p.len() == 3)
-    })
-    .await;
+    let (primary, ports) = install_ready(&lab, &addr, &args, "kv", 3).await;
     assert_eq!(primary, "redis-0");
     let p0 = ports["redis-0"];
     for i in 0..50 {
@@ -1121,22 +1124,8 @@ async fn memc(tool: &str, port: u64, args: &[&str]) -> Option<String> {
 async fn memcached_nodes_cache_and_restart_empty() {
     let (dir, lab) = master_and_agents(2, 28_200).await;
     let addr = lab.running_addrs()[0].clone();
-    let args = [
-        "package",
-        "install",
-        "memcached",
-        "--set",
-        "nodes=2",
-        "--wait",
-    ];
-    let (ok, out, err) = cairn_cli(&addr, &args, Duration::from_secs(120)).await;
-    assert!(ok, "{out}{err}");
-    let (_, ports) = eventually(MIN, "two nodes ready", || async {
-        topology(&lab, &addr, "memcached")
-            .await
-            .filter(|(_, p)| p.len() == 2)
-    })
-    .await;
+    let args = ["memcached", "--set", "nodes=2"];
+    let (_, ports) = install_ready(&lab, &addr, &args, "memcached", 2).await;
     let (p0, p1) = (ports["memcached-0"], ports["memcached-1"]);
     // Agents list the bundled packages whose binaries they have.
     let agents = lab.get(&addr, "/api/v1/agents").await.unwrap();
