@@ -115,6 +115,23 @@ async fn a_newcomer_installs_watches_scales_and_removes_in_a_real_browser() {
     b.goto(&format!("{m}/ui/services/cache")).await;
     let address = b.text("[data-pod-address]").await;
     assert!(address.starts_with("127.0.0.1:"), "{address}");
+    // A backup and a restore of it, started from the page (the restore form names the
+    // backup, `latest` by default).
+    b.click("#start-backup button[type=submit]").await;
+    b.wait_text("[data-plan-status=backup]", "backup complete", |t| {
+        t == "complete"
+    })
+    .await;
+    b.goto(&format!("{m}/ui/services/cache")).await;
+    assert_eq!(
+        b.value("#start-restore input[name=param_from]").await,
+        "latest"
+    );
+    b.click("#start-restore button[type=submit]").await;
+    b.wait_text("[data-plan-status=restore]", "restore complete", |t| {
+        t == "complete"
+    })
+    .await;
     let svc = api(&lab, "/api/v1/packages/installed").await;
     assert_eq!(
         svc[0]["options"]["maxmemory_policy"], "allkeys-lru",

@@ -106,6 +106,17 @@ impl Browser {
         self.find(css).await.text().await.unwrap_or_default()
     }
 
+    /// An input's current value.
+    pub async fn value(&self, css: &str) -> String {
+        self.find(css)
+            .await
+            .prop("value")
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     /// Replaces an input's value.
     pub async fn fill(&self, css: &str, value: &str) {
         let e = self.find(css).await;

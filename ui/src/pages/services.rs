@@ -204,11 +204,24 @@ async fn service(State(ui): St, Sess(s): Sess, Path(name): Path<String>) -> Resp
         Ok(v) => v,
         Err(e) => return failure_page(l, &e),
     };
-    let plans: Vec<PlanView> = match plans.unwrap_or_default() {
+    let mut plans: Vec<PlanView> = match plans.unwrap_or_default() {
         Value::Array(a) => a.iter().map(plan_view).collect(),
         Value::Object(o) => o.values().map(plan_view).collect(),
         _ => vec![],
     };
+    // Declared plans never run yet (a backup) can be started too.
+    for d in svc["spec"]["plans"].as_array().into_iter().flatten() {
+        let name = text(&d["name"]);
+        if !name.is_empty() && !plans.iter().any(|p| p.name == name) {
+            plans.push(PlanView {
+                name,
+                status: "not run yet".into(),
+                interrupted: false,
+                phases: Vec::new(),
+                can_start: true,
+            });
+        }
+    }
     let pods = pods
         .unwrap_or_default()
         .as_array()
@@ -361,7 +374,23 @@ async fn plan_op(
 ) -> Response {
     let base = format!("/api/v1/services/{}/plans/{}", enc(&name), enc(&plan));
     let path = match op.as_str() {
-        "start" | "interrupt" | "continue" => format!("{base}/{op}"),
+        // Form fields `param_<key>` are the run's parameters (the restore plan's `from`).
+        "start" => {
+            let params: Vec<String> = p
+                .form
+                .iter()
+                .filter_map(|(k, v)| {
+                    let k = k.strip_prefix("param_")?;
+                    Some(format!("{}={}", enc(k), enc(v.trim())))
+                })
+                .collect();
+            if params.is_empty() {
+                format!("{base}/start")
+            } else {
+                format!("{base}/start?{}", params.join("&"))
+            }
+        }
+        "interrupt" | "continue" => format!("{base}/{op}"),
         "restart" | "force-complete" => format!(
             "{base}/{op}?phase={}&step={}",
             enc(p.get("phase").unwrap_or("")),
