@@ -290,13 +290,12 @@ async fn redis_installs_serves_updates_and_uninstalls() {
         Some("hello")
     );
     // Rollback: the previous options come back, as a new version.
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["package", "rollback", "cache", "--wait"],
         Duration::from_secs(120),
     )
     .await;
-    assert!(ok, "{out}{err}");
     let installed = lab.get(&addr, "/api/v1/packages/installed").await.unwrap();
     assert_eq!(
         installed[0]["options"]["maxmemory_policy"], "noeviction",
@@ -344,13 +343,12 @@ async fn redis_installs_serves_updates_and_uninstalls() {
         redis_cli(port, &["SET", "k2", "new"]).await.as_deref(),
         Some("OK")
     );
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["service", "restore", "cache", "--from", "latest", "--wait"],
         MIN,
     )
     .await;
-    assert!(ok, "{out}{err}");
     eventually(MIN, "the backup's data, with AOF on", || async {
         let port = redis_port(&lab, &addr, "cache").await;
         let k1 = redis_cli(port, &["GET", "k1"]).await?;
@@ -378,13 +376,12 @@ async fn redis_installs_serves_updates_and_uninstalls() {
     // A repo from a local folder: a newer redis shows up in search and describe.
     let repo = dir.path().join("myrepo");
     let dst = copy_redis_package(&repo, "7.0.15-3");
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["package", "repo", "add", repo.to_str().unwrap()],
         MIN,
     )
     .await;
-    assert!(ok, "{out}{err}");
     let found = lab.get(&addr, "/api/v1/packages?q=redis").await.unwrap();
     assert_eq!(found[0]["version"], "7.0.15-3", "{found}");
     assert_eq!(found[0]["source"], "myrepo");
@@ -529,13 +526,12 @@ async fn postgresql_installs_and_serves_psql() {
     assert_eq!(count, "100");
 
     // A backup; 50 more rows; a restore of the latest backup brings back the 100.
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["service", "backup", "postgresql", "--wait"],
         Duration::from_secs(120),
     )
     .await;
-    assert!(ok, "{out}{err}");
     let port = pg_port(&lab, &addr).await;
     let q = "INSERT INTO orders (item) SELECT 'late-' || g FROM generate_series(1, 50) g";
     assert!(psql(port, q).await.is_some());
@@ -544,7 +540,7 @@ async fn postgresql_installs_and_serves_psql() {
         Some("150")
     );
     // A backup that is not there stops the plan at its check: the server is not touched.
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &[
             "service",
@@ -556,7 +552,6 @@ async fn postgresql_installs_and_serves_psql() {
         MIN,
     )
     .await;
-    assert!(ok, "{out}{err}");
     eventually(MIN, "the restore check fails", || async {
         let p = lab
             .get(&addr, "/api/v1/services/postgresql/plans/restore")
@@ -585,7 +580,7 @@ async fn postgresql_installs_and_serves_psql() {
     )
     .await;
     assert!(ok, "{err}");
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &[
             "service",
@@ -598,7 +593,6 @@ async fn postgresql_installs_and_serves_psql() {
         Duration::from_secs(180),
     )
     .await;
-    assert!(ok, "{out}{err}");
     let port = pg_port(&lab, &addr).await;
     assert_eq!(
         psql(port, "SELECT count(*) FROM orders").await.as_deref(),
@@ -954,13 +948,12 @@ async fn postgresql_replica_takes_over_without_losing_acknowledged_rows() {
 
     // The crashed agent comes back: its old primary is rewound and follows the new one.
     lab.restart_agent(n0).unwrap();
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["service", "plan", "show", "postgresql", "failover"],
         MIN,
     )
     .await;
-    assert!(ok, "{out}{err}");
     let p0 = eventually(
         Duration::from_secs(180),
         "postgresql-0 a replica",
@@ -1207,11 +1200,10 @@ async fn a_package_no_agent_can_run_is_refused_naming_what_to_install() {
     );
     let services = lab.get(&addr, "/api/v1/services").await.unwrap();
     assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
-    let (ok, out, err) = cairn_cli(
+    cli_ok(
         &addr,
         &["package", "install", "redis", "--wait"],
         Duration::from_secs(120),
     )
     .await;
-    assert!(ok, "{out}{err}");
 }

@@ -215,6 +215,13 @@ pub fn copy_redis_package(repo: &std::path::Path, version: &str) -> std::path::P
     dst
 }
 
+/// Runs `cairn ARGS` like `cairn_cli` and fails the test unless it succeeds; its stdout.
+pub async fn cli_ok(addr: &str, args: &[&str], timeout: Duration) -> String {
+    let (ok, out, err) = cairn_cli(addr, args, timeout).await;
+    assert!(ok, "cairn {}: {out}{err}", args.join(" "));
+    out
+}
+
 /// Runs `cairn ARGS --master ADDR --token TOKEN`, at most `timeout`; (success, stdout, stderr).
 pub async fn cairn_cli(addr: &str, args: &[&str], timeout: Duration) -> (bool, String, String) {
     let out = tokio::process::Command::new(bin())
