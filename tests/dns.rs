@@ -184,9 +184,10 @@ async fn agents_answer_dns_for_workloads_and_follow_a_killed_task() {
             "none",
         ],
     );
-    lab.wait_leader(Duration::from_secs(30))
-        .await
-        .expect("leader");
+    if lab.wait_leader(Duration::from_secs(30)).await.is_none() {
+        // (Seen once in a full run, not reproduced: the master's log says why.)
+        panic!("no leader: {}", lab_diagnostics(&lab, 40).await);
+    }
     let upstream = fake_upstream().await;
     let dns = start_dns_agents(
         &mut lab,
