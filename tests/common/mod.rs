@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod dns;
 pub mod linearizability;
+pub mod packages;
 pub mod services;
 
 use cairn_installer::lab::Lab;
