@@ -401,8 +401,7 @@ async fn postgresql_installs_and_serves_psql() {
             && err.contains("add agents"),
         "{err}"
     );
-    let services = lab.get(&addr, "/api/v1/services").await.unwrap();
-    assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
+    assert_no_services(&lab, &addr).await;
     let args = [
         "package",
         "install",
@@ -761,8 +760,7 @@ async fn a_package_no_agent_can_run_is_refused_naming_what_to_install() {
             && err.contains("apt-get install postgresql-15"),
         "{err}"
     );
-    let services = lab.get(&addr, "/api/v1/services").await.unwrap();
-    assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
+    assert_no_services(&lab, &addr).await;
     cli_ok(
         &addr,
         &["package", "install", "redis", "--wait"],

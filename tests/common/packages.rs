@@ -7,17 +7,20 @@ use std::time::Duration;
 
 pub const MIN: Duration = Duration::from_secs(60);
 
-/// Runs redis-cli against `port`; its stdout, or None when it fails.
-pub async fn redis_cli(port: u64, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new("/usr/bin/redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .await
-        .ok()?;
+/// Runs a client; its trimmed stdout, or None when it fails.
+async fn run(cmd: &mut tokio::process::Command) -> Option<String> {
+    let out = cmd.output().await.ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Runs redis-cli against `port`; its stdout, or None when it fails.
+pub async fn redis_cli(port: u64, args: &[&str]) -> Option<String> {
+    run(tokio::process::Command::new("/usr/bin/redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args))
+    .await
 }
 
 /// The port of the running redis task of service `svc`.
@@ -38,15 +41,10 @@ pub async fn redis_port(lab: &cairn_installer::lab::Lab, addr: &str, svc: &str) 
 
 /// Runs one SQL statement with the real `psql` against database `shop`; its output, or None.
 pub async fn psql(port: u64, sql: &str) -> Option<String> {
-    let out = tokio::process::Command::new("/usr/bin/psql")
+    run(tokio::process::Command::new("/usr/bin/psql")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-d", "shop", "-tAc", sql])
-        .output()
-        .await
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .args(["-d", "shop", "-tAc", sql]))
+    .await
 }
 
 /// The port of the running, ready postgres task.
@@ -172,13 +170,14 @@ pub async fn agent_of_pod(
 
 /// Runs a libmemcached tool against `port`; its stdout, or None when it fails.
 pub async fn memc(tool: &str, port: u64, args: &[&str]) -> Option<String> {
-    let out = tokio::process::Command::new(tool)
+    run(tokio::process::Command::new(tool)
         .arg(format!("--servers=127.0.0.1:{port}"))
-        .args(args)
-        .output()
-        .await
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .args(args))
+    .await
+}
+
+/// Fails the test unless the cluster has no services (a refused install created nothing).
+pub async fn assert_no_services(lab: &cairn_installer::lab::Lab, addr: &str) {
+    let services = lab.get(addr, "/api/v1/services").await.unwrap();
+    assert_eq!(services.as_array().map(Vec::len), Some(0), "{services}");
 }
